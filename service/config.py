@@ -1,0 +1,164 @@
+"""Service configuration: one YAML file validated by pydantic, every key overridable by
+environment variables ``SCATTERFLOW_<SECTION>__<KEY>`` (e.g. ``SCATTERFLOW_API__PORT=8001``).
+
+Defaults run the demo with nothing set. Errors surface as one clear line (`ConfigError`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestConfig(_Section):
+    address: str = "tcp://127.0.0.1:5578"
+    prefix: str = ""
+    serializer: Literal["msgpack", "pickle"] = "msgpack"
+    allow_pickle: bool = False
+    detector_field: str | None = None       # None: the first 2D field of the descriptor
+    max_message_bytes: int = 256 * 2**20    # larger messages are rejected and counted
+    max_frame_pixels: int = 64 * 2**20
+    queue_size: int = 1000                  # bounded receive queue (documents)
+    rcvhwm: int = 100_000
+
+
+class GeometryConfig(_Section):
+    poni: Path | None = None                # None: the start document's `scatterflow_poni`, else the simulator's
+    mask: Path | None = None
+    dark: Path | None = None
+    flat: Path | None = None
+
+
+class ReductionConfig(_Section):
+    npt: int = Field(1000, gt=1)
+    unit: Literal["q_nm^-1", "q_A^-1", "2th_deg"] = "q_nm^-1"
+    method: Literal["no", "bbox", "full"] = "bbox"
+    polarization: float | None = 0.95
+    radial_range: tuple[float, float] | None = None
+    azimuth_range: tuple[float, float] | None = None
+
+
+class PeakConfig(_Section):
+    name: str
+    shape: Literal["gaussian", "lorentzian", "pseudo_voigt", "pseudo_voigt_tch", "voigt"] = "pseudo_voigt"
+    center: float
+    fwhm: float = 0.1
+    center_min: float | None = None
+    center_max: float | None = None
+    fwhm_min: float | None = None
+    fwhm_max: float | None = None
+    area: float | None = None
+    eta: float = 0.5
+
+
+class BackgroundConfig(_Section):
+    kind: Literal["polynomial", "power_law"] = "polynomial"
+    degree: int = Field(1, ge=0, le=6)
+
+
+class RegularizerConfig(_Section):
+    window: int = Field(16, ge=1)
+    penalty: Literal["none", "quadratic", "huber", "tv"] = "huber"
+    strength: float = Field(1.0, ge=0)
+
+
+def _default_peaks() -> list[PeakConfig]:
+    # The simulated azopolymer (service/sim): lamellar peak near 3.2 1/nm.
+    return [PeakConfig(name="lamellar", shape="pseudo_voigt", center=3.2, fwhm=0.15,
+                       center_min=2.7, center_max=3.7, fwhm_min=0.02, fwhm_max=1.5)]
+
+
+class FitConfig(_Section):
+    q_range: tuple[float, float] | None = (2.0, 4.6)
+    background: BackgroundConfig = BackgroundConfig()
+    peaks: list[PeakConfig] = Field(default_factory=_default_peaks)
+    regularizer: RegularizerConfig = RegularizerConfig()
+
+
+class WorkersConfig(_Section):
+    count: int = Field(1, ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch: int | Literal["auto"] = "auto"   # frames per batch; auto: by latency budget
+    max_batch: int = Field(64, ge=1)
+    latency_budget_s: float = Field(0.05, gt=0)
+    queue_batches: int = Field(8, ge=1)     # bounded queue per worker, in batches
+    backpressure: Literal["block", "drop_oldest"] = "block"
+
+
+class TiledConfig(_Section):
+    uri: str | None = None                  # None: embedded server under `directory`
+    api_key: str | None = None
+    directory: Path = Path("./var/tiled")
+    flush_rows: int = 500
+    flush_seconds: float = 0.5
+
+
+class ApiConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None              # required when host is not a loopback address
+
+
+class ResultsConfig(_Section):
+    address: str | None = "tcp://127.0.0.1:5579"   # None: no results stream
+    prefix: str = ""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCATTERFLOW_", env_nested_delimiter="__",
+                                      extra="forbid")
+    ingest: IngestConfig = IngestConfig()
+    geometry: GeometryConfig = GeometryConfig()
+    reduction: ReductionConfig = ReductionConfig()
+    fit: FitConfig = FitConfig()
+    workers: WorkersConfig = WorkersConfig()
+    tiled: TiledConfig = TiledConfig()
+    api: ApiConfig = ApiConfig()
+    results: ResultsConfig = ResultsConfig()
+    run_timeout_s: float = Field(600.0, gt=0)   # a run with no stop document is closed after this idle time
+
+    @field_validator("api")
+    @classmethod
+    def _key_when_exposed(cls, api: ApiConfig) -> ApiConfig:
+        if api.host not in ("127.0.0.1", "localhost", "::1") and not api.api_key:
+            raise ValueError(f"api.host={api.host!r} is not loopback: set api.api_key")
+        return api
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment variables win over the YAML file (passed as init kwargs).
+        return env_settings, init_settings
+
+
+def load_settings(path: str | os.PathLike | None = None, **overrides) -> Settings:
+    """Read the YAML file (if any), apply ``SCATTERFLOW_`` environment variables, validate.
+
+    Raises ConfigError with one line naming the offending key.
+    """
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration {path}: top level must be a mapping")
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"configuration error at {where}: {err['msg']}") from None
