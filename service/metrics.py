@@ -1,0 +1,42 @@
+"""Prometheus metrics of the service, in one registry owned by the service process.
+
+Worker processes report back through the dispatcher, so no multiprocess mode is needed.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """All counters of one service instance (a fresh registry each, so tests can run several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.documents = Counter("scatterflow_documents", "Documents accepted, by name", ["name"], registry=r)
+        self.rejected = Counter("scatterflow_rejected", "Messages or documents refused at ingest, by reason",
+                                ["reason"], registry=r)
+        self.frames_in = Counter("scatterflow_frames_received", "Frames accepted for reduction", registry=r)
+        self.frames_fitted = Counter("scatterflow_frames_fitted", "Frames reduced and fitted (provisional)", registry=r)
+        self.frames_final = Counter("scatterflow_frames_final", "Frames whose final (regularized) fit was published",
+                                    registry=r)
+        self.frames_failed = Counter("scatterflow_frames_failed", "Accepted frames that failed, by reason",
+                                     ["reason"], registry=r)
+        self.frames_dropped = Counter("scatterflow_frames_dropped", "Frames dropped by drop-oldest back-pressure",
+                                      registry=r)
+        self.lost_upstream = Counter("scatterflow_lost_upstream", "Documents missing upstream (seq_num gaps, no start)",
+                                     ["kind"], registry=r)
+        self.reseeds = Counter("scatterflow_fit_reseeds", "Fits re-seeded after divergence", registry=r)
+        self.change_points = Counter("scatterflow_change_points", "Change points flagged in final fits", registry=r)
+        self.queue_depth = Gauge("scatterflow_queue_depth", "Items waiting, by queue", ["queue"], registry=r)
+        self.runs_active = Gauge("scatterflow_runs_active", "Runs open", registry=r)
+        self.latency = Histogram("scatterflow_latency_seconds",
+                                 "Frame arrival to published fit, by stage (provisional, final)",
+                                 ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
+        self.tiled_failures = Gauge("scatterflow_tiled_failures", "Tiled write failures (retried or spooled)",
+                                    registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,143 @@
+"""Ingest: framing, decoding, validation and bad input, with event-model's own document factory."""
+import functools
+import itertools
+import pickle
+
+import msgpack
+import msgpack_numpy
+import numpy as np
+import pytest
+from event_model import compose_run
+
+from service.config import IngestConfig
+from service.errors import RejectedInput
+from service.ingest import DocumentDecoder, DocumentRouter, choose_frame_field
+from service.metrics import Metrics
+
+pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
+
+
+def frame_message(name, doc, prefix=b""):
+    return prefix + b" " + name.encode() + b" " + pack(doc)
+
+
+class Collect:
+    """The sink: records what the router emits."""
+    def __init__(self):
+        self.started, self.frames, self.stopped = [], [], []
+
+    def start_run(self, uid, start):
+        self.started.append(uid)
+
+    def submit(self, frame):
+        self.frames.append(frame)
+
+    def stop_run(self, uid, stop):
+        self.stopped.append((uid, stop["exit_status"]))
+
+
+def make_run(shape=(8, 6), n=3, dtype=np.int32):
+    bundle = compose_run(metadata={"plan_name": "test"})
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={"det_image": {"source": "sim", "dtype": "array", "shape": list(shape), "dtype_numpy": "<i4"},
+                   "temp": {"source": "sim", "dtype": "number", "shape": []}})
+    events = [desc.compose_event(data={"det_image": np.full(shape, i, dtype), "temp": 20.0 + i},
+                                 timestamps={"det_image": 0.0, "temp": 0.0}, seq_num=i + 1) for i in range(n)]
+    stop = bundle.compose_stop()
+    return bundle.start_doc, desc.descriptor_doc, events, stop
+
+
+def rejected(metrics, reason):
+    return metrics.registry.get_sample_value("scatterflow_rejected_total", {"reason": reason}) or 0
+
+
+def test_decoder_roundtrip_msgpack_numpy():
+    dec = DocumentDecoder()
+    start, desc, events, stop = make_run()
+    name, doc = dec.decode(frame_message("event", events[1]))
+    assert name == "event"
+    np.testing.assert_array_equal(doc["data"]["det_image"], np.full((8, 6), 1))
+    assert doc["data"]["det_image"].dtype == np.int32
+
+
+@pytest.mark.parametrize("message,reason", [
+    (b"\x00\xff garbage", "bad_framing"),
+    (b" start \xc1\xc1\xc1", "undecodable"),
+    (b" nonsense " + pack({"a": 1}), "unknown_document"),
+    (b" start " + pack([1, 2, 3]), "malformed_document"),
+    (b" start " + pickle.dumps({"uid": "x", "time": 0.0}), "pickle_refused"),
+    (b"other start " + pack({}), "wrong_prefix"),
+])
+def test_decoder_rejects_bad_messages(message, reason):
+    with pytest.raises(RejectedInput) as info:
+        DocumentDecoder().decode(message)
+    assert info.value.reason == reason
+
+
+def test_pickle_only_when_allowed():
+    doc = {"uid": "u", "time": 1.0}
+    msg = b" start " + pickle.dumps(doc)
+    assert DocumentDecoder(allow_pickle=True).decode(msg) == ("start", doc)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        DocumentDecoder(serializer="pickle", allow_pickle=False)
+
+
+def test_message_size_limit():
+    with pytest.raises(RejectedInput) as info:
+        DocumentDecoder(max_message_bytes=100).decode(b" event " + b"x" * 200)
+    assert info.value.reason == "message_too_large"
+
+
+def test_router_emits_frames_and_counts_bad_documents():
+    sink, metrics = Collect(), Metrics()
+    router = DocumentRouter(sink, metrics, IngestConfig())
+    start, desc, events, stop = make_run(n=4)
+    good_run = [("start", start), ("descriptor", desc), *[("event", e) for e in events], ("stop", stop)]
+    # a second, bad run interleaved with the good one
+    bstart, bdesc, bevents, bstop = make_run(shape=(8, 6), n=4, dtype=np.float32)
+    bevents[1]["data"]["det_image"] = np.full((8, 6), np.nan, np.float32)      # NaN frame
+    bevents[2]["data"]["det_image"] = np.zeros((5, 5), np.float32)             # wrong shape
+    bad_run = [("event", bevents[0]),                                          # before its descriptor
+               ("start", bstart), ("descriptor", bdesc), *[("event", e) for e in bevents[1:]],
+               ("event", {"not": "an event"}), ("stop", bstop)]
+    for pair in itertools.zip_longest(good_run, bad_run):
+        for name, doc in filter(None, pair):
+            router.route(name, doc)
+    assert [f.seq_num for f in sink.frames if f.run_uid == start["uid"]] == [1, 2, 3, 4]
+    assert [f.seq_num for f in sink.frames if f.run_uid == bstart["uid"]] == [4]
+    assert sink.frames[0].scalars == {"temp": 20.0}
+    assert {u for u, _ in sink.stopped} == {start["uid"], bstart["uid"]}
+    assert rejected(metrics, "event_before_descriptor") == 1
+    assert rejected(metrics, "nonfinite_frame") == 1
+    assert rejected(metrics, "wrong_shape") == 1
+    assert rejected(metrics, "invalid_document") == 1
+    assert router.runs == {}                                                   # per-run state dropped at stop
+
+
+def test_seq_num_gaps_counted_as_lost_upstream():
+    sink, metrics = Collect(), Metrics()
+    router = DocumentRouter(sink, metrics)
+    start, desc, events, stop = make_run(n=6)
+    for name, doc in [("start", start), ("descriptor", desc), ("event", events[0]), ("event", events[4])]:
+        router.route(name, doc)
+    assert metrics.registry.get_sample_value("scatterflow_lost_upstream_total", {"kind": "event"}) == 3
+
+
+def test_event_page_unpacked():
+    from event_model import pack_event_page
+    sink, metrics = Collect(), Metrics()
+    router = DocumentRouter(sink, metrics)
+    start, desc, events, stop = make_run(n=3)
+    router.route("start", start)
+    router.route("descriptor", desc)
+    router.route("event_page", pack_event_page(*events))
+    assert [f.seq_num for f in sink.frames] == [1, 2, 3]
+    np.testing.assert_array_equal(sink.frames[2].data, np.full((8, 6), 2))
+
+
+def test_frame_field_choice():
+    desc = {"data_keys": {"x": {"shape": []}, "spectrum": {"shape": [100]}, "img": {"shape": [4, 5]}}}
+    assert choose_frame_field(desc, None) == ("img", (4, 5))
+    assert choose_frame_field(desc, "spectrum") == ("spectrum", (100,))
+    assert choose_frame_field(desc, "absent") == (None, None)
