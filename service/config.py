@@ -73,14 +73,18 @@ class RegularizerConfig(_Section):
 
 
 def _default_peaks() -> list[PeakConfig]:
-    # The simulated azopolymer (service/sim): lamellar peak near 3.2 1/nm.
-    return [PeakConfig(name="lamellar", shape="pseudo_voigt", center=3.2, fwhm=0.15,
-                       center_min=2.7, center_max=3.7, fwhm_min=0.02, fwhm_max=1.5)]
+    # The simulated azopolymer film (service/sim): lamellar peak, amorphous halo, pi-pi stacking.
+    return [PeakConfig(name="lamellar", shape="pseudo_voigt", center=3.2, fwhm=0.2,
+                       center_min=2.7, center_max=3.6, fwhm_min=0.03, fwhm_max=1.0),
+            PeakConfig(name="halo", shape="pseudo_voigt", center=14.0, fwhm=5.0,
+                       center_min=12.0, center_max=16.0, fwhm_min=2.0, fwhm_max=9.0),
+            PeakConfig(name="pi_pi", shape="pseudo_voigt", center=17.5, fwhm=1.0,
+                       center_min=16.5, center_max=18.5, fwhm_min=0.2, fwhm_max=3.0)]
 
 
 class FitConfig(_Section):
-    q_range: tuple[float, float] | None = (2.0, 4.6)
-    background: BackgroundConfig = BackgroundConfig()
+    q_range: tuple[float, float] | None = (2.0, 19.5)
+    background: BackgroundConfig = BackgroundConfig(kind="power_law")
     peaks: list[PeakConfig] = Field(default_factory=_default_peaks)
     regularizer: RegularizerConfig = RegularizerConfig()
 

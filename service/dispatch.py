@@ -1,0 +1,301 @@
+"""Dispatch: frames to worker processes in batches, results back to the publishers.
+
+One run sticks to one worker (the regularizer's window lives there). Batches are sized by the
+latency budget: a batch leaves at once when its worker is idle, otherwise frames accumulate up
+to `max_batch` or `latency_budget_s`. Queues are bounded: `block` back-pressure (lossless) by
+default, `drop_oldest` (counted) when configured. A dead worker is restarted and its
+unacknowledged batches are sent again, so every accepted frame is published or counted failed.
+
+The interface (`start_run`, `submit`, `stop_run`, `close`) is what a distributed engine would
+implement later.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .config import Settings
+from .ingest import Frame
+from .metrics import Metrics
+from .worker import RunSetup, worker_main
+
+log = logging.getLogger(__name__)
+
+
+class ResultSink(Protocol):
+    """What the dispatcher calls with results (service.publish.hub.PublishHub)."""
+    def run_started(self, uid: str, start: dict, setup: RunSetup | None) -> None: ...
+    def frame_accepted(self, frame: Frame) -> None: ...
+    def frames_reduced(self, uid: str, frames: list[Frame], out: dict) -> None: ...
+    def frames_failed(self, uid: str, seq: np.ndarray, reason: str, detail: str) -> None: ...
+    def run_stopped(self, uid: str, stop: dict, rows: dict | None) -> None: ...
+
+
+@dataclass
+class _RunSlot:
+    uid: str
+    worker: int
+    start: dict
+    pending: deque = field(default_factory=deque)   # Frame
+    oldest: float = 0.0
+    stop: dict | None = None
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: mp.Process
+    inbox: mp.Queue
+    inflight: dict = field(default_factory=dict)    # batch_id -> (uid, frames list)
+    runs: set = field(default_factory=set)
+    device: str = "?"
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, metrics: Metrics, sink: ResultSink,
+                 setup_for_run: Callable[[dict], RunSetup]):
+        self.settings = settings
+        self.cfg = settings.workers
+        self.metrics = metrics
+        self.sink = sink
+        self.setup_for_run = setup_for_run
+        self._ctx = mp.get_context("spawn")
+        self._outbox = self._ctx.Queue()
+        self._workers: list[_Worker] = []
+        self._runs: dict[str, _RunSlot] = {}
+        self._setups: dict[str, RunSetup] = {}
+        self._lock = threading.RLock()
+        self._batch_ids = itertools.count()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.restarts = 0
+
+    # lifecycle ---------------------------------------------------------------------------
+    def start(self, wait_ready: float = 120.0) -> None:
+        for i in range(self.cfg.count):
+            self._workers.append(self._spawn(i))
+        ready = 0
+        deadline = time.monotonic() + wait_ready
+        while ready < len(self._workers) and time.monotonic() < deadline:
+            try:
+                msg = self._outbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if msg[0] == "ready":
+                self._workers[msg[1]].device = msg[2]
+                ready += 1
+        if ready < len(self._workers):
+            raise RuntimeError(f"only {ready} of {len(self._workers)} workers started")
+        for target, name in ((self._collect, "dispatch-results"), (self._flush_timer, "dispatch-timer")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("dispatch: %d worker(s) on %s", len(self._workers), ", ".join(w.device for w in self._workers))
+
+    def _spawn(self, index: int, inbox: mp.Queue | None = None) -> _Worker:
+        inbox = inbox or self._ctx.Queue(maxsize=self.cfg.queue_batches)
+        threads = 1 if self.cfg.count > 1 else None
+        proc = self._ctx.Process(target=worker_main, args=(index, self.cfg.device, inbox, self._outbox, threads),
+                                 name=f"scatterflow-worker-{index}", daemon=True)
+        proc.start()
+        return _Worker(index=index, process=proc, inbox=inbox)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for w in self._workers:
+            try:
+                w.inbox.put(None, timeout=1.0)
+            except queue.Full:
+                pass
+        for w in self._workers:
+            w.process.join(timeout)
+            if w.process.is_alive():
+                w.process.terminate()
+        for t in self._threads:
+            t.join(timeout=2)
+
+    @property
+    def devices(self) -> list[str]:
+        return [w.device for w in self._workers]
+
+    def queue_depths(self) -> dict[str, int]:
+        with self._lock:
+            return {"pending_frames": sum(len(r.pending) for r in self._runs.values()),
+                    "inflight_batches": sum(len(w.inflight) for w in self._workers)}
+
+    # FrameSink ---------------------------------------------------------------------------
+    def start_run(self, uid: str, start: dict) -> None:
+        try:
+            setup = self.setup_for_run(start)
+        except Exception as exc:
+            log.error("run %s: cannot set up reduction: %s", uid[:8], exc)
+            setup = None
+        with self._lock:
+            worker = min(self._workers, key=lambda w: len(w.runs))
+            worker.runs.add(uid)
+            self._runs[uid] = _RunSlot(uid=uid, worker=worker.index, start=start)
+            if setup is not None:
+                self._setups[uid] = setup
+                worker.inbox.put(("start", uid, setup))
+        self.sink.run_started(uid, start, setup)
+
+    def submit(self, frame: Frame) -> None:
+        self.metrics.frames_in.inc()
+        self.sink.frame_accepted(frame)
+        with self._lock:
+            slot = self._runs.get(frame.run_uid)
+            if slot is None or frame.run_uid not in self._setups:
+                self.sink.frames_failed(frame.run_uid, np.array([frame.seq_num]), "no_setup",
+                                        "no geometry for this run")
+                return
+            if not slot.pending:
+                slot.oldest = time.monotonic()
+            slot.pending.append(frame)
+            self._maybe_flush(slot)
+
+    def stop_run(self, uid: str, stop: dict) -> None:
+        with self._lock:
+            slot = self._runs.get(uid)
+            if slot is None:
+                return
+            self._flush(slot)
+            slot.stop = stop
+            if uid in self._setups:
+                self._workers[slot.worker].inbox.put(("stop", uid))
+                return
+            self._runs.pop(uid)
+            self._workers[slot.worker].runs.discard(uid)
+        self.sink.run_stopped(uid, stop, None)
+
+    # batching ----------------------------------------------------------------------------
+    def _maybe_flush(self, slot: _RunSlot) -> None:
+        worker = self._workers[slot.worker]
+        n = len(slot.pending)
+        if n == 0:
+            return
+        fixed = self.cfg.batch if isinstance(self.cfg.batch, int) else None
+        limit = fixed or self.cfg.max_batch
+        age = time.monotonic() - slot.oldest
+        idle = fixed is None and len(worker.inflight) < 2
+        if n >= limit or idle or age >= self.cfg.latency_budget_s:
+            self._flush(slot, limit)
+
+    def _flush(self, slot: _RunSlot, limit: int | None = None) -> None:
+        worker = self._workers[slot.worker]
+        while slot.pending:
+            take = len(slot.pending) if limit is None else min(limit, len(slot.pending))
+            frames = [slot.pending.popleft() for _ in range(take)]
+            batch_id = next(self._batch_ids)
+            msg = ("frames", slot.uid, batch_id,
+                   np.array([f.seq_num for f in frames], dtype=np.int64),
+                   np.array([f.time for f in frames], dtype=np.float64),
+                   np.stack([f.data for f in frames]))
+            worker.inflight[batch_id] = (slot.uid, frames, msg)
+            if not self._put(worker, msg, slot, frames, batch_id):
+                return
+            slot.oldest = time.monotonic()
+        self.metrics.queue_depth.labels("dispatch").set(sum(len(r.pending) for r in self._runs.values()))
+
+    def _put(self, worker: _Worker, msg, slot: _RunSlot, frames: list, batch_id: int) -> bool:
+        if self.cfg.backpressure == "block":
+            worker.inbox.put(msg)          # lossless: blocks ingest when the worker is behind
+            return True
+        try:
+            worker.inbox.put_nowait(msg)
+            return True
+        except queue.Full:                 # drop_oldest: keep the newest frames pending
+            del worker.inflight[batch_id]
+            slot.pending.extendleft(reversed(frames))
+            cap = self.cfg.max_batch * self.cfg.queue_batches
+            while len(slot.pending) > cap:
+                slot.pending.popleft()
+                self.metrics.frames_dropped.inc()
+            return False
+
+    def _flush_timer(self) -> None:
+        while not self._stop.is_set():
+            time.sleep(0.005)
+            with self._lock:
+                for slot in list(self._runs.values()):
+                    if slot.pending and slot.stop is None:
+                        self._maybe_flush(slot)
+
+    # results -----------------------------------------------------------------------------
+    def _collect(self) -> None:
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                msg = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                try:
+                    self._handle(msg)
+                except Exception:
+                    log.exception("dispatch: error handling %s", msg[0])
+            if time.monotonic() - last_check > 1.0:
+                last_check = time.monotonic()
+                self._check_workers()
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "reduced":
+            _, uid, batch_id, seq, times, out = msg
+            with self._lock:
+                entry = self._workers[self._runs[uid].worker].inflight.pop(batch_id, None) if uid in self._runs else None
+            frames = entry[1] if entry else []
+            self.metrics.frames_fitted.inc(len(seq))
+            self.sink.frames_reduced(uid, frames, out)
+        elif kind == "failed":
+            _, uid, batch_id, seq, reason, detail = msg
+            with self._lock:
+                if uid in self._runs:
+                    self._workers[self._runs[uid].worker].inflight.pop(batch_id, None)
+            self.sink.frames_failed(uid, seq, reason, detail)
+        elif kind == "setup_failed":
+            _, uid, detail, tb = msg
+            log.error("run %s: worker could not set up: %s\n%s", uid[:8], detail, tb)
+            with self._lock:
+                self._setups.pop(uid, None)
+        elif kind == "stopped":
+            _, uid, rows, _reseeds = msg
+            with self._lock:
+                slot = self._runs.pop(uid, None)
+                self._setups.pop(uid, None)
+                if slot is not None:
+                    self._workers[slot.worker].runs.discard(uid)
+            self.sink.run_stopped(uid, slot.stop if slot else {}, rows)
+        elif kind == "ready":
+            self._workers[msg[1]].device = msg[2]
+
+    def _check_workers(self) -> None:
+        with self._lock:
+            for i, w in enumerate(self._workers):
+                if w.process.is_alive():
+                    continue
+                self.restarts += 1
+                log.error("worker %d (pid %s) died with exit code %s; restarting and re-sending %d batch(es)",
+                          i, w.process.pid, w.process.exitcode, len(w.inflight))
+                new = self._spawn(i)
+                new.runs = w.runs
+                self._workers[i] = new
+                for uid in sorted(w.runs):
+                    if uid in self._setups:
+                        new.inbox.put(("start", uid, self._setups[uid]))
+                for batch_id in sorted(w.inflight):
+                    uid, frames, msg = w.inflight[batch_id]
+                    new.inflight[batch_id] = (uid, frames, msg)
+                    new.inbox.put(msg)
+                for uid in sorted(w.runs):
+                    slot = self._runs.get(uid)
+                    if slot is not None and slot.stop is not None:
+                        new.inbox.put(("stop", uid))

@@ -1,0 +1,101 @@
+"""Where a result leaves: the dispatcher's results fan out to the API state, Tiled, the 0MQ
+results stream and Prometheus. Live-view sinks fail softly (logged); Tiled failures are the
+Tiled writer's to retry and spool."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..ingest import Frame
+from ..metrics import Metrics
+from .state import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class PublishHub:
+    def __init__(self, store: RunStore, metrics: Metrics, *, tiled=None, results=None, config: dict | None = None):
+        self.store = store
+        self.metrics = metrics
+        self.tiled = tiled            # service.publish.tiled_writer.TiledPublisher or None
+        self.results = results        # service.publish.results.ResultsPublisher or None
+        self.config = config or {}
+        self._arrivals: dict[str, dict[int, float]] = {}
+        self._peak_names: dict[str, list[str]] = {}
+
+    def _safe(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("publishing %s failed", what)
+
+    # ResultSink ----------------------------------------------------------------------------
+    def run_started(self, uid: str, start: dict, setup) -> None:
+        self.store.start_run(uid, start)
+        self.metrics.runs_active.inc()
+        self._arrivals[uid] = {}
+        names = [p["name"] for p in (setup.fit.get("peaks", []) if setup is not None else [])]
+        self._peak_names[uid] = names
+        if self.tiled is not None:
+            self._safe("tiled start", self.tiled.start_run, uid, start, self.config)
+        if self.results is not None:
+            self._safe("results start", self.results.start_run, uid, start, self.config, names)
+
+    def frame_accepted(self, frame: Frame) -> None:
+        self.store.frame_received(frame.run_uid, frame.seq_num, frame.scalars)
+        arrivals = self._arrivals.get(frame.run_uid)
+        if arrivals is not None:
+            arrivals[frame.seq_num] = frame.arrival
+
+    def frames_reduced(self, uid: str, frames: list[Frame], out: dict) -> None:
+        now = time.monotonic()
+        for f in frames:
+            self.metrics.latency.labels("provisional").observe(now - f.arrival)
+        seq = np.array([f.seq_num for f in frames], dtype=np.int64)
+        times = np.array([f.time for f in frames])
+        self.store.add_profiles(uid, seq, times, out["radial"], out["unit"], out["intensity"], out["sigma"])
+        self._publish_rows(uid, out["rows"], now)
+        if self.tiled is not None:
+            self._safe("tiled profiles", self.tiled.add_profiles, uid, seq, times, out["radial"],
+                       out["intensity"], out["sigma"], out["unit"])
+
+    def _publish_rows(self, uid: str, rows: dict | None, now: float) -> None:
+        if not rows or len(rows["seq_num"]) == 0:
+            return
+        final = np.asarray(rows["final"], dtype=bool)
+        arrivals = self._arrivals.get(uid, {})
+        final_seqs = set(np.asarray(rows["seq_num"])[final].tolist())
+        for s in final_seqs:
+            a = arrivals.pop(int(s), None)
+            if a is not None:
+                self.metrics.latency.labels("final").observe(now - a)
+        self.metrics.frames_final.inc(len(final_seqs))
+        self.metrics.change_points.inc(int(np.sum(np.asarray(rows["change_point"], bool) & final)))
+        self.store.add_peaks(uid, rows)
+        if self.tiled is not None:
+            self._safe("tiled peaks", self.tiled.add_peaks, uid, rows)
+        if self.results is not None:
+            self._safe("results rows", self.results.publish_rows, uid, rows)
+
+    def frames_failed(self, uid: str, seq, reason: str, detail: str) -> None:
+        log.warning("run %s: %d frame(s) failed: %s %s", uid[:8], len(seq), reason, detail)
+        self.metrics.frames_failed.labels(reason).inc(len(seq))
+        self.store.add_failed(uid, len(seq), reason)
+        arrivals = self._arrivals.get(uid, {})
+        for s in np.asarray(seq).tolist():
+            arrivals.pop(int(s), None)
+
+    def run_stopped(self, uid: str, stop: dict, rows: dict | None) -> None:
+        self._publish_rows(uid, rows, time.monotonic())
+        exit_status = stop.get("exit_status", "unknown")
+        reason = stop.get("reason", "")
+        status = {"success": "complete"}.get(exit_status, exit_status)
+        self.store.stop_run(uid, status, reason)
+        self.metrics.runs_active.dec()
+        self._arrivals.pop(uid, None)
+        if self.tiled is not None:
+            self._safe("tiled stop", self.tiled.stop_run, uid, exit_status, reason)
+        if self.results is not None:
+            self._safe("results stop", self.results.stop_run, uid, exit_status)

@@ -1,0 +1,122 @@
+"""In-memory run state behind the REST API and the dashboard.
+
+Thread-safe; one `RunRecord` per run. Peak rows are kept whole (they are small); profiles keep the
+last `max_profiles` frames (Tiled holds them all).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PEAK_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
+                "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point", "final")
+
+
+@dataclass
+class RunRecord:
+    uid: str
+    start: dict
+    status: str = "running"
+    reason: str = ""
+    created: float = field(default_factory=time.time)
+    stopped: float | None = None
+    frames_received: int = 0
+    frames_fitted: int = 0
+    frames_final: int = 0
+    failed: Counter = field(default_factory=Counter)
+    radial: np.ndarray | None = None
+    unit: str = ""
+    profiles: deque = field(default_factory=lambda: deque(maxlen=2000))   # (seq, time, I, sigma)
+    peaks: dict = field(default_factory=lambda: {c: [] for c in PEAK_COLUMNS})
+    scalars: dict = field(default_factory=dict)      # seq_num -> the event's scalar fields
+
+    def summary(self) -> dict:
+        return {"uid": self.uid, "status": self.status, "reason": self.reason,
+                "plan_name": self.start.get("plan_name"), "scan_id": self.start.get("scan_id"),
+                "created": self.created, "stopped": self.stopped,
+                "frames_received": self.frames_received, "frames_fitted": self.frames_fitted,
+                "frames_final": self.frames_final, "frames_failed": dict(self.failed),
+                "peak_rows": len(self.peaks["seq_num"]), "unit": self.unit}
+
+
+class RunStore:
+    def __init__(self, max_profiles: int = 2000, max_runs: int = 100):
+        self._runs: dict[str, RunRecord] = {}
+        self._lock = threading.Lock()
+        self.max_profiles = max_profiles
+        self.max_runs = max_runs
+
+    def start_run(self, uid: str, start: dict) -> None:
+        with self._lock:
+            self._runs[uid] = RunRecord(uid=uid, start=start, profiles=deque(maxlen=self.max_profiles))
+            while len(self._runs) > self.max_runs:          # forget the oldest finished run
+                old = next((u for u, r in self._runs.items() if r.status != "running"), None)
+                if old is None:
+                    break
+                del self._runs[old]
+
+    def get(self, uid: str) -> RunRecord | None:
+        with self._lock:
+            return self._runs.get(uid)
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return [r.summary() for r in self._runs.values()]
+
+    def frame_received(self, uid: str, seq: int, scalars: dict) -> None:
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is not None:
+                run.frames_received += 1
+                if scalars:
+                    run.scalars[seq] = scalars
+
+    def add_profiles(self, uid: str, seq, times, radial, unit, intensity, sigma) -> None:
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return
+            run.radial, run.unit = radial, unit
+            run.frames_fitted += len(seq)
+            for i in range(len(seq)):
+                run.profiles.append((int(seq[i]), float(times[i]), intensity[i], sigma[i]))
+
+    def add_peaks(self, uid: str, rows: dict) -> None:
+        if not rows or len(rows["seq_num"]) == 0:
+            return
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return
+            for c in PEAK_COLUMNS:
+                run.peaks[c].extend(np.asarray(rows[c]).tolist())
+            run.frames_final = len({s for s, f in zip(run.peaks["seq_num"], run.peaks["final"]) if f})
+
+    def add_failed(self, uid: str, n: int, reason: str) -> None:
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is not None:
+                run.failed[reason] += n
+
+    def stop_run(self, uid: str, status: str, reason: str = "") -> None:
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is not None:
+                run.status, run.reason, run.stopped = status, reason, time.time()
+
+    def peaks_since(self, uid: str, since: int = 0, final: bool | None = None) -> tuple[dict, int] | None:
+        """Columnar rows from row index `since`; returns (columns, next_since)."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return None
+            n = len(run.peaks["seq_num"])
+            cols = {c: run.peaks[c][since:n] for c in PEAK_COLUMNS}
+        if final is not None:
+            keep = [i for i, f in enumerate(cols["final"]) if f == final]
+            cols = {c: [v[i] for i in keep] for c, v in cols.items()}
+        return cols, n

@@ -1,0 +1,168 @@
+"""The running service: ingest -> dispatch -> workers -> publish, plus the REST API.
+
+`Service(settings).start()` wires the parts built from one `Settings` object; `close()` stops
+them in reverse order. `scatterflow serve` and `scatterflow demo` both use it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import Settings
+from .dispatch import Dispatcher
+from .ingest import DocumentRouter, ZmqSubscriber
+from .metrics import Metrics
+from .publish.hub import PublishHub
+from .publish.state import RunStore
+from .worker import RunSetup
+
+log = logging.getLogger(__name__)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A mask/dark/flat image: .npy, or any format fabio reads."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    import fabio
+    return np.asarray(fabio.open(str(path)).data)
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = RunStore()
+        self.started = time.time()
+        self._closers: list = []
+        self.tiled_uri: str | None = None
+        self.tiled_api_key: str | None = None
+        self.api_port: int | None = None
+        self._stop = threading.Event()
+
+    # geometry for a run --------------------------------------------------------------------
+    def setup_for_run(self, start: dict) -> RunSetup:
+        from workers.geometry import Geometry
+        g = self.settings.geometry
+        if g.poni is not None:
+            geometry = Geometry.from_poni(g.poni)
+        elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
+            import pyFAI
+            geometry = Geometry.from_pyfai(pyFAI.load(start["geometry"]))
+        else:
+            raise ValueError("no geometry: set geometry.poni or put a PONI mapping 'geometry' in the start document")
+        mask = read_image(g.mask).astype(bool) if g.mask else None
+        if mask is not None:
+            mask = mask | geometry.detector_mask()
+        return RunSetup(geometry=geometry, mask=mask,
+                        dark=read_image(g.dark) if g.dark else None,
+                        flat=read_image(g.flat) if g.flat else None,
+                        reduction=self.settings.reduction.model_dump(),
+                        fit=self.settings.fit.model_dump())
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "Service":
+        s = self.settings
+        tiled = self._start_tiled()
+        results = None
+        if s.results.address:
+            from .publish.results import ResultsPublisher
+            results = ResultsPublisher(s.results.address, prefix=s.results.prefix.encode())
+            self._closers.append(results.close)
+        self.hub = PublishHub(self.store, self.metrics, tiled=tiled, results=results,
+                              config=s.model_dump(mode="json"))
+        self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.setup_for_run)
+        self.dispatcher.start()
+        self._closers.append(self.dispatcher.close)
+        self.router = DocumentRouter(self.dispatcher, self.metrics, s.ingest)
+        self.subscriber = ZmqSubscriber(s.ingest, self.router, self.metrics)
+        self.subscriber.start()
+        self._closers.append(self.subscriber.stop)
+        self._start_api()
+        t = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+        t.start()
+        return self
+
+    def _start_tiled(self):
+        s = self.settings.tiled
+        try:
+            from .publish.tiled_server import EmbeddedTiled
+            from .publish.tiled_writer import TiledPublisher
+        except ImportError as exc:
+            log.warning("Tiled publishing unavailable: %s", exc)
+            return None
+        if s.uri is None:
+            server = EmbeddedTiled(directory=s.directory, api_key=s.api_key)
+            self._closers.append(server.close)
+            self.tiled_uri, self.tiled_api_key = server.uri, server.api_key
+            log.info("embedded Tiled at %s (data in %s)", server.uri, s.directory)
+        else:
+            self.tiled_uri, self.tiled_api_key = s.uri, s.api_key
+        publisher = TiledPublisher(self.tiled_uri, api_key=self.tiled_api_key,
+                                   spool_dir=Path(s.directory) / "spool",
+                                   flush_rows=s.flush_rows, flush_seconds=s.flush_seconds)
+        self._closers.append(publisher.close)
+        self.tiled = publisher
+        return publisher
+
+    def _start_api(self) -> None:
+        import uvicorn
+        from .api import build_app
+        a = self.settings.api
+        app = build_app(self.store, self.metrics, self.status, api_key=a.api_key)
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning"))
+        t = threading.Thread(target=self._uvicorn.run, name="api", daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not self._uvicorn.started and time.monotonic() < deadline and t.is_alive():
+            time.sleep(0.05)
+        if not self._uvicorn.started:
+            raise RuntimeError(f"REST API could not start on {a.host}:{a.port}")
+        self.api_port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+        self._closers.append(self._stop_api)
+        log.info("REST API on http://%s:%d/api/v1 (dashboard at /)", a.host, self.api_port)
+
+    def _stop_api(self) -> None:
+        self._uvicorn.should_exit = True
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(1.0):
+            self.router.expire(self.settings.run_timeout_s)
+            for name, depth in self.dispatcher.queue_depths().items():
+                self.metrics.queue_depth.labels(name).set(depth)
+            if getattr(self, "tiled", None) is not None:
+                self.metrics.tiled_requests.set(getattr(self.tiled, "requests", 0))
+                self.metrics.tiled_failures.set(getattr(self.tiled, "failures", 0))
+
+    def status(self) -> dict:
+        m = self.metrics
+        def total(counter) -> float:
+            return sum(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total"))
+        return {"version": __version__, "uptime_s": time.time() - self.started,
+                "devices": self.dispatcher.devices, "workers": len(self.dispatcher.devices),
+                "worker_restarts": self.dispatcher.restarts,
+                "queues": {"ingest": self.subscriber.queue.qsize(), **self.dispatcher.queue_depths()},
+                "frames_received": total(m.frames_in), "frames_fitted": total(m.frames_fitted),
+                "frames_final": total(m.frames_final), "frames_failed": total(m.frames_failed),
+                "rejected": total(m.rejected), "runs_active": len(self.router.runs),
+                "tiled_uri": self.tiled_uri, "ingest_address": self.settings.ingest.address}
+
+    def close(self) -> None:
+        self._stop.set()
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception:
+                log.exception("error while closing")
+        self._closers.clear()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()

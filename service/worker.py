@@ -1,0 +1,132 @@
+"""The worker process: where a frame is reduced and fitted.
+
+One process per GPU (or several on CPU). It receives messages from the dispatcher on a bounded
+queue and answers on a shared one. All numerics live in `workers/`; this module is the loop:
+
+  ("start", uid, RunSetup)                       -> build integrator (cached per geometry) and fitter
+  ("frames", uid, batch_id, seq, time, frames)   -> integrate batch, fit, answer ("reduced", ...)
+  ("stop", uid)                                  -> flush the regularizer window, answer ("stopped", ...)
+  None                                           -> exit
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSetup:
+    """Everything a worker needs to reduce and fit one run (picklable)."""
+    geometry: Any                       # workers.geometry.Geometry
+    mask: np.ndarray | None = None      # bool (rows, cols), True = masked
+    dark: np.ndarray | None = None
+    flat: np.ndarray | None = None
+    reduction: dict = field(default_factory=dict)   # ReductionConfig as dict
+    fit: dict = field(default_factory=dict)         # FitConfig as dict
+
+    def integrator_key(self, shape: tuple[int, ...]) -> str:
+        h = hashlib.sha1(repr((self.geometry, sorted(self.reduction.items()), shape)).encode())
+        for arr in (self.mask, self.dark, self.flat):
+            h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("workers.device is 'cuda' but no CUDA device is available")
+    return name
+
+
+class RunPipeline:
+    """Reduce-then-fit for one run inside a worker."""
+
+    def __init__(self, setup: RunSetup, device: str, integrators: dict):
+        from workers.temporal import TrajectoryFitter, model_spec_from_dict
+        self.setup = setup
+        self.device = device
+        self.integrators = integrators
+        model, regularizer = model_spec_from_dict(setup.fit)
+        self.fitter = TrajectoryFitter(model, regularizer, device=device)
+
+    def _integrator(self, shape: tuple[int, ...]):
+        from workers.integrate import build_integrator_1d
+        key = self.setup.integrator_key(shape)
+        if key not in self.integrators:
+            r = self.setup.reduction
+            mask = self.setup.mask
+            if mask is None:
+                mask = self.setup.geometry.detector_mask()
+            log.info("worker %d: building integration matrix for %s (%s, %s bins)", os.getpid(),
+                     self.setup.geometry.detector, r.get("method"), r.get("npt"))
+            self.integrators[key] = build_integrator_1d(
+                self.setup.geometry, npt=r.get("npt", 1000), unit=r.get("unit", "q_nm^-1"),
+                method=r.get("method", "bbox"), radial_range=r.get("radial_range"),
+                azimuth_range=r.get("azimuth_range"), mask=mask, dummy=-1.0, delta_dummy=0.5,
+                polarization_factor=r.get("polarization"), dark=self.setup.dark, flat=self.setup.flat,
+                device=self.device)
+        return self.integrators[key]
+
+    def process(self, seq: np.ndarray, times: np.ndarray, frames: np.ndarray) -> dict:
+        import torch
+        integrator = self._integrator(frames.shape[1:])
+        batch = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device != "cpu":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        result = integrator(batch)
+        rows = self.fitter.update(result.radial, result.intensity, result.sigma, seq, times)
+        return {"radial": result.radial.cpu().numpy(), "unit": result.unit,
+                "intensity": result.intensity.float().cpu().numpy(),
+                "sigma": result.sigma.float().cpu().numpy(), "rows": rows,
+                "reseeds": int(self.fitter.reseeds)}
+
+
+def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None) -> None:
+    """Entry point of a worker process (spawned)."""
+    import torch
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    integrators: dict = {}
+    runs: dict[str, RunPipeline] = {}
+    outbox.put(("ready", index, device, os.getpid()))
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            break
+        kind, uid = msg[0], msg[1]
+        try:
+            if kind == "start":
+                runs[uid] = RunPipeline(msg[2], device, integrators)
+            elif kind == "frames":
+                _, _, batch_id, seq, times, frames = msg
+                pipeline = runs.get(uid)
+                if pipeline is None:
+                    outbox.put(("failed", uid, batch_id, seq, "no_setup", "run setup failed or missing"))
+                    continue
+                out = pipeline.process(seq, times, frames)
+                outbox.put(("reduced", uid, batch_id, seq, times, out))
+            elif kind == "stop":
+                pipeline = runs.pop(uid, None)
+                rows = pipeline.fitter.finish() if pipeline is not None else None
+                outbox.put(("stopped", uid, rows, pipeline.fitter.reseeds if pipeline else 0))
+        except Exception as exc:
+            log.error("worker %d: %s for run %s failed: %s", index, kind, uid[:8], exc)
+            detail = f"{type(exc).__name__}: {exc}"
+            if kind == "frames":
+                outbox.put(("failed", uid, msg[2], msg[3], "reduction_error", detail))
+            elif kind == "start":
+                outbox.put(("setup_failed", uid, detail, traceback.format_exc(limit=3)))
+            else:
+                outbox.put(("stopped", uid, None, 0))
