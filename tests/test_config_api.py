@@ -1,0 +1,74 @@
+"""Configuration (YAML + environment) and the REST API through an in-process ASGI client."""
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import build_app
+from service.config import load_settings
+from service.errors import ConfigError
+from service.metrics import Metrics
+from service.publish.state import PEAK_COLUMNS, RunStore
+
+
+def test_yaml_and_environment(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ingest: {address: 'tcp://10.0.0.1:5578'}\nreduction: {npt: 500}\n"
+                   "fit:\n  peaks:\n    - {name: p, center: 3.0, center_min: 2.5, center_max: 3.5}\n")
+    monkeypatch.setenv("SCATTERFLOW_REDUCTION__NPT", "700")
+    s = load_settings(cfg)
+    assert s.ingest.address == "tcp://10.0.0.1:5578"
+    assert s.reduction.npt == 700                          # environment wins over the file
+    assert [p.name for p in s.fit.peaks] == ["p"]
+
+
+@pytest.mark.parametrize("text,where", [
+    ("reduction: {npt: -3}", "reduction.npt"),
+    ("reduction: {method: fancy}", "reduction.method"),
+    ("ingest: {nonsense: 1}", "ingest.nonsense"),
+    ("api: {host: 0.0.0.0}", "api"),                       # exposed without an API key
+])
+def test_config_errors_are_one_line(tmp_path, text, where):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert where in str(info.value) and "\n" not in str(info.value)
+
+
+def rows(seq, final):
+    n = len(seq)
+    return {"seq_num": np.asarray(seq), "time": np.asarray(seq, float), "peak": np.array(["a"] * n),
+            **{c: np.linspace(1, 2, n) for c in PEAK_COLUMNS[3:11]},
+            "converged": np.ones(n, bool), "change_point": np.zeros(n, bool), "final": np.full(n, final)}
+
+
+def make_client(api_key=None):
+    store, metrics = RunStore(), Metrics()
+    app = build_app(store, metrics, lambda: {"ok": True}, api_key=api_key)
+    return store, metrics, TestClient(app)
+
+
+def test_peaks_columnar_and_incremental():
+    store, metrics, client = make_client()
+    store.start_run("u1", {"uid": "u1", "plan_name": "count"})
+    store.add_peaks("u1", rows([1, 2, 3], False))
+    r = client.get("/api/v1/runs/u1/peaks").json()
+    assert r["columns"]["seq_num"] == [1, 2, 3] and r["next_since"] == 3
+    assert set(r["columns"]) == set(PEAK_COLUMNS)
+    assert len({len(v) for v in r["columns"].values()}) == 1          # equal-length lists
+    store.add_peaks("u1", rows([1, 2], True))
+    r2 = client.get("/api/v1/runs/u1/peaks", params={"since": 3}).json()
+    assert r2["columns"]["seq_num"] == [1, 2] and r2["columns"]["final"] == [True, True]
+    assert client.get("/api/v1/runs/u1/peaks", params={"final": False}).json()["columns"]["seq_num"] == [1, 2, 3]
+    assert client.get("/api/v1/runs/u1").json()["frames_final"] == 2
+    assert client.get("/api/v1/runs/nope/peaks").status_code == 404
+    assert client.get("/api/v1/runs/u1/peaks", params={"since": -1}).status_code == 422
+
+
+def test_metrics_endpoint_and_api_key():
+    store, metrics, client = make_client(api_key="k")
+    metrics.rejected.labels("garbage").inc(3)
+    assert client.get("/api/v1/health").status_code == 401
+    r = client.get("/metrics", headers={"x-api-key": "k"})
+    assert r.status_code == 200 and 'scatterflow_rejected_total{reason="garbage"} 3.0' in r.text
+    assert client.get("/api/v1/status", headers={"x-api-key": "k"}).json() == {"ok": True}
