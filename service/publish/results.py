@@ -1,0 +1,250 @@
+"""Analysis results as Bluesky documents on a 0MQ PUB socket.
+
+For each source run, one analysis run (event-model `compose_run`): a start document
+(``source_run_uid``, ``analysis: "scatterflow"``, configuration, peak names), one
+descriptor ``primary``, one event per frame and result (a provisional event when the frame
+is first fitted, ``final=False``, and a final one when it leaves the regularizer window,
+``final=True``), and a stop document.
+
+Event fields, per peak ``<p>``: ``<p>_center``, ``<p>_center_err``, ``<p>_fwhm``,
+``<p>_fwhm_err`` (1/nm, or the radial unit of the run), ``<p>_amplitude``,
+``<p>_amplitude_err`` (integrated intensity), ``<p>_chi2`` (reduced chi^2); per frame:
+``source_seq_num``, ``source_time`` (s since the epoch), ``final``, ``change_point`` (any
+peak flagged), ``converged`` (all peaks converged).
+
+Wire format is bluesky's 0MQ framing, one frame ``prefix + b" " + name + b" " + payload``
+(`bluesky.callbacks.zmq.Publisher`), payload msgpack with msgpack-numpy by default. A
+stock `bluesky.callbacks.zmq.RemoteDispatcher` consumes it with
+``deserializer=functools.partial(msgpack.unpackb, object_hook=msgpack_numpy.decode)``;
+``serializer="pickle"`` only for consumers that cannot pass a deserializer.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import threading
+import time as ttime
+from typing import Literal
+
+import numpy as np
+
+PEAK_FIELDS = ("center", "center_err", "fwhm", "fwhm_err", "amplitude", "amplitude_err",
+               "chi2")
+_ROW_COLUMNS = {"seq_num", "time", "peak", "converged", "change_point", "final", *PEAK_FIELDS}
+Serializer = Literal["msgpack", "pickle"]
+
+
+def msgpack_serializer():
+    """``dict -> bytes`` with numpy support (msgpack-numpy)."""
+    import msgpack
+    import msgpack_numpy
+
+    return functools.partial(msgpack.packb, default=msgpack_numpy.encode)
+
+
+def msgpack_deserializer():
+    """``bytes -> dict``, the inverse of `msgpack_serializer` (arrays arrive read-only)."""
+    import msgpack
+    import msgpack_numpy
+
+    return functools.partial(msgpack.unpackb, object_hook=msgpack_numpy.decode)
+
+
+def _data_keys(peak_names) -> dict:
+    """Descriptor data keys (event-model DataKey) for the analysis stream."""
+    src = "scatterflow"
+
+    def num(units=None):
+        key = {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "source": src,
+               "precision": 4}
+        if units:
+            key["units"] = units
+        return key
+
+    keys = {}
+    for p in peak_names:
+        for f in PEAK_FIELDS:
+            units = "1/nm" if f.startswith(("center", "fwhm")) else None
+            keys[f"{p}_{f}"] = num(units)
+    keys["source_seq_num"] = {"dtype": "integer", "dtype_numpy": "<i8", "shape": [],
+                              "source": src}
+    keys["source_time"] = num("s")
+    for b in ("final", "change_point", "converged"):
+        keys[b] = {"dtype": "boolean", "dtype_numpy": "|b1", "shape": [], "source": src}
+    return keys
+
+
+def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[dict]:
+    """Group PeakRows (one row per frame, peak, result) into event data, one per
+    (seq_num, final) in order of first appearance; missing peaks are NaN. Plain Python
+    types, so the documents validate and serialize with any serializer."""
+    missing = _ROW_COLUMNS - set(rows)
+    if missing:
+        raise ValueError(f"peak rows lack columns {sorted(missing)}")
+    seq = np.asarray(rows["seq_num"]).astype(np.int64)
+    final = np.asarray(rows["final"]).astype(bool)
+    peaks = [str(p) for p in rows["peak"]]
+    unknown = set(peaks) - set(peak_names)
+    if unknown:
+        raise ValueError(f"peak rows name peaks {sorted(unknown)} not in {list(peak_names)}")
+    cols = {f: np.asarray(rows[f], dtype=np.float64) for f in PEAK_FIELDS}
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, key in enumerate(zip(seq.tolist(), final.tolist())):
+        groups.setdefault(key, []).append(i)
+    out = []
+    for (s, fin), idx in groups.items():
+        data = {f"{p}_{f}": float("nan") for p in peak_names for f in PEAK_FIELDS}
+        for i in idx:
+            for f in PEAK_FIELDS:
+                data[f"{peaks[i]}_{f}"] = float(cols[f][i])
+        data["source_seq_num"] = int(s)
+        data["source_time"] = float(rows["time"][idx[0]])
+        data["final"] = bool(fin)
+        data["change_point"] = bool(np.any(np.asarray(rows["change_point"])[idx]))
+        data["converged"] = bool(np.all(np.asarray(rows["converged"])[idx]))
+        out.append(data)
+    return out
+
+
+class _AnalysisRun:
+    """Composers of one analysis run (start sent; descriptor sent)."""
+
+    def __init__(self, bundle, compose_event, peak_names):
+        self.bundle = bundle
+        self.compose_event = compose_event
+        self.peak_names = tuple(peak_names)
+        self.events = 0
+
+
+class ResultsPublisher:
+    """Publish one analysis run per source run as Bluesky documents on 0MQ PUB.
+
+    Parameters
+    ----------
+    address : ``tcp://host:port`` to bind (``tcp://127.0.0.1:*`` for a free port; the
+        bound address is in ``.address``), or to connect to with ``connect=True`` (a
+        bluesky 0MQ proxy's input).
+    prefix : bytes without spaces; subscribers filter on ``prefix + b" "``.
+    serializer : "msgpack" (default, msgpack-numpy) or "pickle" (explicit opt-in).
+    validate_events : validate every event against the event-model schema (start,
+        descriptor and stop are always validated). Off by default: it costs about 1 ms
+        per event (1,000 events/s) against 0.12 ms without (8,000 events/s, 2 cores).
+    sndhwm : 0MQ send high-water mark in messages; past it PUB drops silently.
+
+    Counters: ``documents``, ``events``. Methods are thread-safe (one lock, 0MQ sockets
+    are not).
+    """
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5579", prefix: bytes = b"", *,
+                 serializer: Serializer = "msgpack", connect: bool = False,
+                 validate_events: bool = False, sndhwm: int = 100_000):
+        import zmq
+
+        if not isinstance(prefix, bytes) or b" " in prefix:
+            raise ValueError(f"prefix must be bytes without b' ', got {prefix!r}")
+        if serializer == "msgpack":
+            self._dumps = msgpack_serializer()
+        elif serializer == "pickle":
+            self._dumps = pickle.dumps
+        else:
+            raise ValueError(f"serializer must be 'msgpack' or 'pickle', got {serializer!r}")
+        if not isinstance(address, str) or "://" not in address:
+            raise ValueError(f"address must look like 'tcp://host:port', got {address!r}")
+        self.prefix = prefix
+        self.serializer = serializer
+        self.validate_events = bool(validate_events)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        if connect:
+            self._sock.connect(address)
+            self.address = address
+        else:
+            self._sock.bind(address)
+            self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._lock = threading.Lock()
+        self._runs: dict[str, _AnalysisRun] = {}
+        self.documents = 0
+        self.events = 0
+        self._closed = False
+
+    def _send(self, name: str, doc: dict) -> None:
+        self._sock.send(self.prefix + b" " + name.encode() + b" " + self._dumps(doc))
+        self.documents += 1
+
+    def start_run(self, uid: str, start_doc: dict, config: dict, peak_names) -> str:
+        """Open the analysis run of source run ``uid``; returns the analysis run's uid."""
+        from event_model import compose_run
+
+        from .tiled_writer import jsonable, software_versions
+
+        peak_names = tuple(str(p) for p in peak_names)
+        if not peak_names or len(set(peak_names)) != len(peak_names):
+            raise ValueError(f"peak_names must be unique and non-empty, got {peak_names}")
+        metadata = {
+            "source_run_uid": uid, "analysis": "scatterflow",
+            "plan_name": "scatterflow_analysis", "plan_type": "analysis",
+            "scan_id": jsonable(start_doc.get("scan_id", 0)),
+            "configuration": jsonable(config), "peaks": list(peak_names),
+            "software": software_versions(),
+            "hints": {"dimensions": [[["source_seq_num"], "primary"]]},
+        }
+        with self._lock:
+            if uid in self._runs:
+                raise ValueError(f"analysis run for source run {uid!r} already started")
+            bundle = compose_run(metadata=metadata)
+            desc = bundle.compose_descriptor(
+                name="primary", data_keys=_data_keys(peak_names),
+                hints={"scatterflow": {"fields": [f"{p}_center" for p in peak_names]}})
+            self._runs[uid] = _AnalysisRun(bundle, desc.compose_event, peak_names)
+            self._send("start", bundle.start_doc)
+            self._send("descriptor", desc.descriptor_doc)
+            return bundle.start_doc["uid"]
+
+    def publish_rows(self, uid: str, rows: dict[str, np.ndarray]) -> int:
+        """Send one event per (frame, provisional/final) in ``rows`` (PeakRows); returns
+        the number of events sent."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                raise ValueError(f"no analysis run started for source run {uid!r}")
+            now = ttime.time()
+            events = rows_to_events(rows, run.peak_names)
+            for data in events:
+                ts = {k: now for k in data}
+                doc = run.compose_event(data=data, timestamps=ts, time=now,
+                                        validate=self.validate_events)
+                self._send("event", doc)
+            run.events += len(events)
+            self.events += len(events)
+            return len(events)
+
+    def stop_run(self, uid: str, exit_status: str = "success", reason: str = "") -> None:
+        """Close the analysis run of ``uid`` (exit_status: success, abort or fail)."""
+        if exit_status not in ("success", "abort", "fail"):
+            raise ValueError(f"exit_status must be success, abort or fail, got {exit_status!r}")
+        with self._lock:
+            run = self._runs.pop(uid, None)
+            if run is None:
+                raise ValueError(f"no analysis run started for source run {uid!r}")
+            self._send("stop", run.bundle.compose_stop(exit_status=exit_status,
+                                                       reason=str(reason)))
+
+    def close(self) -> None:
+        """Stop open runs with exit_status "abort", then close the socket."""
+        if self._closed:
+            return
+        for uid in list(self._runs):
+            self.stop_run(uid, "abort", "results publisher closed")
+        with self._lock:
+            self._closed = True
+            self._sock.close()
+            self._ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,681 @@
+"""Write analysis results into Tiled, batched, on a writer thread, with a local spool.
+
+Layout (DESIGN.md "Tiled layout")::
+
+    scatterflow/                      container, created if missing
+      <source run uid>/               container; metadata: start (source start document),
+                                      configuration, software, status, exit_status, reason
+        q            (N,) float64     radial bin centres; metadata {"unit": ...}
+        profiles     (frames, N) f32  mean intensity per bin, appended as frames arrive
+        sigma        (frames, N) f32  its standard error
+        frames       table            seq_num int64, time float64 (one row per profile row)
+        peaks        table            PEAK_COLUMNS, one row per frame, peak and result
+                                      (provisional final=False, then final=True)
+        change_points table           the peaks rows flagged change_point=True
+
+Writes are batched by size (``flush_rows`` frames or peak rows) and by time
+(``flush_seconds`` after the first buffered item) and at stop: Tiled serves about 20 write
+requests/s on 2 cores, so one flush costs 3-5 requests whatever its size. The caller only
+enqueues onto a bounded queue (blocking when full, counted in ``blocked``); a dedicated
+thread buffers, flushes and retries.
+
+Idempotence, so that retries and the spool neither lose nor duplicate: every write
+carries its explicit position (frame offset for array patches, row offset for table
+appends). A patch at an offset overwrites, so it can be repeated; before repeating a
+table append, the writer reads the table's row count and skips the append if the rows
+are already there. When Tiled stays unreachable, writes go to ``spool_dir`` as numbered
+``.npz``/``.parquet`` files, and everything after them too (order is kept); a health probe
+every ``probe_seconds`` drains the spool in order once Tiled answers again. Spool files
+left by a previous process are drained first.
+
+Note: the tiled client retries each request itself (env ``TILED_RETRY_ATTEMPTS``,
+default 10, within ``TILED_RETRY_TIMEOUT``, default 45 s) before this module sees the
+failure; lower them where a faster switch to the spool matters.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import json
+import logging
+import os
+import pathlib
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+PEAK_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
+                "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point",
+                "final")
+_FLOAT_COLUMNS = ("time", "center", "center_err", "fwhm", "fwhm_err", "amplitude",
+                  "amplitude_err", "eta", "chi2")
+_BOOL_COLUMNS = ("converged", "change_point", "final")
+PEAK_SCHEMA = pa.schema(
+    [("seq_num", pa.int64()), ("peak", pa.string())]
+    + [(c, pa.float64()) for c in _FLOAT_COLUMNS]
+    + [(c, pa.bool_()) for c in _BOOL_COLUMNS]
+)
+PEAK_SCHEMA = pa.schema([PEAK_SCHEMA.field(c) for c in PEAK_COLUMNS])  # column order
+FRAME_SCHEMA = pa.schema([("seq_num", pa.int64()), ("time", pa.float64())])
+EXIT_STATUS_TO_STATUS = {"success": "complete", "abort": "interrupted", "fail": "interrupted"}
+ROOT_KEY = "scatterflow"
+_BACKLOG_FACTOR = 8     # with a queue backlog, batches grow up to this many flush_rows
+
+
+class TiledWriteError(RuntimeError):
+    """A write Tiled refused for good (not a connection problem); logged, counted, dropped."""
+
+
+class _RowCountMismatch(TiledWriteError):
+    """A table holds neither the rows before an append nor those after it.
+
+    Seen when concurrent requests hit tiled's DuckDB storage (one shared connection,
+    SimpleTiledServer): a read can fail or return another query's rows. Re-checked later
+    (transient) up to ``_MAX_RECHECKS`` times, then the write is dropped."""
+
+
+_MAX_RECHECKS = 5
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of scatterflow and the numerics stack, read without importing them."""
+    out = {}
+    for dist in ("scatterflow", "torch", "pyFAI", "tiled", "bluesky", "event-model"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def jsonable(obj: Any) -> Any:
+    """Recursively turn numpy scalars/arrays and tuples into JSON-serializable Python."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def rows_to_table(rows: dict[str, np.ndarray]) -> pa.Table:
+    """PeakRows (dict of equal-length arrays keyed by PEAK_COLUMNS) -> pyarrow Table."""
+    missing = set(PEAK_COLUMNS) - set(rows)
+    extra = set(rows) - set(PEAK_COLUMNS)
+    if missing or extra:
+        raise ValueError(f"peak rows need exactly PEAK_COLUMNS; missing {sorted(missing)}, "
+                         f"unexpected {sorted(extra)}")
+    lengths = {c: len(rows[c]) for c in PEAK_COLUMNS}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"peak row columns have different lengths: {lengths}")
+    arrays = [pa.array(np.asarray(rows[f.name]).astype(f.type.to_pandas_dtype())
+                       if f.name != "peak" else [str(p) for p in rows["peak"]], type=f.type)
+              for f in PEAK_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=PEAK_SCHEMA)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection problems and 5xx/429 are worth retrying; anything else is permanent."""
+    import httpx
+
+    if isinstance(exc, _RowCountMismatch):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code >= 500 or code == 429
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, OSError))
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 409
+
+
+# --- operations: one Tiled write each, carrying their own position -----------------------
+
+@dataclass
+class _Op:
+    kind: str                       # "start" | "profiles" | "table" | "stop"
+    uid: str
+    meta: dict = field(default_factory=dict)      # JSON-able; offsets, keys, metadata
+    arrays: dict = field(default_factory=dict)    # numpy arrays ("profiles")
+    table: pa.Table | None = None                 # rows ("table")
+
+
+def _save_op(op: _Op, path_stem: pathlib.Path) -> pathlib.Path:
+    """Write an op atomically as ``<stem>.parquet`` (tables) or ``<stem>.npz``."""
+    header = json.dumps({"kind": op.kind, "uid": op.uid, "meta": op.meta})
+    if op.kind == "table":
+        import pyarrow.parquet as pq
+
+        final = path_stem.with_suffix(".parquet")
+        tmp = final.with_name(final.name + ".tmp")
+        pq.write_table(op.table.replace_schema_metadata({"scatterflow_op": header}), tmp)
+    else:
+        final = path_stem.with_suffix(".npz")
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, __op__=np.array(header), **op.arrays)
+    os.replace(tmp, final)
+    return final
+
+
+def _load_op(path: pathlib.Path) -> _Op:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        header = json.loads(table.schema.metadata[b"scatterflow_op"])
+        return _Op(header["kind"], header["uid"], header["meta"],
+                   table=table.replace_schema_metadata(None))
+    with np.load(path, allow_pickle=False) as z:
+        header = json.loads(str(z["__op__"]))
+        arrays = {k: z[k] for k in z.files if k != "__op__"}
+    return _Op(header["kind"], header["uid"], header["meta"], arrays=arrays)
+
+
+# --- per-run buffers, owned by the writer thread ---------------------------------------
+
+@dataclass
+class _RunBuffer:
+    uid: str
+    n_bins: int | None = None
+    frames: int = 0                 # frames handed to ops so far (next profile offset)
+    table_rows: dict = field(default_factory=lambda: {"peaks": 0, "change_points": 0})
+    profiles: list = field(default_factory=list)   # list of (seq, time, q, I, s, unit)
+    peaks: list = field(default_factory=list)      # list of pa.Table
+    buffered_frames: int = 0
+    buffered_rows: int = 0
+    first_buffered: float | None = None
+
+
+class TiledPublisher:
+    """Route results of many runs into Tiled; one `_RunBuffer` per run, one writer thread.
+
+    Parameters
+    ----------
+    client_or_uri : a tiled client (root node), or a uri string connected lazily on the
+        writer thread (so a server that is not up yet only delays writes into the spool).
+    api_key : for a uri string.
+    spool_dir : where writes wait while Tiled is unreachable; a fresh temporary directory
+        if None (left in place, and logged, if it still holds files at `close`).
+    flush_rows : flush a run when this many frames or peak rows are buffered (>= 1);
+        while calls wait in the queue, batches grow up to 8x this before flushing.
+    flush_seconds : flush a run this long after its first buffered item (> 0).
+    queue_size : bound of the caller -> writer queue, in calls; full means the caller blocks.
+    max_retries : retries of a failed write (after tiled's own) before spooling it.
+    retry_backoff : first retry delay in s, doubled per retry.
+    probe_seconds : interval of health probes while spooling, s.
+
+    Counters (read from any thread): ``frames_written``, ``rows_written`` (peak rows),
+    ``requests`` (write/read calls made), ``failures`` (failed attempts), ``spooled``
+    (writes that went to the spool), ``spool_pending`` (files waiting), ``blocked``
+    (caller waits on a full queue), ``errors`` (writes refused for good and dropped).
+    """
+
+    def __init__(self, client_or_uri, api_key: str | None = None, *, spool_dir=None,
+                 flush_rows: int = 200, flush_seconds: float = 0.5, queue_size: int = 256,
+                 max_retries: int = 2, retry_backoff: float = 0.25,
+                 probe_seconds: float = 1.0):
+        if not isinstance(flush_rows, int) or flush_rows < 1:
+            raise ValueError(f"flush_rows must be an int >= 1, got {flush_rows!r}")
+        if not flush_seconds > 0:
+            raise ValueError(f"flush_seconds must be > 0, got {flush_seconds!r}")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if not retry_backoff >= 0 or not probe_seconds > 0:
+            raise ValueError(f"retry_backoff must be >= 0 and probe_seconds > 0, got "
+                             f"{retry_backoff!r}, {probe_seconds!r}")
+        if isinstance(client_or_uri, str):
+            self._uri, self._client = client_or_uri, None
+        else:
+            self._uri, self._client = str(client_or_uri.uri), client_or_uri
+        self._api_key = api_key
+        self.flush_rows, self.flush_seconds = flush_rows, float(flush_seconds)
+        self.max_retries, self.retry_backoff = max_retries, float(retry_backoff)
+        self.probe_seconds = float(probe_seconds)
+        self.spool_dir = pathlib.Path(spool_dir or tempfile.mkdtemp(prefix="scatterflow-spool-"))
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        existing = self._spool_files()      # left by an earlier process: drained first
+        start = 1 + max((int(p.name.split("-", 1)[0]) for p in existing), default=-1)
+        self._spool_counter = itertools.count(start)
+        self.frames_written = self.rows_written = self.requests = 0
+        self.failures = self.spooled = self.blocked = self.errors = 0
+        self.spool_pending = len(existing)
+        self._next_probe = 0.0
+        self._probe_wait = self.probe_seconds
+        self._runs: dict[str, _RunBuffer] = {}        # writer thread only
+        self._nodes: dict[str, dict] = {}             # writer thread only: node cache
+        self._caller_bins: dict[str, int] = {}        # caller side checks
+        self._open: set[str] = set()
+        self._rechecks: dict[tuple, int] = {}         # row-count mismatches per append
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tiled-writer", daemon=True)
+        self._thread.start()
+
+    # --- caller API (any thread; never does HTTP) ------------------------------------
+
+    def start_run(self, uid: str, start_doc: dict, config: dict) -> None:
+        """Begin run ``uid``: container ``scatterflow/<uid>`` with status "running"."""
+        if not isinstance(uid, str) or not uid or "/" in uid:
+            raise ValueError(f"run uid must be a non-empty string without '/', got {uid!r}")
+        if uid in self._open:
+            raise ValueError(f"run {uid!r} already started")
+        self._open.add(uid)
+        meta = {"start": jsonable(start_doc), "configuration": jsonable(config),
+                "software": software_versions(), "status": "running",
+                "exit_status": None, "reason": ""}
+        self._put(("start", uid, meta))
+
+    def add_profiles(self, uid: str, seq_num, time, q, intensity, sigma, unit: str) -> None:
+        """Queue B frames: seq_num (B,) int, time (B,) s, q (N,) in ``unit``,
+        intensity/sigma (B, N) (stored float32). Copies, so the caller may reuse buffers."""
+        self._check_open(uid)
+        seq = np.array(seq_num, dtype=np.int64).reshape(-1)
+        t = np.array(time, dtype=np.float64).reshape(-1)
+        q = np.array(q, dtype=np.float64).reshape(-1)
+        i = np.array(intensity, dtype=np.float32, ndmin=2)
+        s = np.array(sigma, dtype=np.float32, ndmin=2)
+        b, n = len(seq), len(q)
+        if t.shape != (b,) or i.shape != (b, n) or s.shape != (b, n):
+            raise ValueError(f"add_profiles shapes disagree: seq_num {seq.shape}, time "
+                             f"{t.shape}, q {q.shape}, intensity {i.shape}, sigma {s.shape}")
+        known = self._caller_bins.setdefault(uid, n)
+        if known != n:
+            raise ValueError(f"run {uid!r} has {known} bins, got profiles with {n}")
+        if b:
+            self._put(("profiles", uid, (seq, t, q, i, s, str(unit))))
+
+    def add_peaks(self, uid: str, rows: dict[str, np.ndarray]) -> None:
+        """Queue PeakRows (dict of equal-length arrays, keys PEAK_COLUMNS)."""
+        self._check_open(uid)
+        table = rows_to_table(rows)
+        if table.num_rows:
+            self._put(("peaks", uid, table))
+
+    def stop_run(self, uid: str, exit_status: str, reason: str = "") -> None:
+        """Flush run ``uid`` and set status "complete" (success) or "interrupted"."""
+        if exit_status not in EXIT_STATUS_TO_STATUS:
+            raise ValueError(f"exit_status must be one of {sorted(EXIT_STATUS_TO_STATUS)}, "
+                             f"got {exit_status!r}")
+        self._check_open(uid)
+        self._open.discard(uid)
+        self._caller_bins.pop(uid, None)
+        self._put(("stop", uid, {"status": EXIT_STATUS_TO_STATUS[exit_status],
+                                 "exit_status": exit_status, "reason": str(reason)}))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until everything queued so far is written to Tiled or spooled."""
+        done = threading.Event()
+        self._put(("flush", None, done))
+        return done.wait(timeout)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Flush, then wait until the spool is empty (Tiled reachable); False on timeout."""
+        deadline = time.monotonic() + timeout
+        if not self.flush(timeout):
+            return False
+        while self.spool_pending:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush all runs, try to drain the spool for up to ``timeout`` s, stop the thread."""
+        if self._closed:
+            return
+        self.drain(timeout)
+        self._closed = True
+        self._put(("close", None, None))
+        self._thread.join(timeout)
+        if self.spool_pending:
+            log.warning("Tiled unreachable: %d writes remain spooled in %s",
+                        self.spool_pending, self.spool_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self, uid: str) -> None:
+        if uid not in self._open:
+            raise ValueError(f"run {uid!r} was not started (or already stopped)")
+
+    def _put(self, item) -> None:
+        if self._closed and item[0] != "close":
+            raise RuntimeError("TiledPublisher is closed")
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.blocked += 1
+            self._queue.put(item)
+
+    # --- writer thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._wait_time())
+            except queue.Empty:
+                item = None
+            try:
+                if item is not None and item[0] == "close":
+                    self._flush_all()
+                    self._try_drain(force=True)
+                    return
+                if item is not None:
+                    self._handle(item)
+                self._flush_due()
+                if self.spool_pending:
+                    self._try_drain()
+            except Exception:  # never let the writer thread die
+                log.exception("Tiled writer: unexpected error")
+                self.errors += 1
+
+    def _wait_time(self) -> float:
+        now = time.monotonic()
+        due = [b.first_buffered + self.flush_seconds for b in self._runs.values()
+               if b.first_buffered is not None]
+        if self.spool_pending:
+            due.append(self._next_probe)
+        return max(0.0, min(due) - now) if due else 0.5
+
+    def _handle(self, item) -> None:
+        kind, uid, payload = item
+        if kind == "flush":
+            try:
+                self._flush_all()
+            finally:
+                payload.set()
+            return
+        if kind == "start":
+            self._runs[uid] = _RunBuffer(uid)
+            self._submit(_Op("start", uid, {"metadata": payload}))
+            return
+        buf = self._runs.get(uid)
+        if buf is None:
+            log.error("Tiled writer: %s for unknown run %r dropped (no start_run)", kind, uid)
+            self.errors += 1
+            return
+        if kind == "stop":
+            self._flush_run(buf)
+            self._submit(_Op("stop", uid, {"metadata": payload}))
+            del self._runs[uid]
+            return
+        if kind == "profiles":
+            buf.profiles.append(payload)
+            buf.buffered_frames += len(payload[0])
+        else:
+            buf.peaks.append(payload)
+            buf.buffered_rows += payload.num_rows
+        if buf.first_buffered is None:
+            buf.first_buffered = time.monotonic()
+        if self._buffered(buf) >= _BACKLOG_FACTOR * self.flush_rows:
+            self._flush_run(buf)
+
+    @staticmethod
+    def _buffered(buf: _RunBuffer) -> int:
+        return max(buf.buffered_frames, buf.buffered_rows)
+
+    def _flush_due(self) -> None:
+        """Flush runs buffered for ``flush_seconds``, or holding ``flush_rows`` once the
+        queue is empty (with a backlog, batches grow up to 8x: fewer, larger requests)."""
+        now = time.monotonic()
+        idle = self._queue.empty()
+        for buf in list(self._runs.values()):
+            if buf.first_buffered is None:
+                continue
+            if (now - buf.first_buffered >= self.flush_seconds
+                    or (idle and self._buffered(buf) >= self.flush_rows)):
+                self._flush_run(buf)
+
+    def _flush_all(self) -> None:
+        for buf in list(self._runs.values()):
+            self._flush_run(buf)
+
+    def _flush_run(self, buf: _RunBuffer) -> None:
+        """Turn a run's buffers into positioned ops (profiles, peaks, change points)."""
+        if buf.profiles:
+            seq = np.concatenate([p[0] for p in buf.profiles])
+            arrays = {"seq_num": seq,
+                      "time": np.concatenate([p[1] for p in buf.profiles]),
+                      "q": buf.profiles[0][2],
+                      "intensity": np.concatenate([p[3] for p in buf.profiles]),
+                      "sigma": np.concatenate([p[4] for p in buf.profiles])}
+            meta = {"offset": buf.frames, "unit": buf.profiles[0][5]}
+            buf.frames += len(seq)
+            self._submit(_Op("profiles", buf.uid, meta, arrays=arrays))
+        if buf.peaks:
+            table = pa.concat_tables(buf.peaks)
+            cps = table.filter(table["change_point"])
+            for key, rows in (("peaks", table), ("change_points", cps)):
+                if rows.num_rows:
+                    meta = {"key": key, "offset": buf.table_rows[key]}
+                    buf.table_rows[key] += rows.num_rows
+                    self._submit(_Op("table", buf.uid, meta, table=rows))
+        buf.profiles, buf.peaks = [], []
+        buf.buffered_frames = buf.buffered_rows = 0
+        buf.first_buffered = None
+
+    # --- executing ops: retries, spool ------------------------------------------------
+
+    def _submit(self, op: _Op) -> None:
+        """Write now, or spool it if Tiled is unreachable or earlier writes wait there."""
+        if self.spool_pending:
+            self._spool(op)
+            return
+        for attempt in range(self.max_retries + 1):
+            try:
+                self._execute(op, check=attempt > 0)
+                return
+            except Exception as exc:
+                if not self._failed(op, exc):
+                    return
+                if attempt == self.max_retries or not self._healthy():
+                    break
+                time.sleep(self.retry_backoff * 2 ** attempt)
+        self._spool(op)
+
+    def _failed(self, op: _Op, exc: BaseException) -> bool:
+        """Count a failure; True if transient (retry/spool), False if dropped for good."""
+        self.failures += 1
+        self._nodes.pop(op.uid, None)
+        if _is_transient(exc):
+            log.warning("Tiled write %s/%s failed (%r); will retry", op.kind, op.uid, exc)
+            return True
+        log.error("Tiled refused %s for run %s; dropped: %r", op.kind, op.uid, exc,
+                  exc_info=exc)
+        self.errors += 1
+        return False
+
+    def _spool(self, op: _Op) -> None:
+        stem = self.spool_dir / f"{next(self._spool_counter):09d}-{op.kind}"
+        _save_op(op, stem)
+        self.spooled += 1
+        if not self.spool_pending:
+            self._next_probe = time.monotonic() + self._probe_wait
+        self.spool_pending += 1
+
+    def _spool_files(self) -> list[pathlib.Path]:
+        """Spooled writes in order (``*.tmp`` leftovers of an interrupted write skipped)."""
+        files = [p for p in self.spool_dir.iterdir()
+                 if p.suffix in (".npz", ".parquet") and p.name.split("-", 1)[0].isdigit()]
+        return sorted(files, key=lambda p: int(p.name.split("-", 1)[0]))
+
+    def _try_drain(self, force: bool = False, max_files: int = 8) -> None:
+        """Replay up to ``max_files`` spooled writes in order if Tiled answers (all if force)."""
+        if not force and time.monotonic() < self._next_probe:
+            return
+        if not self._healthy():
+            self._probe_wait = min(2 * self._probe_wait, 10 * self.probe_seconds)
+            self._next_probe = time.monotonic() + self._probe_wait
+            return
+        self._probe_wait = self.probe_seconds
+        for n, path in enumerate(self._spool_files()):
+            if n >= max_files and not force:
+                break
+            op = _load_op(path)
+            try:
+                self._execute(op, check=True)
+            except Exception as exc:
+                if self._failed(op, exc):
+                    self._next_probe = time.monotonic() + self._probe_wait
+                    return
+            path.unlink()
+            self.spool_pending -= 1
+
+    def _healthy(self) -> bool:
+        """Cheap liveness probe (GET /healthz, 1 s timeout, no tiled retries)."""
+        import httpx
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self._uri)
+        url = f"{parts.scheme}://{parts.netloc}/healthz"
+        try:
+            if self._client is not None:      # its transport (maybe in-process ASGI)
+                r = self._client.context.http_client.get(url, timeout=1.0)
+            else:
+                r = httpx.get(url, timeout=1.0, trust_env=False)
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # --- the Tiled calls themselves ---------------------------------------------------
+
+    def _root(self):
+        if self._client is None:
+            from .tiled_server import connect
+
+            self.requests += 1
+            self._client = connect(self._uri, self._api_key)
+        return self._client
+
+    def _run_node(self, uid: str) -> dict:
+        nodes = self._nodes.get(uid)
+        if nodes is None:
+            self.requests += 2
+            nodes = self._nodes[uid] = {"run": self._root()[ROOT_KEY][uid]}
+        return nodes
+
+    def _child(self, uid: str, key: str):
+        nodes = self._run_node(uid)
+        if key not in nodes:
+            self.requests += 1
+            nodes[key] = nodes["run"][key]
+        return nodes[key]
+
+    def _execute(self, op: _Op, check: bool) -> None:
+        """One op; ``check``: it may have been (partly) applied before, stay idempotent."""
+        log.debug("execute %s %s %s check=%s", op.kind, op.uid, op.meta.get("offset"), check)
+        if op.kind == "start":
+            self._exec_start(op)
+        elif op.kind == "profiles":
+            self._exec_profiles(op, check)
+        elif op.kind == "table":
+            self._exec_table(op.uid, op.meta["key"], op.meta["offset"], op.table, check)
+            if op.meta["key"] == "peaks":
+                self.rows_written += op.table.num_rows
+        elif op.kind == "stop":
+            self.requests += 1
+            self._run_node(op.uid)["run"].update_metadata(metadata=op.meta["metadata"])
+            self._nodes.pop(op.uid, None)
+        else:
+            raise TiledWriteError(f"unknown op kind {op.kind!r}")
+
+    def _create(self, make, fetch):
+        """``make()``; on 409 (exists, e.g. a retried request had succeeded) ``fetch()``."""
+        self.requests += 1
+        try:
+            return make(), True
+        except Exception as exc:
+            if not _is_conflict(exc):
+                raise
+            self.requests += 1
+            return fetch(), False
+
+    def _exec_start(self, op: _Op) -> None:
+        root = self._root()
+        metadata = op.meta["metadata"]
+        top, _ = self._create(lambda: root.create_container(ROOT_KEY),
+                              lambda: root[ROOT_KEY])
+        run, new = self._create(lambda: top.create_container(op.uid, metadata=metadata),
+                                lambda: top[op.uid])
+        if not new:
+            self.requests += 1
+            run.update_metadata(metadata=metadata)
+        nodes = self._nodes[op.uid] = {"run": run}
+        for key, schema in (("frames", FRAME_SCHEMA), ("peaks", PEAK_SCHEMA),
+                            ("change_points", PEAK_SCHEMA)):
+            nodes[key], _ = self._create(
+                lambda: run.create_appendable_table(schema, key=key),
+                lambda: run[key])
+
+    def _exec_profiles(self, op: _Op, check: bool) -> None:
+        a, offset = op.arrays, int(op.meta["offset"])
+        nodes = self._run_node(op.uid)
+        for key in ("profiles", "sigma"):
+            data = a["intensity" if key == "profiles" else key]
+            if offset == 0:
+                meta = {"unit": op.meta["unit"], "dims": ["frame", "radial"],
+                        "description": "mean intensity per bin" if key == "profiles"
+                        else "standard error of the mean intensity"}
+                node, new = self._create(
+                    lambda: nodes["run"].write_array(data, key=key, metadata=meta),
+                    lambda: nodes["run"][key])
+                nodes[key] = node
+                if new:
+                    continue
+            else:
+                node = self._child(op.uid, key)
+            self.requests += 1
+            node.patch(data, offset=offset, extend=True)
+        if offset == 0:
+            nodes["q"], _ = self._create(
+                lambda: nodes["run"].write_array(a["q"], key="q",
+                                                 metadata={"unit": op.meta["unit"]}),
+                lambda: nodes["run"]["q"])
+        frames = pa.table({"seq_num": a["seq_num"], "time": a["time"]}, schema=FRAME_SCHEMA)
+        self._exec_table(op.uid, "frames", offset, frames, check)
+        self.frames_written += len(a["seq_num"])
+
+    def _exec_table(self, uid: str, key: str, offset: int, table: pa.Table,
+                    check: bool) -> None:
+        node = self._child(uid, key)
+        if check:
+            self.requests += 1
+            held = node.read(columns=["seq_num"])["seq_num"].to_numpy()
+            n = len(held)
+            if n == offset + table.num_rows and np.array_equal(
+                    held[offset:], table["seq_num"].to_numpy()):
+                return                       # an earlier attempt got through
+            if n != offset:
+                where = (uid, key, offset)
+                self._rechecks[where] = tries = self._rechecks.get(where, 0) + 1
+                msg = (f"{key} of run {uid} has {n} rows, expected {offset} before "
+                       f"appending {table.num_rows} (check {tries}/{_MAX_RECHECKS})")
+                if tries < _MAX_RECHECKS:
+                    raise _RowCountMismatch(msg)
+                raise TiledWriteError(msg)
+        self.requests += 1
+        node.append_partition(0, table)
+        self._rechecks.pop((uid, key, offset), None)

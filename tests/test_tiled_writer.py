@@ -1,0 +1,232 @@
+"""TiledPublisher against a real embedded Tiled server, read back with a fresh client.
+
+Two server starts in all (each spawns `tiled catalog init` in a subprocess): one shared
+server, restarted once on the same directory and port by the outage test.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tiled")
+
+from tiled.client import from_uri  # noqa: E402
+
+from service.publish import tiled_writer as tw  # noqa: E402
+from service.publish.tiled_server import EmbeddedTiled  # noqa: E402
+from service.publish.tiled_writer import PEAK_COLUMNS, TiledPublisher  # noqa: E402
+
+pytestmark = pytest.mark.slow
+N_BINS = 100
+PEAKS = ("lamellar", "pi_stack")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A dict holding the live server (the outage test swaps in a restarted one)."""
+    holder = {"dir": tmp_path_factory.mktemp("tiled")}
+    holder["srv"] = EmbeddedTiled(holder["dir"])
+    yield holder
+    holder["srv"].close()
+
+
+def peak_rows(seq, final, rng):
+    """PeakRows for frames ``seq`` and both peaks, as the fitter emits them."""
+    seq = np.repeat(np.asarray(seq, np.int64), len(PEAKS))
+    n = len(seq)
+    rows = {"seq_num": seq, "time": 1.7e9 + 0.1 * seq,
+            "peak": np.array(PEAKS * (n // len(PEAKS))),
+            "converged": rng.random(n) > 0.1, "change_point": rng.random(n) > 0.9,
+            "final": np.full(n, final)}
+    for c in ("center", "center_err", "fwhm", "fwhm_err", "amplitude", "amplitude_err",
+              "eta", "chi2"):
+        rows[c] = rng.standard_normal(n)
+    assert set(rows) == set(PEAK_COLUMNS)
+    return rows
+
+
+def write_run(pub, uid, frames, rng, *, batch=10, lag=16, stop=True):
+    """Stream ``frames`` (seq, time, I, sigma); provisional rows now, final ones ``lag`` later.
+
+    Returns the peak rows in the order written (what Tiled must hold)."""
+    seq, t, q, inten, sig = frames
+    written = []
+    for k in range(0, len(seq), batch):
+        s = slice(k, k + batch)
+        pub.add_profiles(uid, seq[s], t[s], q, inten[s], sig[s], "q_nm^-1")
+        prov = peak_rows(seq[s], False, rng)
+        pub.add_peaks(uid, prov)
+        written.append(prov)
+        done = seq[max(0, k - lag):max(0, k + batch - lag)]
+        if len(done):
+            fin = peak_rows(done, True, rng)
+            pub.add_peaks(uid, fin)
+            written.append(fin)
+    fin = peak_rows(seq[max(0, len(seq) - lag):], True, rng)
+    pub.add_peaks(uid, fin)
+    written.append(fin)
+    if stop:
+        pub.stop_run(uid, "success")
+    return {c: np.concatenate([w[c] for w in written]) for c in PEAK_COLUMNS}
+
+
+def make_frames(n, rng, start=0):
+    seq = np.arange(start, start + n, dtype=np.int64)
+    q = np.linspace(0.05, 5.0, N_BINS)
+    inten = rng.gamma(2.0, 50.0, (n, N_BINS)).astype(np.float32)
+    sig = np.sqrt(inten).astype(np.float32)
+    return seq, 1.7e9 + 0.1 * seq, q, inten, sig
+
+
+def assert_run(client, uid, frames, rows):
+    """Everything Tiled holds for ``uid`` equals what was written, in order, exactly."""
+    seq, t, q, inten, sig = frames
+    run = client["scatterflow"][uid]
+    assert set(run) == {"q", "profiles", "sigma", "frames", "peaks", "change_points"}
+    np.testing.assert_array_equal(run["q"].read(), q)
+    assert run["q"].metadata["unit"] == "q_nm^-1"
+    np.testing.assert_array_equal(run["profiles"].read(), inten)
+    np.testing.assert_array_equal(run["sigma"].read(), sig)
+    fr = run["frames"].read()
+    np.testing.assert_array_equal(fr["seq_num"].to_numpy(), seq)
+    np.testing.assert_array_equal(fr["time"].to_numpy(), t)
+    pk = run["peaks"].read()
+    assert list(pk.columns) == list(PEAK_COLUMNS)
+    for c in PEAK_COLUMNS:
+        np.testing.assert_array_equal(pk[c].to_numpy(), rows[c], err_msg=c)
+    cp = run["change_points"].read()
+    np.testing.assert_array_equal(cp["seq_num"].to_numpy(), rows["seq_num"][rows["change_point"]])
+    np.testing.assert_array_equal(cp["final"].to_numpy(), rows["final"][rows["change_point"]])
+    md = run.metadata
+    assert md["status"] == "complete" and md["exit_status"] == "success"
+    assert md["start"]["uid"] == uid and md["configuration"]["reduction"]["npt"] == N_BINS
+    assert set(md["software"]) >= {"scatterflow", "torch", "pyFAI"}
+
+
+def write_requests(directory):
+    """Write requests (POST/PUT/PATCH) in the server's own access log."""
+    log = (directory / "access.log").read_text()
+    return len(re.findall(r'"\S*(?:POST|PUT|PATCH) ', log))
+
+
+def test_roundtrip_batched(server, tmp_path):
+    rng = np.random.default_rng(1)
+    srv = server["srv"]
+    frames = make_frames(250, rng)
+    before = write_requests(srv.directory)
+    config = {"reduction": {"npt": N_BINS, "unit": "q_nm^-1"}}
+    with TiledPublisher(srv.uri, srv.api_key, spool_dir=tmp_path / "spool",
+                        flush_rows=200, flush_seconds=0.5) as pub:
+        pub.start_run("run-a", {"uid": "run-a", "time": 1.7e9, "scan_id": np.int64(7)},
+                      config)
+        rows = write_run(pub, "run-a", frames, rng)
+        assert pub.flush(30)
+    assert pub.frames_written == 250 and pub.rows_written == len(rows["seq_num"]) == 1000
+    assert pub.spooled == 0 and pub.errors == 0
+    # 250 frames and 1000 peak rows took a few dozen requests, not one per frame.
+    server_writes = write_requests(srv.directory) - before
+    assert server_writes <= 60, server_writes
+    assert pub.requests <= 80, pub.requests
+    fresh = from_uri(srv.uri, api_key=srv.api_key)
+    assert_run(fresh, "run-a", frames, rows)
+
+
+def test_outage_spools_then_flushes(server, tmp_path, monkeypatch):
+    """Server closed mid-run and restarted on the same directory and port: no loss, no
+    duplicates. A second publisher that never reached the server closes with its writes
+    spooled; a third one on the same spool directory (as after a process restart) drains
+    them. (Drains run one after the other: tiled's DuckDB table storage shares one
+    connection between requests, and concurrent writers can get spurious 500s.)"""
+    import tiled.client.utils
+
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
+    rng = np.random.default_rng(2)
+    srv = server["srv"]
+    config = {"reduction": {"npt": N_BINS}}
+    frames = make_frames(120, rng)
+    pub = TiledPublisher(srv.uri, srv.api_key, spool_dir=tmp_path / "spool",
+                         flush_rows=50, flush_seconds=0.2, probe_seconds=0.2,
+                         retry_backoff=0.05)
+    pub.start_run("run-b", {"uid": "run-b"}, config)
+    seq, t, q, inten, sig = frames
+    half = (seq[:60], t[:60], q, inten[:60], sig[:60])
+    rows1 = write_run(pub, "run-b", half, rng, stop=False)
+    assert pub.flush(30) and pub.spooled == 0
+    srv.close()
+    # Tiled down: the rest of the run goes to the spool.
+    rest = (seq[60:], t[60:], q, inten[60:], sig[60:])
+    rows2 = write_run(pub, "run-b", rest, rng, stop=True)
+    late = TiledPublisher(srv.uri, srv.api_key, spool_dir=tmp_path / "spool2")
+    other = make_frames(30, rng)
+    late.start_run("run-c", {"uid": "run-c"}, config)
+    rows_c = write_run(late, "run-c", other, rng)
+    late.close(timeout=1.0)                                   # gives up, files stay
+    assert pub.flush(30)
+    assert pub.spool_pending > 0 and pub.failures > 0 and late.spool_pending > 0
+    assert late.frames_written == 0
+    assert {p.suffix for p in (tmp_path / "spool").iterdir()} == {".npz", ".parquet"}
+
+    server["srv"] = srv = EmbeddedTiled(server["dir"], api_key=srv.api_key, port=srv.port)
+    assert pub.drain(30)
+    pub.close()
+    assert pub.frames_written == 120 and pub.errors == 0
+    again = TiledPublisher(srv.uri, srv.api_key, spool_dir=tmp_path / "spool2")
+    assert again.spool_pending == late.spool_pending
+    assert again.drain(30)
+    again.close()
+    assert again.frames_written == 30 and again.errors == 0
+    assert not any((tmp_path / "spool").iterdir()) and not any((tmp_path / "spool2").iterdir())
+    fresh = from_uri(srv.uri, api_key=srv.api_key)
+    rows_b = {c: np.concatenate([rows1[c], rows2[c]]) for c in PEAK_COLUMNS}
+    assert_run(fresh, "run-b", frames, rows_b)
+    assert_run(fresh, "run-c", other, rows_c)
+    assert "run-a" in fresh["scatterflow"]          # the earlier run survived the restart
+
+
+def test_spool_file_roundtrip(tmp_path):
+    rng = np.random.default_rng(3)
+    table = tw.rows_to_table(peak_rows([4, 5], True, rng))
+    op = tw._Op("table", "u1", {"key": "peaks", "offset": 7}, table=table)
+    back = tw._load_op(tw._save_op(op, tmp_path / "000000001-table"))
+    assert back.meta == op.meta and back.uid == "u1" and back.table.equals(table)
+    arrays = {"intensity": rng.random((3, 4)).astype(np.float32), "seq_num": np.arange(3)}
+    op = tw._Op("profiles", "u1", {"offset": 3, "unit": "q_nm^-1"}, arrays=arrays)
+    back = tw._load_op(tw._save_op(op, tmp_path / "000000002-profiles"))
+    assert back.meta == op.meta
+    for k, v in arrays.items():
+        assert back.arrays[k].dtype == v.dtype
+        np.testing.assert_array_equal(back.arrays[k], v)
+
+
+def test_peak_schema_matches_workers():
+    fit = pytest.importorskip("workers.fit")
+    if not hasattr(fit, "PEAK_COLUMNS"):
+        pytest.skip("workers.fit.PEAK_COLUMNS not defined yet")
+    assert tuple(fit.PEAK_COLUMNS) == PEAK_COLUMNS
+
+
+@pytest.mark.parametrize("kw", [{"flush_rows": 0}, {"flush_seconds": 0},
+                                {"queue_size": 0}, {"max_retries": -1}])
+def test_bad_options(kw, tmp_path):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path, **kw)
+
+
+def test_bad_rows(tmp_path):
+    rows = peak_rows([1], False, np.random.default_rng(0))
+    del rows["eta"]
+    with pytest.raises(ValueError, match="eta"):
+        tw.rows_to_table(rows)
+
+
+def test_unknown_run_rejected(tmp_path):
+    pub = TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path)
+    with pytest.raises(ValueError, match="not started"):
+        pub.add_peaks("nope", peak_rows([1], False, np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="not started"):
+        pub.stop_run("nope", "success")
+    with pytest.raises(ValueError, match="exit_status"):
+        pub.stop_run("nope", "done")
+    pub.close(timeout=0.5)
