@@ -51,11 +51,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .state import PEAK_COLUMNS  # one definition in service; workers.fit mirrors it
+
 log = logging.getLogger(__name__)
 
-PEAK_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
-                "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point",
-                "final")
 _FLOAT_COLUMNS = ("time", "center", "center_err", "fwhm", "fwhm_err", "amplitude",
                   "amplitude_err", "eta", "chi2")
 _BOOL_COLUMNS = ("converged", "change_point", "final")
