@@ -29,6 +29,9 @@ class IngestConfig(_Section):
     max_message_bytes: int = 256 * 2**20    # larger messages are rejected and counted
     max_frame_pixels: int = 64 * 2**20
     queue_size: int = 1000                  # bounded receive queue (documents)
+    root_map: dict[str, str] = Field(default_factory=dict)   # resource roots -> local paths
+    file_retries: int = Field(20, ge=0)     # waits for frames not yet in a file being written
+    file_retry_delay_s: float = Field(0.05, ge=0)
     rcvhwm: int = 100_000
 
 

@@ -27,6 +27,7 @@ from event_model import DocumentNames, schema_validators, unpack_event_page
 from .config import IngestConfig
 from .errors import RejectedInput
 from .metrics import Metrics
+from .resolve import FrameResolver, frame_shape
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class StreamInfo:
     descriptor: dict
     frame_field: str | None
     frame_shape: tuple[int, ...] | None
+    external_stream: bool = False       # frames arrive by stream_datum, not in the events
     last_seq_num: int = 0
 
 
@@ -125,16 +127,18 @@ class FrameSink(Protocol):
 
 
 def choose_frame_field(descriptor: dict, configured: str | None) -> tuple[str | None, tuple[int, ...] | None]:
-    """The configured field if the descriptor has it, else the first field with a 2D shape."""
+    """The configured field if the descriptor has it, else the first field holding 2D frames
+    (shape [rows, cols], or [1, rows, cols] as ophyd-async and area detectors describe them)."""
     keys = descriptor.get("data_keys", {})
     if configured is not None:
         if configured in keys:
-            return configured, tuple(keys[configured].get("shape") or ()) or None
+            shape = frame_shape(keys[configured])
+            return configured, (shape[1:] if shape else tuple(keys[configured].get("shape") or ()) or None)
         return None, None
     for name, key in keys.items():
-        shape = key.get("shape") or []
-        if len(shape) == 2 and all(int(s) > 1 for s in shape):
-            return name, tuple(int(s) for s in shape)
+        shape = frame_shape(key)
+        if shape is not None and shape[0] == 1:
+            return name, shape[1:]
     return None, None
 
 
@@ -151,6 +155,9 @@ class DocumentRouter:
         self.config = config or IngestConfig()
         self.runs: dict[str, RunInfo] = {}
         self._descriptor_run: dict[str, str] = {}      # descriptor uid -> run uid
+        self.resolver = FrameResolver(root_map=self.config.root_map, retries=self.config.file_retries,
+                                      retry_delay_s=self.config.file_retry_delay_s,
+                                      max_frame_pixels=self.config.max_frame_pixels)
         self._lock = threading.Lock()
 
     # entry point ---------------------------------------------------------------------------
@@ -196,7 +203,9 @@ class DocumentRouter:
             self.metrics.lost_upstream.labels("start").inc()
             raise RejectedInput("descriptor_without_start", doc["run_start"])
         fld, shape = choose_frame_field(doc, self.config.detector_field)
-        run.streams[doc["uid"]] = StreamInfo(descriptor=doc, frame_field=fld, frame_shape=shape)
+        external = fld in self.resolver.stream_data_keys(doc)
+        run.streams[doc["uid"]] = StreamInfo(descriptor=doc, frame_field=fld, frame_shape=shape,
+                                             external_stream=external)
         self._descriptor_run[doc["uid"]] = run.uid
 
     def _on_event(self, doc: dict, arrival: float) -> None:
@@ -211,8 +220,8 @@ class DocumentRouter:
             self.metrics.lost_upstream.labels("event").inc(seq - stream.last_seq_num - 1)
             log.warning("run %s: seq_num gap %d -> %d (lost upstream)", run_uid[:8], stream.last_seq_num, seq)
         stream.last_seq_num = max(stream.last_seq_num, seq)
-        if stream.frame_field is None:
-            return                                       # a stream without frames (e.g. baseline)
+        if stream.frame_field is None or stream.external_stream:
+            return              # no frames (baseline), or frames that come by stream_datum
         frame = self._extract_frame(doc, stream)
         scalars = {k: float(v) for k, v in doc["data"].items()
                    if k != stream.frame_field and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
@@ -230,20 +239,48 @@ class DocumentRouter:
             raise RejectedInput("stop_without_start", doc["run_start"])
         for d in run.streams:
             self._descriptor_run.pop(d, None)
+        self.resolver.forget_run(run.uid)
         self.sink.stop_run(run.uid, doc)
 
+    # frames in files (service/resolve.py) --------------------------------------------------
     def _on_resource(self, doc: dict, arrival: float) -> None:
-        pass   # frames in files: resolved in a later stage (service/resolve.py); accepted, nothing to do yet
+        self.resolver.resource(doc)
 
-    _on_datum = _on_stream_resource = _on_stream_datum = _on_datum_page = _on_resource
+    def _on_datum(self, doc: dict, arrival: float) -> None:
+        self.resolver.datum(doc)
+
+    def _on_datum_page(self, doc: dict, arrival: float) -> None:
+        self.resolver.datum_page(doc)
+
+    def _on_stream_resource(self, doc: dict, arrival: float) -> None:
+        self.resolver.stream_resource(doc)
+
+    def _on_stream_datum(self, doc: dict, arrival: float) -> None:
+        """Frames written to HDF5 by ophyd-async detectors. The event that goes with them
+        carries no image, so the frame time is the stream_datum's arrival (wall clock)."""
+        run_uid = self._descriptor_run.get(doc["descriptor"])
+        if run_uid is None:
+            raise RejectedInput("stream_datum_before_descriptor", doc["descriptor"])
+        run = self.runs[run_uid]
+        run.last_seen = time.monotonic()
+        for seq, frame in self.resolver.stream_datum(doc):
+            run.frames += 1
+            self.sink.submit(Frame(run_uid, int(seq), time.time(), self._checked(frame, run.streams[doc["descriptor"]]),
+                                   arrival, {}))
 
     def _extract_frame(self, doc: dict, stream: StreamInfo) -> np.ndarray:
         value = doc["data"].get(stream.frame_field)
         if value is None:
             raise RejectedInput("missing_frame", stream.frame_field)
-        if isinstance(value, str) or not doc.get("filled", {}).get(stream.frame_field, True):
-            raise RejectedInput("unresolved_external", f"{stream.frame_field} refers to external data")
-        frame = np.asarray(value)
+        if isinstance(value, str) or doc.get("filled", {}).get(stream.frame_field) is False:
+            frame = self.resolver.fill_event(doc, stream.descriptor, stream.frame_field)
+        else:
+            frame = np.asarray(value)
+        return self._checked(frame, stream)
+
+    def _checked(self, frame: np.ndarray, stream: StreamInfo) -> np.ndarray:
+        if frame.ndim == 3 and frame.shape[0] == 1:
+            frame = frame[0]
         if frame.dtype.kind not in "uif":
             raise RejectedInput("bad_dtype", str(frame.dtype))
         if frame.size > self.config.max_frame_pixels:
@@ -263,6 +300,7 @@ class DocumentRouter:
                 run = self.runs.pop(uid)
                 for d in run.streams:
                     self._descriptor_run.pop(d, None)
+                self.resolver.forget_run(uid)
         for uid in stale:
             log.warning("run %s: no stop document after %.0f s idle; closed as timed out", uid[:8], idle_s)
             self.sink.stop_run(uid, {"run_start": uid, "exit_status": "abort", "reason": "timeout: no stop document",
