@@ -97,6 +97,7 @@ class WorkersConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch: int | Literal["auto"] = "auto"   # frames per batch; auto: by latency budget
     max_batch: int = Field(64, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch threads per CPU worker; None: cores / (count + 1)
     latency_budget_s: float = Field(0.05, gt=0)
     queue_batches: int = Field(8, ge=1)     # bounded queue per worker, in batches
     backpressure: Literal["block", "drop_oldest"] = "block"

@@ -12,6 +12,7 @@ implement later.
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import multiprocessing as mp
 import queue
@@ -103,7 +104,9 @@ class Dispatcher:
 
     def _spawn(self, index: int, inbox: mp.Queue | None = None) -> _Worker:
         inbox = inbox or self._ctx.Queue(maxsize=self.cfg.queue_batches)
-        threads = 1 if self.cfg.count > 1 else None
+        # torch's OpenMP pool spins against the service's own threads: by default a CPU worker
+        # gets an equal share of the cores with one share left to the service process.
+        threads = self.cfg.threads or max(1, (os.cpu_count() or 2) // (self.cfg.count + 1))
         proc = self._ctx.Process(target=worker_main, args=(index, self.cfg.device, inbox, self._outbox, threads),
                                  name=f"scatterflow-worker-{index}", daemon=True)
         proc.start()

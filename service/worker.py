@@ -58,6 +58,8 @@ class RunPipeline:
         self.integrators = integrators
         model, regularizer = model_spec_from_dict(setup.fit)
         self.fitter = TrajectoryFitter(model, regularizer, device=device)
+        if setup.geometry.shape is not None:       # build the matrix now, not on the first frame
+            self._integrator(tuple(setup.geometry.shape))
 
     def _integrator(self, shape: tuple[int, ...]):
         from workers.integrate import build_integrator_1d
@@ -95,11 +97,13 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
     """Entry point of a worker process (spawned)."""
     import torch
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
-    if threads:
-        torch.set_num_threads(threads)
     device = resolve_device(device_name)
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
     integrators: dict = {}
     runs: dict[str, RunPipeline] = {}
+    import workers.integrate  # noqa: F401  (import pyFAI and friends before the first run, not during it)
+    import workers.temporal  # noqa: F401
     outbox.put(("ready", index, device, os.getpid()))
     while True:
         msg = inbox.get()

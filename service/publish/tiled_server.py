@@ -41,8 +41,8 @@ class EmbeddedTiled:
 
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
-        if api_key is not None and (not isinstance(api_key, str) or not api_key):
-            raise ValueError(f"api_key must be a non-empty string or None, got {api_key!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.isalnum()):
+            raise ValueError("tiled.api_key must be a non-empty string of letters and digits (Tiled refuses others)")
         self.directory = pathlib.Path(directory).resolve()
         self.api_key = api_key or secrets.token_hex(32)
         self._server = SimpleTiledServer(

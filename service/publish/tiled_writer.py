@@ -615,8 +615,12 @@ class TiledPublisher:
     def _exec_start(self, op: _Op) -> None:
         root = self._root()
         metadata = op.meta["metadata"]
-        top, _ = self._create(lambda: root.create_container(ROOT_KEY),
-                              lambda: root[ROOT_KEY])
+        self._create(lambda: root.create_container(ROOT_KEY), lambda: None)
+        # tiled 0.2.20: the client that create_container returns at the root addresses its
+        # children as '//scatterflow/<uid>', which the server files where a fresh client does
+        # not find them; fetch the container by key instead.
+        self.requests += 1
+        top = root[ROOT_KEY]
         run, new = self._create(lambda: top.create_container(op.uid, metadata=metadata),
                                 lambda: top[op.uid])
         if not new:

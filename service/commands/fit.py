@@ -1,0 +1,140 @@
+"""``scatterflow fit``: peak trajectories from a series of 1D profiles.
+
+    scatterflow fit PROFILES.npz --peaks PEAKS.yaml -o OUT.csv [--device auto|cpu|cuda]
+
+PROFILES.npz as ``scatterflow integrate`` writes it: ``q`` (N,) 1/nm, ``I`` (frames, N),
+``sigma`` (frames, N), optional ``time`` (frames,) s and ``seq_num`` (frames,).
+PEAKS.yaml: the ``fit:`` section of the service configuration (or a file with that section):
+``background: {kind: polynomial, degree: 1}``, ``peaks: [{name, shape, center, fwhm, center_min,
+center_max}, ...]``, ``regularizer: {window, penalty, strength}``, optional ``q_range``.
+OUT.csv: the final rows, one per frame and peak (columns ``workers.temporal.PEAK_COLUMNS``);
+OUT.png beside it: centre (with a 1-sigma band), FWHM and area against frame, change points marked.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("fit", help="fit peak trajectories to a series of 1D profiles",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("profiles", type=Path, help="PROFILES.npz (q, I, sigma, optional time, seq_num)")
+    p.add_argument("--peaks", type=Path, required=True, help="PEAKS.yaml (fit configuration)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="OUT.csv (final rows)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch", type=int, default=16, help="frames per update (default 16)")
+    p.add_argument("--no-plot", action="store_true", help="do not write OUT.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _load(args):
+    import numpy as np
+    import yaml
+
+    from workers.temporal import model_spec_from_dict
+    with np.load(args.profiles) as z:
+        missing = {"q", "I"} - set(z.files)
+        if missing:
+            raise ValueError(f"{args.profiles}: missing arrays {sorted(missing)} (has {z.files})")
+        q, inten = np.asarray(z["q"], float), np.atleast_2d(np.asarray(z["I"], float))
+        sigma = np.asarray(z["sigma"], float) if "sigma" in z.files else np.sqrt(np.clip(inten, 1, None))
+        n = inten.shape[0]
+        time = np.asarray(z["time"], float) if "time" in z.files else np.full(n, np.nan)
+        seq = np.asarray(z["seq_num"], np.int64) if "seq_num" in z.files else np.arange(1, n + 1)
+    if inten.shape[1] != q.shape[0] or sigma.shape != inten.shape:
+        raise ValueError(f"{args.profiles}: I {inten.shape} and sigma {sigma.shape} must be (frames, {q.shape[0]})")
+    cfg = yaml.safe_load(args.peaks.read_text()) or {}
+    if isinstance(cfg, dict) and "fit" in cfg:
+        cfg = cfg["fit"]
+    spec, reg = model_spec_from_dict(cfg)
+    return q, inten, sigma, time, seq, spec, reg
+
+
+def run(args) -> int:
+    """Fit, write OUT.csv (and OUT.png). Returns 0, or 2 on bad input."""
+    try:
+        q, inten, sigma, time, seq, spec, reg = _load(args)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"scatterflow fit: {e}", file=sys.stderr)
+        return 2
+    if args.batch < 1:
+        print(f"scatterflow fit: --batch must be >= 1, got {args.batch}", file=sys.stderr)
+        return 2
+    import numpy as np
+    import pandas as pd
+    import torch
+    from rich.progress import Progress
+
+    from workers.temporal import TrajectoryFitter, concat_rows
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("scatterflow fit: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    fitter = TrajectoryFitter(spec, reg, device=device)
+    rows = []
+    n = inten.shape[0]
+    with Progress(disable=args.quiet or n < 2 * args.batch, transient=True) as prog:
+        task = prog.add_task(f"fitting {n} frames on {device}", total=n)
+        for s in range(0, n, args.batch):
+            sl = slice(s, s + args.batch)
+            rows.append(fitter.update(q, inten[sl], sigma[sl], seq[sl], time[sl]))
+            prog.advance(task, len(seq[sl]))
+    rows.append(fitter.finish())
+    allrows = concat_rows(rows)
+    final = {k: v[allrows["final"]] for k, v in allrows.items()}
+    df = pd.DataFrame(final).sort_values(["seq_num", "peak"], kind="stable")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.output, index=False)
+    n_cp = int(df.loc[df["change_point"], "seq_num"].nunique())
+    print(f"{n} frames x {len(spec.peaks)} peaks -> {args.output} ({int((~df['converged']).sum())} rows "
+          f"not converged, {n_cp} change points, {fitter.reseeds} re-seeds)")
+    if not args.no_plot:
+        png = args.output.with_suffix(".png")
+        plot_trajectories(df, png)
+        print(f"plot -> {png}")
+    return 0
+
+
+def plot_trajectories(df, path: Path) -> None:
+    """Centre (1-sigma band), FWHM and area against frame for every peak; change points dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    peaks = list(dict.fromkeys(df["peak"]))
+    fig, axes = plt.subplots(3, len(peaks), figsize=(4.5 * len(peaks), 7.5), squeeze=False, sharex=True)
+    for j, name in enumerate(peaks):
+        d = df[df["peak"] == name]
+        x = d["seq_num"].to_numpy()
+        for i, (col, label) in enumerate((("center", "centre (1/nm)"), ("fwhm", "FWHM (1/nm)"),
+                                          ("amplitude", "area"))):
+            ax = axes[i, j]
+            v, e = d[col].to_numpy(), d[f"{col}_err"].to_numpy()
+            ax.plot(x, v, lw=1)
+            ax.fill_between(x, v - e, v + e, alpha=0.3, lw=0)
+            for cp in x[d["change_point"].to_numpy()]:
+                ax.axvline(cp, color="tab:red", ls="--", lw=0.8)
+            ax.set_ylabel(label)
+            if i == 0:
+                ax.set_title(name)
+        axes[-1, j].set_xlabel("frame (seq_num)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:   # convenience: python -m service.commands.fit
+    ap = argparse.ArgumentParser(prog="scatterflow")
+    add_parser(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["fit", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,515 @@
+"""Area-normalised peak profiles, backgrounds and the compiled peak model.
+
+Every profile is parameterised by its centre (1/nm), a width (FWHM, 1/nm), its area
+(integrated intensity, intensity x 1/nm) and, where needed, a shape parameter:
+
+===================  ========================================  =========================
+shape                parameters (in this order)                 formula
+===================  ========================================  =========================
+gaussian             center, fwhm, area                         A sqrt(4 ln2/pi)/w exp(-4 ln2 d^2/w^2)
+lorentzian           center, fwhm, area                         A (2/(pi w)) / (1 + 4 d^2/w^2)
+pseudo_voigt         center, fwhm, area, eta                    eta L + (1 - eta) G, shared FWHM
+pseudo_voigt_tch     center, fwhm_g, area, fwhm_l               Thompson, Cox & Hastings,
+                                                                J. Appl. Cryst. 20, 79 (1987)
+voigt                center, fwhm_g, area, fwhm_l               A Re w(z) / (s sqrt(2 pi)),
+                                                                z = (d + i g) / (s sqrt 2),
+                                                                s = fwhm_g/(2 sqrt(2 ln2)), g = fwhm_l/2
+===================  ========================================  =========================
+
+with d = x - center. The Faddeeva function w(z) is Weideman's rational approximation
+(SIAM J. Numer. Anal. 31, 1497 (1994)) with 32 terms: |error| / |w| < 1e-12 in the upper half
+plane, differentiable, on the tensors' device. Its derivative is analytic: w'(z) = -2 z w + 2i/sqrt(pi).
+
+Backgrounds: polynomial sum_k b_k u^k in the reduced coordinate u = (x - x0) / xs (x0, xs: centre
+and half-width of the fitted range, for conditioning), or power law A (x/x0)^-n + c.
+
+All functions return values and analytic Jacobians; ``PeakModel.evaluate`` is a plain
+differentiable function, so ``torch.func.jacfwd`` serves as the general fallback
+(``jacobian="autodiff"``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+Shape = Literal["gaussian", "lorentzian", "pseudo_voigt", "pseudo_voigt_tch", "voigt"]
+
+SHAPE_PARAMS: dict[str, tuple[str, ...]] = {
+    "gaussian": ("center", "fwhm", "area"),
+    "lorentzian": ("center", "fwhm", "area"),
+    "pseudo_voigt": ("center", "fwhm", "area", "eta"),
+    "pseudo_voigt_tch": ("center", "fwhm_g", "area", "fwhm_l"),
+    "voigt": ("center", "fwhm_g", "area", "fwhm_l"),
+}
+WIDTH_PARAMS = ("fwhm", "fwhm_g", "fwhm_l")
+
+_LN2 = math.log(2.0)
+_GK = math.sqrt(4.0 * _LN2 / math.pi)          # Gaussian normalisation for FWHM = 1
+_G4 = 4.0 * _LN2
+_SQPI = math.sqrt(math.pi)
+_S_OF_FG = 1.0 / (2.0 * math.sqrt(2.0 * _LN2))  # sigma = fwhm_g * _S_OF_FG
+_TCH = (1.0, 2.69269, 2.42843, 4.47163, 0.07842, 1.0)
+_ETA = (1.36603, -0.47719, 0.11116)
+
+
+# --------------------------------------------------------------------------------------------
+# Specifications (shared interface, see SPEC.md)
+@dataclass(frozen=True)
+class PeakSpec:
+    """One peak: initial guess and bounds. Positions and widths in 1/nm."""
+    name: str
+    shape: Shape = "pseudo_voigt"
+    center: float = 0.0
+    fwhm: float = 0.1
+    center_min: float | None = None
+    center_max: float | None = None
+    fwhm_min: float | None = None
+    fwhm_max: float | None = None
+    area: float | None = None          # None: estimated from data
+    eta: float = 0.5                   # initial (pseudo_voigt) mixing; fixed with fix_eta=True
+
+
+@dataclass(frozen=True)
+class BackgroundSpec:
+    kind: Literal["polynomial", "power_law"] = "polynomial"
+    degree: int = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    peaks: tuple[PeakSpec, ...]
+    background: BackgroundSpec = field(default_factory=BackgroundSpec)
+    q_range: tuple[float, float] | None = None    # fit only this radial range
+
+
+def validate_model_spec(spec: ModelSpec) -> None:
+    """Raise ValueError naming the offending value."""
+    if not isinstance(spec.peaks, tuple):
+        raise ValueError(f"ModelSpec.peaks must be a tuple of PeakSpec, got {type(spec.peaks).__name__}")
+    names = [p.name for p in spec.peaks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"peak names must be unique, got {names}")
+    for p in spec.peaks:
+        if p.shape not in SHAPE_PARAMS:
+            raise ValueError(f"peak {p.name!r}: unknown shape {p.shape!r}; one of {tuple(SHAPE_PARAMS)}")
+        if not p.fwhm > 0:
+            raise ValueError(f"peak {p.name!r}: fwhm must be > 0, got {p.fwhm}")
+        if not 0.0 <= p.eta <= 1.0:
+            raise ValueError(f"peak {p.name!r}: eta must be in [0, 1], got {p.eta}")
+        for lo, hi, what in ((p.center_min, p.center_max, "center"), (p.fwhm_min, p.fwhm_max, "fwhm")):
+            if lo is not None and hi is not None and not lo < hi:
+                raise ValueError(f"peak {p.name!r}: {what}_min={lo} must be < {what}_max={hi}")
+        if p.fwhm_min is not None and p.fwhm_min < 0:
+            raise ValueError(f"peak {p.name!r}: fwhm_min must be >= 0, got {p.fwhm_min}")
+    bg = spec.background
+    if bg.kind not in ("polynomial", "power_law"):
+        raise ValueError(f"background kind must be 'polynomial' or 'power_law', got {bg.kind!r}")
+    if bg.kind == "polynomial" and not (isinstance(bg.degree, int) and 0 <= bg.degree <= 8):
+        raise ValueError(f"polynomial background degree must be an int in [0, 8], got {bg.degree!r}")
+    if spec.q_range is not None and not (len(spec.q_range) == 2 and spec.q_range[0] < spec.q_range[1]):
+        raise ValueError(f"q_range must be (min, max) with min < max, got {spec.q_range!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Faddeeva function
+def _weideman_coefficients(n: int = 32) -> tuple[np.ndarray, float]:
+    """Coefficients a_n and L of Weideman's (1994) rational approximation of w(z)."""
+    m = 2 * n
+    k = np.arange(-m + 1, m)
+    L = math.sqrt(n / math.sqrt(2.0))
+    t = L * np.tan(k * np.pi / m / 2.0)
+    f = np.concatenate([[0.0], np.exp(-t ** 2) * (L ** 2 + t ** 2)])
+    a = np.real(np.fft.fft(np.fft.fftshift(f))) / (2 * m)
+    return np.flipud(a[1:n + 1]).copy(), L
+
+
+_WEIDEMAN_A, _WEIDEMAN_L = _weideman_coefficients(32)
+
+
+def faddeeva(z: torch.Tensor) -> torch.Tensor:
+    """Faddeeva w(z) = exp(-z^2) erfc(-iz) for Im z >= 0 (complex tensor, any shape).
+
+    Weideman (1994): w(z) ~ 2 P(Z) / (L - iz)^2 + 1 / (sqrt(pi) (L - iz)), Z = (L + iz)/(L - iz),
+    P a degree-31 polynomial. Differentiable by autograd (complex) and analytically via
+    ``faddeeva_derivative``.
+    """
+    L = _WEIDEMAN_L
+    iz = 1j * z
+    den = L - iz
+    Z = (L + iz) / den
+    p = torch.zeros_like(z)
+    for a in _WEIDEMAN_A:
+        p = p * Z + float(a)
+    return 2.0 * p / (den * den) + (1.0 / _SQPI) / den
+
+
+def faddeeva_derivative(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w'(z) = -2 z w(z) + 2i / sqrt(pi)."""
+    return -2.0 * z * w + (2j / _SQPI)
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles. Each takes x (N,) and parameter columns (B, 1) and returns (value (B, N), derivs)
+# with derivs a list of (B, N) tensors d value / d param in parameter order (None if jac=False).
+# ``scale`` (B, N), optional, multiplies value and derivatives (the fit passes 1/sigma).
+def gaussian(x, c, w, a, scale=None, jac=True):
+    """Area-normalised Gaussian A sqrt(4 ln2/pi)/w exp(-4 ln2 (x-c)^2/w^2)."""
+    iw = 1.0 / w
+    u = (x - c) * iw
+    g1 = (_GK * iw) * torch.exp(-_G4 * u * u)
+    if scale is not None:
+        g1 = g1 * scale
+    g = a * g1
+    if not jac:
+        return g, None
+    gu = g * u
+    return g, [gu * (2.0 * _G4 * iw), (2.0 * _G4 * gu * u - g) * iw, g1]
+
+
+def lorentzian(x, c, w, a, scale=None, jac=True):
+    """Area-normalised Lorentzian A (2/(pi w)) / (1 + 4 (x-c)^2/w^2)."""
+    d = x - c
+    d2 = 4.0 * d * d
+    iden = 1.0 / (w * w + d2)
+    l1 = ((2.0 / math.pi) * w) * iden
+    if scale is not None:
+        l1 = l1 * scale
+    l = a * l1
+    if not jac:
+        return l, None
+    li = l * iden
+    return l, [8.0 * li * d, li * (d2 - w * w) / w, l1]
+
+
+def pseudo_voigt(x, c, w, a, eta, scale=None, jac=True):
+    """eta L + (1 - eta) G with a shared FWHM w; derivs (c, w, area, eta)."""
+    g, jg = gaussian(x, c, w, a, scale, jac)
+    l, jl = lorentzian(x, c, w, a, scale, jac)
+    v = g + eta * (l - g)
+    if not jac:
+        return v, None
+    return v, [jg[k] + eta * (jl[k] - jg[k]) for k in range(3)] + [l - g]
+
+
+def tch_fwhm_eta(fg, fl):
+    """Thompson-Cox-Hastings total FWHM and mixing eta, with their derivatives.
+
+    Returns (gamma, eta, dgamma/dfg, dgamma/dfl, deta/dfg, deta/dfl).
+    """
+    c0, c1, c2, c3, c4, c5 = _TCH
+    q = (c0 * fg ** 5 + c1 * fg ** 4 * fl + c2 * fg ** 3 * fl ** 2 + c3 * fg ** 2 * fl ** 3
+         + c4 * fg * fl ** 4 + c5 * fl ** 5)
+    dq_g = (5 * c0 * fg ** 4 + 4 * c1 * fg ** 3 * fl + 3 * c2 * fg ** 2 * fl ** 2
+            + 2 * c3 * fg * fl ** 3 + c4 * fl ** 4)
+    dq_l = (c1 * fg ** 4 + 2 * c2 * fg ** 3 * fl + 3 * c3 * fg ** 2 * fl ** 2
+            + 4 * c4 * fg * fl ** 3 + 5 * c5 * fl ** 4)
+    gam = q ** 0.2
+    den = 5.0 * gam ** 4
+    dgam_g, dgam_l = dq_g / den, dq_l / den
+    rho = fl / gam
+    e1, e2, e3 = _ETA
+    eta = e1 * rho + e2 * rho ** 2 + e3 * rho ** 3
+    deta_drho = e1 + 2 * e2 * rho + 3 * e3 * rho ** 2
+    drho_g = -fl / gam ** 2 * dgam_g
+    drho_l = 1.0 / gam - fl / gam ** 2 * dgam_l
+    return gam, eta, dgam_g, dgam_l, deta_drho * drho_g, deta_drho * drho_l
+
+
+def pseudo_voigt_tch(x, c, fg, a, fl, scale=None, jac=True):
+    """TCH pseudo-Voigt; params (c, fwhm_g, area, fwhm_l), chain rule through Gamma and eta."""
+    gam, eta, dgg, dgl, deg, del_ = tch_fwhm_eta(fg, fl)
+    v, j = pseudo_voigt(x, c, gam, a, eta, scale, jac)
+    if not jac:
+        return v, None
+    return v, [j[0], j[1] * dgg + j[3] * deg, j[2], j[1] * dgl + j[3] * del_]
+
+
+def voigt(x, c, fg, a, fl, scale=None, jac=True):
+    """Voigt profile V = A Re w(z) / (s sqrt(2 pi)); params (c, fwhm_g, area, fwhm_l).
+
+    z = (x - c + i g) / (s sqrt 2), s = fwhm_g / (2 sqrt(2 ln 2)), g = fwhm_l / 2.
+    Derivatives from w'(z) = -2 z w + 2i/sqrt(pi).
+    """
+    s = fg * _S_OF_FG
+    k = 1.0 / (s * math.sqrt(2.0))
+    re = (x - c) * k
+    z = torch.complex(re, (0.5 * fl * k).expand_as(re))
+    w = faddeeva(z)
+    norm = 1.0 / (s * math.sqrt(2.0 * math.pi))
+    if scale is not None:
+        norm = norm * scale
+    v1 = w.real * norm
+    v = a * v1
+    if not jac:
+        return v, None
+    wp = faddeeva_derivative(z, w)
+    an = a * norm
+    dc = -an * wp.real * k
+    dfl = -an * wp.imag * k * 0.5            # Re(w' i k / 2) = -Im(w') k / 2
+    dfg = (-an * (wp * z).real / s - v / s) * _S_OF_FG    # dz/ds = -z/s
+    return v, [dc, dfg, v1, dfl]
+
+
+def voigt_fwhm(fg, fl):
+    """Olivero & Longbothum (1977) Voigt FWHM (0.02 % accuracy) and derivatives."""
+    r = torch.sqrt(0.2166 * fl * fl + fg * fg)
+    return 0.5346 * fl + r, fg / r, 0.5346 + 0.2166 * fl / r
+
+PROFILE_FUNCS = {
+    "gaussian": gaussian,
+    "lorentzian": lorentzian,
+    "pseudo_voigt": pseudo_voigt,
+    "pseudo_voigt_tch": pseudo_voigt_tch,
+    "voigt": voigt,
+}
+
+
+def profile(shape: str, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Evaluate one profile: x (N,), params (B, n_par) -> (B, N)."""
+    cols = [params[:, i:i + 1] for i in range(params.shape[1])]
+    return PROFILE_FUNCS[shape](x, *cols, jac=False)[0]
+
+
+def peak_fwhm(shape: str, params: torch.Tensor) -> torch.Tensor:
+    """Total FWHM (1/nm) of peaks params (..., n_par)."""
+    if shape in ("gaussian", "lorentzian", "pseudo_voigt"):
+        return params[..., 1]
+    if shape == "pseudo_voigt_tch":
+        return tch_fwhm_eta(params[..., 1], params[..., 3])[0]
+    return voigt_fwhm(params[..., 1], params[..., 3])[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled model
+_ETA_HEIGHT = {"gaussian": _GK, "lorentzian": 2.0 / math.pi}   # peak height x FWHM / area
+
+
+class PeakModel:
+    """A ModelSpec compiled to a flat parameter vector.
+
+    Layout: each peak's parameters in ``SHAPE_PARAMS`` order, peaks in spec order, then the
+    background (polynomial b0..bd, or power law amplitude, exponent, constant).
+    ``fix_eta=True`` keeps pseudo_voigt's eta at PeakSpec.eta (not fitted).
+    """
+
+    def __init__(self, spec: ModelSpec, *, fix_eta: bool = False):
+        validate_model_spec(spec)
+        self.spec = spec
+        names, slices, free, reg = [], [], [], []
+        i = 0
+        for pk in spec.peaks:
+            pn = SHAPE_PARAMS[pk.shape]
+            slices.append(slice(i, i + len(pn)))
+            for j, n in enumerate(pn):
+                names.append(f"{pk.name}.{n}")
+                free.append(not (fix_eta and n == "eta"))
+                if n == "center" or n in WIDTH_PARAMS:
+                    reg.append(i + j)
+            i += len(pn)
+        bg = spec.background
+        bn = ([f"background.b{k}" for k in range(bg.degree + 1)] if bg.kind == "polynomial"
+              else ["background.amplitude", "background.exponent", "background.constant"])
+        self.bg_slice = slice(i, i + len(bn))
+        self.names = tuple(names + bn)
+        self.free = tuple(free + [True] * len(bn))
+        self.peak_slices = tuple(slices)
+        self.reg_index = tuple(reg)       # parameters the temporal penalty acts on
+        self.n_params = len(self.names)
+
+    def bind(self, x: torch.Tensor) -> "BoundModel":
+        """Fix the radial grid x (N,), 1/nm (ascending) and return the evaluable model."""
+        return BoundModel(self, x)
+
+
+class BoundModel:
+    """A PeakModel on a fixed grid x (N,). Bounds: (P,) tensors, +-inf where unbounded."""
+
+    def __init__(self, model: PeakModel, x: torch.Tensor):
+        if x.dim() != 1 or x.numel() < model.n_params + 1:
+            raise ValueError(f"x must be 1D with more than {model.n_params} points, got shape {tuple(x.shape)}")
+        self.model, self.x = model, x
+        xn = x.detach().cpu().double().numpy()
+        xmin, xmax = float(xn.min()), float(xn.max())
+        self.x0, self.xs = 0.5 * (xmin + xmax), max(0.5 * (xmax - xmin), 1e-12)
+        dx = float(np.median(np.abs(np.diff(xn)))) if xn.size > 1 else 1.0
+        self.dx = dx
+        bg = model.spec.background
+        if bg.kind == "polynomial":
+            u = (x - self.x0) / self.xs
+            self.vander = torch.stack([u ** k for k in range(bg.degree + 1)], dim=-1)   # (N, d+1)
+        else:
+            self.xr = x / self.x0
+            self.logxr = torch.log(self.xr)
+        lo, hi = [], []
+        span = xmax - xmin
+        for pk in model.spec.peaks:
+            for n in SHAPE_PARAMS[pk.shape]:
+                if n == "center":
+                    lo.append(max(pk.center_min, xmin) if pk.center_min is not None else xmin)
+                    hi.append(min(pk.center_max, xmax) if pk.center_max is not None else xmax)
+                elif n in ("fwhm", "fwhm_g"):
+                    lo.append(pk.fwhm_min if pk.fwhm_min is not None else 0.05 * dx)
+                    hi.append(pk.fwhm_max if pk.fwhm_max is not None else span)
+                elif n == "fwhm_l":
+                    lo.append(0.0)
+                    hi.append(pk.fwhm_max if pk.fwhm_max is not None else span)
+                elif n == "area":
+                    lo.append(0.0); hi.append(math.inf)
+                elif n == "eta":
+                    lo.append(0.0); hi.append(1.0)
+        if bg.kind == "polynomial":
+            lo += [-math.inf] * (bg.degree + 1); hi += [math.inf] * (bg.degree + 1)
+        else:
+            lo += [0.0, -math.inf, -math.inf]; hi += [math.inf] * 3
+        kw = dict(dtype=x.dtype, device=x.device)
+        self.lower, self.upper = torch.tensor(lo, **kw), torch.tensor(hi, **kw)
+        self.free = torch.tensor(model.free, device=x.device)
+        self.n_params = model.n_params
+
+    # ---- evaluation
+    def evaluate_and_jacobian(self, p: torch.Tensor, scale: torch.Tensor | None = None,
+                              jac: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """p (B, P) -> model (B, N) and analytic Jacobian d model / d p laid out (B, P, N).
+
+        scale (B, N), optional, multiplies both (the fit passes the weights 1/sigma).
+        """
+        f = None
+        cols_all = []
+        for pk, sl in zip(self.model.spec.peaks, self.model.peak_slices):
+            cols = [p[:, i:i + 1] for i in range(sl.start, sl.stop)]
+            v, j = PROFILE_FUNCS[pk.shape](self.x, *cols, scale=scale, jac=jac)
+            f = v if f is None else f + v
+            if jac:
+                cols_all += j
+        b, jb = self._background(p[:, self.model.bg_slice], scale, jac)
+        f = b if f is None else f + b
+        if not jac:
+            return f, None
+        return f, torch.cat((torch.stack(cols_all, dim=1), jb), dim=1) if cols_all else jb
+
+    def evaluate(self, p: torch.Tensor) -> torch.Tensor:
+        """p (B, P) -> model (B, N); plain differentiable function (used with jacfwd)."""
+        return self.evaluate_and_jacobian(p, jac=False)[0]
+
+    def _background(self, pb, scale, jac):
+        B = pb.shape[0]
+        if self.model.spec.background.kind == "polynomial":
+            f = pb @ self.vander.T
+            if scale is not None:
+                f = f * scale
+            if not jac:
+                return f, None
+            vt = self.vander.T.expand(B, -1, -1)
+            return f, (vt * scale[:, None, :] if scale is not None else vt)
+        amp, n, c = pb[:, 0:1], pb[:, 1:2], pb[:, 2:3]
+        pw = torch.exp(-n * self.logxr)
+        if scale is not None:
+            pw1 = pw * scale
+            f = amp * pw1 + c * scale
+        else:
+            pw1, f = pw, amp * pw + c
+        if not jac:
+            return f, None
+        one = scale if scale is not None else torch.ones_like(pw)
+        return f, torch.stack((pw1, -amp * self.logxr * pw1, one.expand_as(pw1)), dim=1)
+
+    # ---- initial guesses
+    def _edge_background(self, y: torch.Tensor) -> torch.Tensor:
+        """Straight line through the medians of the outer 5 % on each side: (B, N)."""
+        N = y.shape[-1]
+        k = max(3, N // 20)
+        yl, yr = y[:, :k].median(dim=1).values, y[:, -k:].median(dim=1).values
+        xl, xr = self.x[:k].mean(), self.x[-k:].mean()
+        slope = (yr - yl) / (xr - xl)
+        return yl[:, None] + slope[:, None] * (self.x - xl), yl, yr, slope
+
+    def guess(self, y: torch.Tensor, *, search: bool = False) -> torch.Tensor:
+        """Initial parameters (B, P) from the PeakSpecs; areas left None estimated from y (B, N).
+
+        search=True re-seeds the centres by a peak search: the argmax of the 3-point smoothed,
+        background-subtracted data inside [center_min, center_max] (or centre +- 2 FWHM).
+        """
+        B = y.shape[0]
+        y = torch.nan_to_num(y)
+        line, yl, yr, slope = self._edge_background(y)
+        resid = y - line
+        sm = torch.nn.functional.avg_pool1d(resid[:, None], 3, stride=1, padding=1,
+                                            count_include_pad=False)[:, 0]
+        p = torch.zeros(B, self.n_params, dtype=self.x.dtype, device=self.x.device)
+        for pk, sl in zip(self.model.spec.peaks, self.model.peak_slices):
+            c = torch.full((B,), pk.center, dtype=self.x.dtype, device=self.x.device)
+            lo = pk.center_min if pk.center_min is not None else pk.center - 2 * pk.fwhm
+            hi = pk.center_max if pk.center_max is not None else pk.center + 2 * pk.fwhm
+            inwin = (self.x >= lo) & (self.x <= hi)
+            near = inwin if search else (self.x >= pk.center - pk.fwhm) & (self.x <= pk.center + pk.fwhm)
+            if not bool(near.any()):
+                near = inwin if bool(inwin.any()) else torch.ones_like(inwin)
+            masked = torch.where(near, sm, torch.full_like(sm, -math.inf))
+            h, idx = masked.max(dim=1)
+            if search:
+                c = self.x[idx]
+            h = h.clamp_min(0.0)
+            eta = pk.eta
+            if pk.shape == "pseudo_voigt":
+                hk = eta * _ETA_HEIGHT["lorentzian"] + (1 - eta) * _ETA_HEIGHT["gaussian"]
+            else:
+                hk = _ETA_HEIGHT.get(pk.shape, 0.8)
+            area = h * pk.fwhm / hk if pk.area is None else torch.full_like(h, pk.area)
+            cols = {"center": c, "fwhm": torch.full_like(c, pk.fwhm), "area": area,
+                    "eta": torch.full_like(c, eta), "fwhm_g": torch.full_like(c, 0.8 * pk.fwhm),
+                    "fwhm_l": torch.full_like(c, 0.3 * pk.fwhm)}
+            for j, n in enumerate(SHAPE_PARAMS[pk.shape]):
+                p[:, sl.start + j] = cols[n]
+        bg = self.model.spec.background
+        if bg.kind == "polynomial":
+            p[:, self.model.bg_slice.start] = yl + slope * (self.x0 - self.x[: max(3, y.shape[-1] // 20)].mean())
+            if bg.degree >= 1:
+                p[:, self.model.bg_slice.start + 1] = slope * self.xs
+        else:
+            c0 = 0.5 * torch.minimum(yl, yr)
+            xl = self.x[: max(3, y.shape[-1] // 20)].mean()
+            p[:, self.model.bg_slice] = torch.stack(((yl - c0).clamp_min(0) * xl / self.x0,
+                                               torch.ones_like(yl), c0), dim=-1)
+        return self.clip(p)
+
+    def clip(self, p: torch.Tensor) -> torch.Tensor:
+        """Clamp p (B, P) into the bounds, a hair inside finite ones."""
+        lo, hi = self.lower, self.upper
+        span = torch.where(torch.isfinite(hi - lo), hi - lo, torch.ones_like(lo))
+        eps = 1e-6 * span
+        return torch.minimum(torch.maximum(p, lo + eps), hi - eps)
+
+    # ---- reporting
+    def summarize(self, p: torch.Tensor, cov: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per peak: center, fwhm (total), area, eta and standard errors (delta method).
+
+        p (B, P), cov (B, P, P). eta: 0 Gaussian, 1 Lorentzian, fitted (pseudo_voigt), TCH eta
+        (pseudo_voigt_tch; also reported for voigt as its pseudo-Voigt equivalent).
+        """
+        out = []
+        var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0)
+        for pk, sl in zip(self.model.spec.peaks, self.model.peak_slices):
+            i0 = sl.start
+            d = {"center": p[:, i0], "center_err": var[:, i0].sqrt(),
+                 "area": p[:, i0 + 2], "area_err": var[:, i0 + 2].sqrt()}
+            if pk.shape in ("gaussian", "lorentzian", "pseudo_voigt"):
+                d["fwhm"], d["fwhm_err"] = p[:, i0 + 1], var[:, i0 + 1].sqrt()
+                d["eta"] = (p[:, i0 + 3] if pk.shape == "pseudo_voigt" else
+                            torch.full_like(p[:, i0], 0.0 if pk.shape == "gaussian" else 1.0))
+            else:
+                fg, fl = p[:, i0 + 1], p[:, i0 + 3]
+                gam, eta, dgg, dgl, _, _ = tch_fwhm_eta(fg, fl)
+                if pk.shape == "voigt":
+                    gam, dgg, dgl = voigt_fwhm(fg, fl)
+                g = torch.stack((dgg, dgl), -1)
+                ix = torch.tensor([i0 + 1, i0 + 3], device=p.device)
+                sub = cov[:, ix][:, :, ix]
+                d["fwhm"] = gam
+                d["fwhm_err"] = torch.einsum("bi,bij,bj->b", g, sub, g).clamp_min(0).sqrt()
+                d["eta"] = eta
+            out.append(d)
+        return out
