@@ -96,7 +96,8 @@ def test_runengine_through_proxy_into_serve(tmp_path, free_port, tiled_server):
         time.sleep(1.5)                                     # slow joiner through the proxy
         n_frames = 40
         RE = RunEngine({})
-        RE.subscribe(Publisher(f"127.0.0.1:{in_port}", serializer=pack))
+        publisher = Publisher(f"127.0.0.1:{in_port}", serializer=pack)
+        RE.subscribe(publisher)
         truth = {}                                          # seq_num -> lamellar centre, from the documents
         RE.subscribe(lambda name, doc: truth.__setitem__(doc["seq_num"], doc["data"]["det_lamellar_center_truth"])
                      if name == "event" else None)
@@ -112,6 +113,8 @@ def test_runengine_through_proxy_into_serve(tmp_path, free_port, tiled_server):
                 expected_rejections[reason] = expected_rejections.get(reason, 0) + 1
         (uid,) = RE(operando_cycle(det, light, n_frames=n_frames, schedule=[(0, "dark"), (10, "uv"), (25, "visible")],
                                    delay=0.02))
+        publisher.close()                                   # while the proxy is up: nothing left to linger
+        bad.close(linger=0)
         wait_for(lambda: httpx.get(f"{api}/runs/{uid}").json()["status"] != "running", 120, "run did not finish")
         run = httpx.get(f"{api}/runs/{uid}").json()
         assert run["status"] == "complete"

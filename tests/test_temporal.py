@@ -183,7 +183,7 @@ def test_model_spec_from_dict():
         "q_range": [2.0, 20.0]})
     assert spec.peaks[0] == PeakSpec("lamellar", "pseudo_voigt", 3.2, 0.15, 2.8, 3.6)
     assert spec.background == BackgroundSpec("polynomial", 2) and spec.q_range == (2.0, 20.0)
-    assert reg == RegularizerSpec(12, "tv", 1.0)
+    assert reg == RegularizerSpec(12, "tv", 2.0)
     with pytest.raises(ValueError, match="colour"):
         model_spec_from_dict({"peaks": [{"name": "a", "colour": "red"}]})
     with pytest.raises(ValueError, match="l2"):

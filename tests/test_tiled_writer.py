@@ -201,10 +201,8 @@ def test_spool_file_roundtrip(tmp_path):
 
 
 def test_peak_schema_matches_workers():
-    fit = pytest.importorskip("workers.fit")
-    if not hasattr(fit, "PEAK_COLUMNS"):
-        pytest.skip("workers.fit.PEAK_COLUMNS not defined yet")
-    assert tuple(fit.PEAK_COLUMNS) == PEAK_COLUMNS
+    from workers.temporal import PEAK_COLUMNS as worker_columns
+    assert tuple(worker_columns) == PEAK_COLUMNS
 
 
 @pytest.mark.parametrize("kw", [{"flush_rows": 0}, {"flush_seconds": 0},

@@ -20,10 +20,13 @@ by one LM over all W frames of the window (block-diagonal data Hessian plus the 
 operator, dense W*P solve), with IRLS weights rho'(u)/u re-computed every iteration (a
 majorise-minimise step; acceptance uses the true penalised cost).
 
-Change points: link (t, t+1) is cut and frame t+1 flagged when, for any centre or width,
+Change points: link (t, t+1) is cut when, for any centre or width,
 |theta_{t+1} - theta_t| > ``change_threshold`` x sqrt(se_t^2 + se_{t+1}^2) in the per-frame
 fits (a two-sided z test, threshold 5: 6e-7 false alarms per link and parameter for Gaussian
-errors). Cut links keep a step sharp: the two sides are smoothed separately.
+errors). Cut links keep a step sharp: the two sides are smoothed separately. Frame t+1 is
+flagged as a change point when the change is also sudden: more than ``sudden_ratio`` x the
+change of the same parameter over the link before (a step, or the onset of a transition),
+so a fast smooth drift is left unsmoothed but not flagged at every frame.
 
 Window schedule: window W = context + stride + lag. Every ``stride`` frames, the last W frames
 are fitted jointly; frames with at least ``lag`` newer frames become final (returned again with
@@ -64,7 +67,7 @@ _DTYPES = {"seq_num": np.int64, "time": np.float64, "peak": np.str_, "converged"
 class RegularizerSpec:
     window: int = 16
     penalty: Penalty = "huber"
-    strength: float = 1.0     # in units of the parameters' standard errors
+    strength: float = 2.0     # in units of the parameters' standard errors
 
 
 def validate_regularizer(reg: RegularizerSpec) -> None:
@@ -289,8 +292,9 @@ class _Frame:
     p_cur: torch.Tensor      # (P,) latest estimate (warm start of joint fits)
     seq: int
     time: float
-    change_point: bool
+    change_point: bool       # flagged: a sudden significant change at this frame
     converged: bool
+    cut: bool = False        # the penalty link to the previous frame is cut (significant change)
     final: bool = False
 
 
@@ -305,7 +309,7 @@ class TrajectoryFitter:
     def __init__(self, model: ModelSpec, regularizer: RegularizerSpec = RegularizerSpec(), *,
                  device="cpu", dtype=torch.float64, lag: int | None = None, stride: int | None = None,
                  change_threshold: float = 5.0, chi2_jump: float = 1.5, huber_delta: float = 1.0,
-                 tv_eps: float = 0.1, fix_eta: bool = False, max_iter: int = 50):
+                 tv_eps: float = 0.1, fix_eta: bool = False, max_iter: int = 50, sudden_ratio: float = 3.0):
         validate_model_spec(model)
         validate_regularizer(regularizer)
         W = regularizer.window
@@ -323,6 +327,7 @@ class TrajectoryFitter:
         self.model = PeakModel(model, fix_eta=fix_eta)
         self.device, self.dtype = torch.device(device), dtype
         self.change_threshold, self.chi2_jump = change_threshold, chi2_jump
+        self.sudden_ratio = sudden_ratio
         self.huber_delta, self.tv_eps, self.max_iter = huber_delta, tv_eps, max_iter
         self.reseeds = 0
         self._radial = None
@@ -330,6 +335,7 @@ class TrajectoryFitter:
         self._cols = None
         self._last_good: torch.Tensor | None = None
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None      # (p, se) of the last frame
+        self._prev_delta: torch.Tensor | None = None                      # its change from the frame before
         self._chi2_hist: collections.deque = collections.deque(maxlen=32)
         self._buf: list[_Frame] = []
         self._reg_idx = torch.tensor(self.model.reg_index, device=self.device)
@@ -346,14 +352,15 @@ class TrajectoryFitter:
             raise ValueError(f"seq_num and time must have length B={B}, got {len(seq)} and {len(tm)}")
         res = self._fit_frames(y, sg)
         cov = res.covariance
-        cp = self._change_points(res.params, res.stderr)
+        cut, cp = self._change_points(res.params, res.stderr)
         out = [self._rows(res.params, cov, res.chi2_red, res.converged, cp, seq, tm, final=False)]
         if self.reg.penalty == "none":
             out.append(self._rows(res.params, cov, res.chi2_red, res.converged, cp, seq, tm, final=True))
             return concat_rows(out)
         for b in range(B):
             self._buf.append(_Frame(y[b], sg[b], res.params[b], res.stderr[b], res.params[b].clone(),
-                                    int(seq[b]), float(tm[b]), bool(cp[b]), bool(res.converged[b])))
+                                    int(seq[b]), float(tm[b]), bool(cp[b]), bool(res.converged[b]),
+                                    cut=bool(cut[b])))
         out.append(self._finalize(flush=False))
         return concat_rows(out)
 
@@ -432,7 +439,11 @@ class TrajectoryFitter:
             bad = bad | (res.chi2_red > self.chi2_jump * med)
         return bad
 
-    def _change_points(self, p, se) -> np.ndarray:
+    def _change_points(self, p, se) -> tuple[np.ndarray, np.ndarray]:
+        """(cut, flag) per frame. cut: the link to the previous frame is significant (z test);
+        flag: a change point, i.e. significant AND sudden: larger than `sudden_ratio` x the
+        previous link's change of the same parameter. A fast but smooth drift cuts links (no
+        smoothing where the data say the parameter moves) without flagging every frame."""
         R = self._reg_idx
         pr, sr = p[:, R], se[:, R]
         if self._prev is not None:
@@ -441,11 +452,20 @@ class TrajectoryFitter:
             first = False
         else:
             first = True
-        z = (pr[1:] - pr[:-1]).abs() / torch.sqrt(sr[1:] ** 2 + sr[:-1] ** 2)
-        cp = (z > self.change_threshold).any(1)
-        cp = torch.cat([torch.zeros(1, dtype=torch.bool, device=p.device), cp]) if first else cp
+        d = pr[1:] - pr[:-1]
+        z = d.abs() / torch.sqrt(sr[1:] ** 2 + sr[:-1] ** 2)
+        sig = z > self.change_threshold
+        prev_d = torch.cat([self._prev_delta[None] if self._prev_delta is not None
+                            else torch.zeros_like(d[:1]), d[:-1]])
+        sudden = sig & (d.abs() > self.sudden_ratio * prev_d.abs())
+        cut, flag = sig.any(1), sudden.any(1)
+        if first:
+            zero = torch.zeros(1, dtype=torch.bool, device=p.device)
+            cut, flag = torch.cat([zero, cut]), torch.cat([zero, flag])
+        if len(d):
+            self._prev_delta = d[-1].clone()
         self._prev = (p[-1].clone(), se[-1].clone())
-        return cp.cpu().numpy()
+        return cut.cpu().numpy(), flag.cpu().numpy()
 
     # ---- joint window fits
     def _windows(self, flush: bool):
@@ -494,7 +514,7 @@ class TrajectoryFitter:
         med = torch.where(torch.isfinite(med), med, torch.ones_like(med))
         se = torch.where(torch.isfinite(se), se, med)
         scale = torch.sqrt(0.5 * (se[:, 1:] ** 2 + se[:, :-1] ** 2))
-        links = torch.tensor([[not fr.change_point for fr in w[1:]] for w in frames], device=self.device)
+        links = torch.tensor([[not fr.cut for fr in w[1:]] for w in frames], device=self.device)
         jr = joint_fit(self._bound, y, sg, p0, scale, links, strength=self.reg.strength,
                        penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps)
         rows = []

@@ -62,7 +62,7 @@ def run(args) -> int:
     from ..server import Service
     from ..sim import make_beamline, operando_cycle, write_default_poni
 
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 120)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     poni = write_default_poni(workdir / "pilatus300k.poni")
@@ -85,14 +85,16 @@ def run(args) -> int:
     time.sleep(1.0)                                         # 0MQ slow joiner: let the SUB connect
 
     RE = RunEngine({})
-    RE.subscribe(Publisher(f"127.0.0.1:{in_port}",
-                           serializer=functools.partial(msgpack.packb, default=msgpack_numpy.encode)))
+    publisher = Publisher(f"127.0.0.1:{in_port}",
+                          serializer=functools.partial(msgpack.packb, default=msgpack_numpy.encode))
+    RE.subscribe(publisher)
     uids: list[str] = []
     RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
     delay = 1.0 / args.rate if args.rate > 0 else 0.0
     t0 = time.monotonic()
     with _progress(console, service, args.frames, uids):
         RE(operando_cycle(det, light, n_frames=args.frames, delay=delay))
+        publisher.close()              # flushed to the proxy, which stays up: closing cannot hang
         _wait_finished(service, uids[-1], timeout=120)
     elapsed = time.monotonic() - t0
     run_uid = uids[-1]

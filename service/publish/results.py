@@ -240,7 +240,7 @@ class ResultsPublisher:
             self.stop_run(uid, "abort", "results publisher closed")
         with self._lock:
             self._closed = True
-            self._sock.close()
+            self._sock.close(linger=500)      # ms: deliver what is queued, never hang shutdown
             self._ctx.term()
 
     def __enter__(self):
