@@ -1,0 +1,501 @@
+"""The run report: a finished run read back from Tiled, written as HTML (and PDF with weasyprint).
+
+`write_report(node, out_dir)` reads one run container of the Tiled layout
+(`service/publish/tiled_writer.py`: metadata start/configuration/software/status, arrays `q`,
+`profiles`, `sigma`, tables `frames`, `peaks`, `change_points`) and writes::
+
+    out_dir/index.html               the report
+    out_dir/report.pdf               the same, when weasyprint is installed
+    out_dir/figures/heatmap.png      log10 intensity, frames x q
+    out_dir/figures/profiles.png     a few profiles overlaid (±1σ)
+    out_dir/figures/trajectory-<peak>.png   centre, FWHM, area vs frame: final ±1σ, provisional
+    out_dir/figures/chi2.png         reduced chi² of the final fits per frame
+    out_dir/figures/snapshot-<i>.png 2D frames, only if the run holds an array `snapshots`
+
+It only reads the node (pure with respect to Tiled); figures are matplotlib (Agg).
+Units: q in the run's unit (1/nm by default), times in s since the first frame.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+QUANTITIES = (("center", "centre"), ("fwhm", "FWHM"), ("amplitude", "area"))
+PEAK_TABLE_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
+                      "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point", "final")
+
+
+def write_report_for(tiled_uri: str, api_key: str | None, uid: str, out_dir, *,
+                     wait_s: float = 60.0) -> Path:
+    """Connect to Tiled at `tiled_uri` and write the report of run `uid` (a full uid or a unique
+    prefix) under `out_dir`; returns the path of index.html. For `scatterflow demo`.
+
+    Tiled writes trail the live view: waits up to `wait_s` s for the run's metadata status to
+    leave "running" (the writer sets it after the last rows), then reports what is there."""
+    import time
+
+    from .publish.tiled_server import connect
+    client = connect(tiled_uri, api_key)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            node = find_run(client, uid)
+            if node.metadata.get("status") != "running" or time.monotonic() > deadline:
+                break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.25)
+    if node.metadata.get("status") == "running":
+        log.warning("run %s still 'running' in Tiled after %.0f s: the report may be incomplete", uid, wait_s)
+    return write_report(find_run(client, uid), out_dir)
+
+
+def find_run(client, uid: str):
+    """The container `scatterflow/<uid>` under a Tiled root client; `uid` may be a unique prefix."""
+    if "scatterflow" not in client:
+        raise ValueError(f"no 'scatterflow' container on this Tiled server ({client.uri})")
+    root = client["scatterflow"]
+    if uid in root:
+        return root[uid]
+    matches = [k for k in root if k.startswith(uid)] if uid else []
+    if len(matches) == 1:
+        return root[matches[0]]
+    if not matches:
+        raise ValueError(f"no run {uid!r} under scatterflow/ in Tiled")
+    raise ValueError(f"run uid prefix {uid!r} is ambiguous: {', '.join(sorted(matches)[:5])} ...")
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def _read_table(node, key: str):
+    import pandas as pd
+    try:
+        df = node[key].read() if key in node else None
+    except Exception as exc:          # an appendable table with no partition yet
+        log.debug("table %s unreadable (%s): treated as empty", key, exc)
+        df = None
+    if df is None:
+        return pd.DataFrame({c: [] for c in (("seq_num", "time") if key == "frames" else PEAK_TABLE_COLUMNS)})
+    return df
+
+
+def read_run(node) -> dict:
+    """Everything the report shows, from one run node, as numpy/pandas objects."""
+    md = _plain(dict(node.metadata))
+    q = np.asarray(node["q"].read(), float) if "q" in node else np.zeros(0)
+    unit = (node["q"].metadata or {}).get("unit", "") if "q" in node else ""
+    profiles = np.asarray(node["profiles"].read(), float) if "profiles" in node else np.zeros((0, q.size))
+    sigma = np.asarray(node["sigma"].read(), float) if "sigma" in node else np.full(profiles.shape, np.nan)
+    frames = _read_table(node, "frames")
+    peaks = _read_table(node, "peaks")
+    cps = _read_table(node, "change_points")
+    snapshots = None
+    if "snapshots" in node:                           # optional (k, rows, cols) raw frames
+        snapshots = np.asarray(node["snapshots"].read())
+    # frames table rows are in profile-row order; keep that pairing, then order by seq_num
+    seq = np.asarray(frames["seq_num"], np.int64) if len(frames) == len(profiles) else np.arange(len(profiles))
+    t = np.asarray(frames["time"], float) if len(frames) == len(profiles) else np.full(len(profiles), np.nan)
+    order = np.argsort(seq, kind="stable")
+    peaks = peaks.sort_values(["peak", "seq_num"], kind="stable").reset_index(drop=True)
+    final = peaks[peaks["final"].astype(bool)].drop_duplicates(["peak", "seq_num"], keep="last")
+    prov = peaks[~peaks["final"].astype(bool)].drop_duplicates(["peak", "seq_num"], keep="last")
+    cps = cps[cps["final"].astype(bool)] if len(cps) else cps
+    return {"uid": node.item["id"] if hasattr(node, "item") else md.get("start", {}).get("uid"),
+            "metadata": md, "q": q, "unit": unit, "profiles": profiles[order], "sigma": sigma[order],
+            "seq_num": seq[order], "time": t[order], "final": final, "provisional": prov,
+            "change_points": cps.sort_values(["seq_num", "peak"]) if len(cps) else cps,
+            "snapshots": snapshots}
+
+
+# --- summary numbers -------------------------------------------------------------------------
+
+def peak_summary(final) -> list[dict]:
+    """Per peak, over its final rows: frames, mean/std/min/max centre, mean FWHM and area,
+    median standard errors, median reduced chi², fraction converged, change points."""
+    out = []
+    for peak in sorted(set(final["peak"])):
+        d = final[final["peak"] == peak]
+        c = d["center"].to_numpy(float)
+        out.append({"peak": peak, "frames": int(len(d)),
+                    "mean_center": float(np.nanmean(c)), "std_center": float(np.nanstd(c)),
+                    "min_center": float(np.nanmin(c)), "max_center": float(np.nanmax(c)),
+                    "median_center_err": float(np.nanmedian(d["center_err"].to_numpy(float))),
+                    "mean_fwhm": float(np.nanmean(d["fwhm"].to_numpy(float))),
+                    "mean_area": float(np.nanmean(d["amplitude"].to_numpy(float))),
+                    "median_chi2": float(np.nanmedian(d["chi2"].to_numpy(float))),
+                    "converged": float(np.mean(d["converged"].astype(bool))),
+                    "change_points": int(np.sum(d["change_point"].astype(bool)))})
+    return out
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def fig_heatmap(run: dict, path: Path) -> Path | None:
+    """log10 intensity as an image: frames (seq_num) down, q across; change points marked."""
+    prof, q, seq = run["profiles"], run["q"], run["seq_num"]
+    if prof.size == 0:
+        return None
+    from matplotlib.colors import LogNorm
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    pos = prof[np.isfinite(prof) & (prof > 0)]
+    lo, hi = (np.percentile(pos, [1, 99.9]) if pos.size else (1e-3, 1.0))
+    data = np.ma.masked_less_equal(np.where(np.isfinite(prof), prof, 0.0), 0.0)
+    edges_q = _edges(q)
+    edges_s = _edges(seq.astype(float))
+    im = ax.pcolormesh(edges_q, edges_s, data, norm=LogNorm(vmin=lo, vmax=max(hi, lo * 1.01)),
+                       cmap="viridis", shading="flat", rasterized=True)
+    ax.invert_yaxis()
+    for s in sorted(set(run["change_points"]["seq_num"])) if len(run["change_points"]) else []:
+        ax.axhline(s, color="C3", lw=0.8, ls="--", alpha=0.8)
+    ax.set_xlabel(f"q ({_unit_label(run['unit'])})")
+    ax.set_ylabel("frame (seq_num)")
+    ax.set_title("reduced profiles over time (log intensity; dashed: change points)")
+    fig.colorbar(im, ax=ax, label="I (mean per bin)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_profiles(run: dict, path: Path, n: int = 6) -> Path | None:
+    """Up to `n` profiles evenly spaced in the run, ±1σ shaded, log intensity."""
+    prof, sig, q, seq = run["profiles"], run["sigma"], run["q"], run["seq_num"]
+    if prof.size == 0:
+        return None
+    plt = _pyplot()
+    idx = np.unique(np.linspace(0, len(prof) - 1, min(n, len(prof))).round().astype(int))
+    cmap = plt.get_cmap("plasma")
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for k, i in enumerate(idx):
+        color = cmap(k / max(len(idx) - 1, 1) * 0.85)
+        ax.plot(q, prof[i], color=color, lw=1, label=f"frame {seq[i]}")
+        ax.fill_between(q, prof[i] - sig[i], prof[i] + sig[i], color=color, alpha=0.3, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"q ({_unit_label(run['unit'])})")
+    ax.set_ylabel("I (mean per bin)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("profiles through the run (±1σ)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_trajectory(run: dict, peak: str, path: Path) -> Path:
+    """Centre, FWHM and area of one peak against frame: final fits with ±1σ bands,
+    provisional fits as dots, change points as dashed lines."""
+    plt = _pyplot()
+    fin = run["final"][run["final"]["peak"] == peak]
+    prov = run["provisional"][run["provisional"]["peak"] == peak]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6.5), sharex=True)
+    unit = _unit_label(run["unit"])
+    cps = fin["seq_num"][fin["change_point"].astype(bool)].to_numpy()
+    for ax, (key, label) in zip(axes, QUANTITIES):
+        x = fin["seq_num"].to_numpy(float)
+        v = fin[key].to_numpy(float)
+        e = fin[f"{key}_err"].to_numpy(float)
+        ax.plot(prov["seq_num"].to_numpy(float), prov[key].to_numpy(float), ".", color="0.55", ms=3,
+                label="provisional")
+        ax.plot(x, v, "-", color="C0", lw=1.3, label="final")
+        ax.fill_between(x, v - e, v + e, color="C0", alpha=0.3, lw=0, label="final ±1σ")
+        for c in cps:
+            ax.axvline(c, color="C3", lw=0.9, ls="--", alpha=0.8)
+        ax.set_ylabel(f"{label} ({unit})" if key != "amplitude" else f"area (I·{unit})")
+    axes[0].set_title(f"{peak}: fitted trajectory")
+    axes[0].legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("frame (seq_num)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_chi2(run: dict, path: Path) -> Path | None:
+    """Reduced chi² of the final fits per frame (1 = fit within the noise)."""
+    fin = run["final"]
+    if not len(fin):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for k, peak in enumerate(sorted(set(fin["peak"]))):
+        d = fin[fin["peak"] == peak]
+        ax.plot(d["seq_num"], d["chi2"], ".-", ms=3, lw=0.8, color=f"C{k}", label=peak)
+    ax.axhline(1.0, color="k", lw=0.7, ls=":")
+    chi = fin["chi2"].to_numpy(float)
+    chi = chi[np.isfinite(chi) & (chi > 0)]
+    if chi.size and chi.max() / chi.min() > 30:
+        ax.set_yscale("log")
+    ax.set_xlabel("frame (seq_num)")
+    ax.set_ylabel("reduced χ²")
+    ax.legend(fontsize=8)
+    ax.set_title("fit quality (final fits)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_snapshot(frame: np.ndarray, path: Path, title: str) -> Path:
+    """One 2D frame, log10(1 + counts), masked (< 0) grey."""
+    plt = _pyplot()
+    a = np.asarray(frame, float)
+    bad = ~np.isfinite(a) | (a < 0)
+    img = np.ma.masked_array(np.log10(1 + np.where(bad, 0, a)), bad)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#555555")
+    im = ax.imshow(img, cmap=cmap, origin="upper", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="log10(1 + counts)", shrink=0.8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def write_report(node, out_dir) -> Path:
+    """Write the report of the run container `node` (tiled client node `scatterflow/<uid>`)
+    into `out_dir` (created); returns the path of `index.html`. Adds `report.pdf` when
+    weasyprint can be imported."""
+    out = Path(out_dir)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    run = read_run(node)
+    md = run["metadata"]
+    start = md.get("start") or {}
+    uid = start.get("uid") or run["uid"] or "unknown"
+    summary = peak_summary(run["final"])
+    figs: dict[str, Path | None] = {
+        "heatmap": fig_heatmap(run, figdir / "heatmap.png"),
+        "profiles": fig_profiles(run, figdir / "profiles.png"),
+        "chi2": fig_chi2(run, figdir / "chi2.png"),
+    }
+    trajectories = {s["peak"]: fig_trajectory(run, s["peak"], figdir / f"trajectory-{_safe_name(s['peak'])}.png")
+                    for s in summary}
+    snapshots = []
+    if run["snapshots"] is not None and run["snapshots"].ndim in (2, 3):
+        snaps = run["snapshots"] if run["snapshots"].ndim == 3 else run["snapshots"][None]
+        for i, f in enumerate(snaps[:4]):
+            snapshots.append(fig_snapshot(f, figdir / f"snapshot-{i}.png", f"snapshot {i}"))
+
+    page = _render_html(run, uid, md, start, summary, figs, trajectories, snapshots, out)
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    try:
+        import weasyprint
+    except Exception:                      # optional: not installed, or its system libraries missing
+        log.info("weasyprint not available: HTML report only")
+    else:
+        weasyprint.HTML(filename=str(index), base_url=str(out)).write_pdf(str(out / "report.pdf"))
+    return index
+
+
+def _render_html(run, uid, md, start, summary, figs, trajectories, snapshots, out: Path) -> str:
+    e = html.escape
+    seq, t = run["seq_num"], run["time"]
+    n_frames = int(len(seq))
+    t_valid = t[np.isfinite(t)] if t.size else t
+    duration = float(t_valid.max() - t_valid.min()) if t_valid.size else float("nan")
+    q = run["q"]
+    unit = _unit_label(run["unit"])
+    rel = lambda p: e(str(p.relative_to(out)))          # noqa: E731
+
+    run_rows = [
+        ("run uid", uid), ("plan", start.get("plan_name")), ("scan id", start.get("scan_id")),
+        ("sample", start.get("sample")), ("modality", start.get("modality")),
+        ("started", _iso(start.get("time"))), ("status", md.get("status")),
+        ("exit status", md.get("exit_status")), ("reason", md.get("reason") or ""),
+        ("frames (profiles stored)", n_frames),
+        ("frames with final fits", int(run["final"]["seq_num"].nunique()) if len(run["final"]) else 0),
+        ("seq_num range", f"{seq.min()}–{seq.max()}" if n_frames else "–"),
+        ("duration", f"{duration:.1f} s" if math.isfinite(duration) else "–"),
+        ("radial bins", int(q.size)),
+        ("q range", f"{q.min():.4g}–{q.max():.4g} {unit}" if q.size else "–"),
+        ("change points (final)", int(len(run["change_points"]))),
+    ]
+    parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>scatterflow report {e(uid[:8])}</title><style>{_CSS}</style></head><body>
+<h1>scatterflow run report</h1><p class="uid">run <code id="run-uid">{e(uid)}</code></p>
+<p class="muted">generated {e(_dt.datetime.now().astimezone().isoformat(timespec='seconds'))} from Tiled;
+all numbers below are read from the stored run (final, regularized fits unless said otherwise).</p>
+<h2>Run</h2>{_kv_table(run_rows, 'run-table')}"""]
+
+    # per-peak summary
+    parts.append("<h2>Fitted peaks: summary of final fits</h2>")
+    if summary:
+        cols = [("frames", "frames", "{:d}"), ("mean_center", f"mean centre ({unit})", "{:.5f}"),
+                ("std_center", f"std centre ({unit})", "{:.5f}"),
+                ("min_center", f"min centre ({unit})", "{:.5f}"), ("max_center", f"max centre ({unit})", "{:.5f}"),
+                ("median_center_err", f"median σ centre ({unit})", "{:.2e}"),
+                ("mean_fwhm", f"mean FWHM ({unit})", "{:.5f}"), ("mean_area", "mean area", "{:.5g}"),
+                ("median_chi2", "median χ²ᵣ", "{:.3f}"), ("converged", "converged", "{:.0%}"),
+                ("change_points", "change points", "{:d}")]
+        head = "".join(f"<th>{e(label)}</th>" for _, label, _ in cols)
+        body = ""
+        for s in summary:
+            cells = "".join(f'<td data-field="{k}" data-value="{s[k]!r}">{e(fmt.format(s[k]))}</td>'
+                            for k, _, fmt in cols)
+            body += f'<tr data-peak="{e(s["peak"])}"><th>{e(s["peak"])}</th>{cells}</tr>'
+        parts.append(f'<table id="peak-summary" class="grid"><tr><th>peak</th>{head}</tr>{body}</table>')
+    else:
+        parts.append("<p>No final fits stored for this run.</p>")
+
+    # trajectories
+    parts.append("<h2>Trajectories</h2><p class=\"muted\">Final fits as lines with ±1σ bands, provisional "
+                 "(per-frame, before the temporal window closed) as grey dots, change points dashed red.</p>")
+    for peak, p in trajectories.items():
+        parts.append(f'<figure class="traj" data-peak="{e(peak)}"><img src="{rel(p)}" alt="trajectory of {e(peak)}">'
+                     f"<figcaption>{e(peak)}: centre, FWHM and area against frame.</figcaption></figure>")
+
+    # change points
+    parts.append("<h2>Change points</h2>")
+    cps = run["change_points"]
+    if len(cps):
+        t0 = float(np.nanmin(t)) if t.size and np.isfinite(t).any() else 0.0
+        rows = "".join(
+            f"<tr><td>{int(r.seq_num)}</td><td>{float(r.time) - t0:.2f}</td><td>{e(str(r.peak))}</td>"
+            f"<td>{float(r.center):.5f} ± {float(r.center_err):.1e}</td><td>{float(r.fwhm):.4f}</td>"
+            f"<td>{float(r.amplitude):.4g}</td></tr>" for r in cps.itertuples())
+        parts.append(f'<table id="change-points" class="grid"><tr><th>frame</th><th>t (s from first frame)</th>'
+                     f"<th>peak</th><th>centre ({unit})</th><th>FWHM ({unit})</th><th>area</th></tr>{rows}</table>")
+    else:
+        parts.append("<p>No change points flagged.</p>")
+
+    # data
+    parts.append("<h2>Reduced data</h2>")
+    for key, caption in (("heatmap", "Profiles over time: frames down, q across, log intensity."),
+                         ("profiles", "A few profiles through the run, ±1σ.")):
+        if figs[key] is not None:
+            parts.append(f'<figure><img src="{rel(figs[key])}" alt="{key}"><figcaption>{caption}</figcaption></figure>')
+    if not n_frames:
+        parts.append("<p>No profiles stored.</p>")
+    parts.append("<h3>2D frames</h3>")
+    if snapshots:
+        parts.append("".join(f'<figure class="snap"><img src="{rel(p)}" alt="snapshot {i}"></figure>'
+                             for i, p in enumerate(snapshots)))
+    else:
+        parts.append('<p id="no-snapshots">Not stored: scatterflow keeps reduced profiles in Tiled, not the '
+                     "corrected 2D frames. The raw frames are wherever the beamline's own writer put them "
+                     "(e.g. the run's HDF5 files); the live dashboard shows the latest frame while a run goes.</p>")
+
+    # quality
+    parts.append("<h2>Fit quality</h2>")
+    if figs["chi2"] is not None:
+        parts.append(f'<figure><img src="{rel(figs["chi2"])}" alt="chi2"><figcaption>Reduced χ² of the final '
+                     "fits per frame; about 1 when the model describes the data within its errors.</figcaption></figure>")
+
+    # geometry, configuration, software
+    parts.append("<h2>Geometry</h2>")
+    parts.append(_geometry_html(start.get("geometry"), (md.get("configuration") or {}).get("geometry")))
+    parts.append("<h2>Configuration</h2>")
+    conf = _redact(md.get("configuration") or {})
+    parts.append(f'<pre id="configuration">{html.escape(json.dumps(conf, indent=2, sort_keys=True, default=str), quote=False)}</pre>')
+    parts.append("<h2>Software</h2>")
+    parts.append(_kv_table(sorted((md.get("software") or {}).items()), "software"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _geometry_html(poni: dict | None, config_geometry: dict | None) -> str:
+    rows = []
+    if isinstance(poni, dict):
+        def num(key):
+            v = poni.get(key)
+            return float(v) if isinstance(v, (int, float)) else None
+        dist, p1, p2 = num("dist"), num("poni1"), num("poni2")
+        wl = num("wavelength")
+        det = poni.get("detector")
+        if isinstance(poni.get("detector_config"), dict) and poni["detector_config"]:
+            det = f"{det} {json.dumps(poni['detector_config'], sort_keys=True)}"
+        rows += [("detector", det),
+                 ("distance (sample–PONI)", f"{dist * 1e3:.3f} mm" if dist is not None else "–"),
+                 ("PONI 1 / PONI 2", f"{p1 * 1e3:.3f} mm / {p2 * 1e3:.3f} mm" if None not in (p1, p2) else "–")]
+        for k in ("rot1", "rot2", "rot3"):
+            v = num(k)
+            rows.append((k, f"{v:.6f} rad ({math.degrees(v):.4f}°)" if v is not None else "–"))
+        if wl:
+            rows += [("wavelength", f"{wl * 1e10:.5f} Å"),
+                     ("energy", f"{12.398419843320026 / (wl * 1e10):.4f} keV")]   # hc = 12.3984 keV·Å
+        rows.append(("PONI version", poni.get("poni_version")))
+    else:
+        rows.append(("PONI", "not in the start document"))
+    if isinstance(config_geometry, dict):
+        rows += [(f"configuration: {k}", v) for k, v in sorted(config_geometry.items()) if v is not None]
+    return _kv_table(rows, "geometry")
+
+
+def _kv_table(rows, table_id: str) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape('–' if v is None else str(v))}</td></tr>"
+                   for k, v in rows)
+    return f'<table id="{table_id}" class="kv">{body}</table>'
+
+
+def _edges(x: np.ndarray) -> np.ndarray:
+    """Bin edges around centres x (midpoints; the outer ones mirrored)."""
+    x = np.asarray(x, float)
+    if x.size == 1:
+        return np.array([x[0] - 0.5, x[0] + 0.5])
+    mid = 0.5 * (x[1:] + x[:-1])
+    return np.concatenate([[2 * x[0] - mid[0]], mid, [2 * x[-1] - mid[-1]]])
+
+
+def _unit_label(unit: str) -> str:
+    return {"q_nm^-1": "1/nm", "q_A^-1": "1/Å", "2th_deg": "deg"}.get(unit, unit or "1/nm")
+
+
+def _iso(t) -> str:
+    try:
+        return _dt.datetime.fromtimestamp(float(t)).astimezone().isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "–"
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name)) or "peak"
+
+
+_SECRET_WORDS = ("api_key", "apikey", "password", "secret", "token")
+
+
+def _redact(obj):
+    """The configuration with secrets (API keys, passwords, tokens) replaced by '***'."""
+    if isinstance(obj, dict):
+        return {k: ("***" if v and any(w in str(k).lower() for w in _SECRET_WORDS) else _redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v) for v in obj]
+    return obj
+
+
+def _plain(obj):
+    """Tiled metadata (DictView/ListView) to plain dicts and lists."""
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListView":
+        return [_plain(v) for v in obj]
+    return obj
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;color:#222;padding:0 1em}
+h1{margin-bottom:0.2em}h2{border-bottom:1px solid #ccc;padding-bottom:0.2em;margin-top:1.6em}
+.muted{color:#777;font-size:0.9em}code{background:#f3f3f3;padding:0 0.3em}
+table{border-collapse:collapse;font-size:0.9em;margin:0.5em 0}
+table.grid td,table.grid th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+table.kv th{text-align:left;padding:2px 12px 2px 0;font-weight:600;color:#444;vertical-align:top}
+table.kv td{padding:2px 0}figure{margin:0.8em 0;page-break-inside:avoid}
+figure img{max-width:100%}figure.traj{display:inline-block;width:49%;vertical-align:top;margin:0}
+figcaption{font-size:0.85em;color:#555}pre{background:#f6f6f6;padding:0.6em;font-size:0.8em;white-space:pre-wrap}"""

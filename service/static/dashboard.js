@@ -1,0 +1,349 @@
+// scatterflow live dashboard: one EventSource on api/v1/events, uPlot charts (vendored).
+// Trajectories: per peak, centre / FWHM / area against frame or time; provisional fits as dots,
+// final fits as a line with a ±1σ band, change points as red vertical lines.
+"use strict";
+(function () {
+  const params = new URLSearchParams(location.search);
+  const apiKey = params.get("api_key");
+  const withKey = (url) => apiKey ? url + (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(apiKey) : url;
+  const $ = (id) => document.getElementById(id);
+
+  const QUANTITIES = [
+    ["center", "centre (1/nm)"], ["fwhm", "FWHM (1/nm)"], ["amplitude", "area (I·1/nm)"]];
+  const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf"];  // red: change points
+
+  const S = {
+    wanted: params.get("run") || "latest",   // "latest" or a uid
+    uid: null, start: null, t0: null,
+    peaks: new Map(),          // peak name -> Map(seq -> {t, p: row|null, f: row|null})
+    cards: new Map(),          // peak name -> {charts: [uPlot, ...]}
+    profile: null, profileChart: null,
+    xmode: "frame", dirty: false, es: null, connected: false,
+    statusHist: [],            // [t, frames_fitted] for the rate
+    frame: {seq: null, shown: null, loading: false, last: 0},
+    messages: 0,
+  };
+
+  // ---------------------------------------------------------------------------- helpers
+  const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "–" :
+    (Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0)) ? Number(v).toExponential(d - 1) : Number(v).toFixed(d);
+  const ms = (s) => (s === null || s === undefined) ? "–" : (1000 * s).toFixed(0) + " ms";
+  const sum = (o) => Object.values(o || {}).reduce((a, b) => a + b, 0);
+  const width = (el) => Math.max(260, (el.clientWidth || 400) - 4);
+
+  function rowsOf(cols) {
+    const n = cols.seq_num.length, out = [];
+    for (let i = 0; i < n; i++) {
+      const r = {};
+      for (const k in cols) r[k] = cols[k][i];
+      out.push(r);
+    }
+    return out;
+  }
+
+  // change points drawn as vertical lines on every trajectory chart
+  function changePointPlugin(getXs) {
+    return {hooks: {draw: [(u) => {
+      const xs = getXs();
+      if (!xs.length) return;
+      const ctx = u.ctx, {top, height} = u.bbox;
+      ctx.save();
+      ctx.strokeStyle = "rgba(214,39,40,0.7)";
+      ctx.lineWidth = 1.5 * devicePixelRatio;
+      ctx.setLineDash([4 * devicePixelRatio, 3 * devicePixelRatio]);
+      for (const x of xs) {
+        const px = u.valToPos(x, "x", true);
+        if (px < u.bbox.left || px > u.bbox.left + u.bbox.width) continue;
+        ctx.beginPath(); ctx.moveTo(px, top); ctx.lineTo(px, top + height); ctx.stroke();
+      }
+      ctx.restore();
+    }]}};
+  }
+
+  // ---------------------------------------------------------------------- trajectories
+  function ensureCard(name) {
+    if (S.cards.has(name)) return S.cards.get(name);
+    $("no-peaks") && $("no-peaks").remove();
+    const color = COLORS[S.cards.size % COLORS.length];
+    const card = document.createElement("div");
+    card.className = "peak-card";
+    card.dataset.peak = name;
+    card.innerHTML = `<h3>${name}</h3>`;
+    $("trajectories").appendChild(card);
+    const entry = {charts: [], cps: [], color};
+    for (const [qi, [key, label]] of QUANTITIES.entries()) {
+      const last = qi === QUANTITIES.length - 1;
+      const div = document.createElement("div");
+      div.className = "chart";
+      div.dataset.quantity = key;
+      card.appendChild(div);
+      const opts = {
+        width: width(card), height: last ? 170 : 150,
+        scales: {x: {time: false}},
+        legend: {show: false},
+        cursor: {drag: {x: true, y: false}},
+        axes: [last ? {label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18} : {},
+               {label, size: 60, labelSize: 18}],
+        series: [
+          {label: "x"},
+          {label: "provisional", stroke: color + "99", paths: () => null,
+           points: {show: true, size: 4, width: 1, fill: color + "55", stroke: color + "99"}},
+          {label: "final", stroke: color, width: 1.5, points: {show: false}, spanGaps: false},
+          {label: "final-σ", stroke: "transparent", width: 0, points: {show: false}},
+          {label: "final+σ", stroke: "transparent", width: 0, points: {show: false}},
+        ],
+        bands: [{series: [4, 3], fill: color + "33"}],
+        plugins: [changePointPlugin(() => entry.cps)],
+      };
+      entry.charts.push(new uPlot(opts, [[], [], [], [], []], div));
+    }
+    S.cards.set(name, entry);
+    return entry;
+  }
+
+  function xOf(seq, t) {
+    if (S.xmode === "time" && t !== null && t !== undefined) return t - (S.t0 ?? t);
+    return seq;
+  }
+
+  function redrawTrajectories() {
+    for (const [name, bySeq] of S.peaks) {
+      const entry = ensureCard(name);
+      const seqs = Array.from(bySeq.keys()).sort((a, b) => a - b);
+      const xs = seqs.map((s) => xOf(s, bySeq.get(s).t));
+      entry.cps = seqs.filter((s) => bySeq.get(s).f && bySeq.get(s).f.change_point).map((s) => xOf(s, bySeq.get(s).t));
+      QUANTITIES.forEach(([key], i) => {
+        const prov = [], fin = [], lo = [], hi = [];
+        for (const s of seqs) {
+          const e = bySeq.get(s);
+          prov.push(e.p ? e.p[key] : null);
+          const v = e.f ? e.f[key] : null, err = e.f ? e.f[key + "_err"] : null;
+          fin.push(v);
+          const ok = v !== null && err !== null && Number.isFinite(err);
+          lo.push(ok ? v - err : null);
+          hi.push(ok ? v + err : null);
+        }
+        entry.charts[i].setData([xs, prov, fin, lo, hi]);
+      });
+    }
+  }
+
+  function addPeakRows(cols) {
+    for (const r of rowsOf(cols)) {
+      if (!S.peaks.has(r.peak)) S.peaks.set(r.peak, new Map());
+      const bySeq = S.peaks.get(r.peak);
+      const e = bySeq.get(r.seq_num) || {t: r.time, p: null, f: null};
+      if (r.final) e.f = r; else e.p = r;
+      if (S.t0 === null && r.time !== null) S.t0 = r.time;
+      bySeq.set(r.seq_num, e);
+    }
+    S.dirty = true;
+  }
+
+  // --------------------------------------------------------------------------- profile
+  function drawProfile(p) {
+    S.profile = p;
+    $("profile-seq").textContent = `frame ${p.seq_num}` + (p.unit ? ` · ${p.unit}` : "");
+    const pos = (v) => (v !== null && v > 0) ? v : null;
+    const I = p.intensity.map(pos);
+    const lo = p.intensity.map((v, i) => (v !== null && p.sigma[i] !== null) ? pos(v - p.sigma[i]) : null);
+    const hi = p.intensity.map((v, i) => (v !== null && p.sigma[i] !== null) ? pos(v + p.sigma[i]) : null);
+    const data = [p.radial, I, lo, hi];
+    if (!S.profileChart) {
+      const el = $("profile-chart");
+      S.profileChart = new uPlot({
+        width: width(el), height: 300,
+        scales: {x: {time: false}, y: {distr: 3}},
+        legend: {show: false},
+        axes: [{label: "q (1/nm)", labelSize: 18}, {label: "I (log)", size: 60, labelSize: 18}],
+        series: [{label: "q"},
+                 {label: "I", stroke: "#1d2b3a", width: 1, points: {show: false}},
+                 {label: "I-σ", stroke: "transparent", width: 0, points: {show: false}},
+                 {label: "I+σ", stroke: "transparent", width: 0, points: {show: false}}],
+        bands: [{series: [3, 2], fill: "rgba(31,119,180,0.3)"}],
+        plugins: [{hooks: {draw: [drawPeakMarkers]}}],
+      }, data, el);
+    } else {
+      S.profileChart.setData(data);
+    }
+  }
+
+  // fitted peak centres of the profile's frame (final if there, else provisional), ±FWHM/2
+  function drawPeakMarkers(u) {
+    const p = S.profile;
+    if (!p) return;
+    const ctx = u.ctx, {top, height, left, width: w} = u.bbox, dpr = devicePixelRatio;
+    let k = 0;
+    for (const [name, bySeq] of S.peaks) {
+      const color = (S.cards.get(name) || {}).color || COLORS[k % COLORS.length];
+      k++;
+      const e = bySeq.get(p.seq_num);
+      const r = e && (e.f || e.p);
+      if (!r || r.center === null) continue;
+      const x = u.valToPos(r.center, "x", true);
+      if (x < left || x > left + w) continue;
+      if (r.fwhm !== null) {
+        const x0 = u.valToPos(r.center - r.fwhm / 2, "x", true), x1 = u.valToPos(r.center + r.fwhm / 2, "x", true);
+        ctx.fillStyle = color + "22";
+        ctx.fillRect(Math.max(x0, left), top, Math.min(x1, left + w) - Math.max(x0, left), height);
+      }
+      ctx.save();
+      ctx.strokeStyle = color; ctx.lineWidth = 1.5 * dpr;
+      if (!e.f) ctx.setLineDash([5 * dpr, 4 * dpr]);
+      ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+      ctx.fillStyle = color; ctx.font = `${11 * dpr}px sans-serif`;
+      ctx.fillText(name, x + 3 * dpr, top + 12 * dpr);
+      ctx.restore();
+    }
+  }
+
+  // ----------------------------------------------------------------------------- frame
+  function loadFrame() {
+    const f = S.frame;
+    if (f.loading || f.seq === null || f.seq === f.shown || !S.uid) return;
+    if (Date.now() - f.last < 1000) { setTimeout(loadFrame, 1000 - (Date.now() - f.last)); return; }
+    f.loading = true; f.last = Date.now();
+    const seq = f.seq, uid = S.uid, next = new Image();      // swapped in once loaded: no blank frame
+    next.onload = () => {
+      f.loading = false;
+      if (uid !== S.uid) return;
+      next.id = "frame-img"; next.alt = $("frame-img").alt;
+      $("frame-img").replaceWith(next);
+      f.shown = seq; $("frame-seq").textContent = `frame ${seq}`;
+      loadFrame();
+    };
+    next.onerror = () => { f.loading = false; setTimeout(loadFrame, 2000); };
+    next.src = withKey(`api/v1/runs/${encodeURIComponent(uid)}/frame.png?seq=${seq}`);
+  }
+
+  // ---------------------------------------------------------------------------- health
+  function drawHealth(msg) {
+    const st = msg.status || {}, m = msg.metrics || {}, lat = m.latency || {};
+    const now = msg.time;
+    S.statusHist.push([now, st.frames_fitted ?? m.frames_fitted ?? 0]);
+    while (S.statusHist.length > 2 && now - S.statusHist[0][0] > 10) S.statusHist.shift();
+    const [t0, n0] = S.statusHist[0];
+    const rate = now > t0 ? ((st.frames_fitted ?? m.frames_fitted ?? 0) - n0) / (now - t0) : 0;
+    const queues = Object.entries(st.queues || m.queue_depth || {}).map(([k, v]) => `${k} ${v}`).join(", ");
+    const failed = st.frames_failed ?? sum(m.frames_failed);
+    const rows = [
+      ["uptime", st.uptime_s !== undefined ? `${(st.uptime_s / 60).toFixed(1)} min` : "–"],
+      ["devices", (st.devices || []).join(", ") + (st.worker_restarts ? ` (restarts ${st.worker_restarts})` : "")],
+      ["fitted rate (10 s)", `${rate.toFixed(1)} frames/s`],
+      ["frames received / fitted / final", `${st.frames_received ?? m.frames_received} / ${st.frames_fitted ?? m.frames_fitted} / ${st.frames_final ?? m.frames_final}`],
+      ["latency provisional p50 / p95", `${ms(lat.provisional && lat.provisional.p50_s)} / ${ms(lat.provisional && lat.provisional.p95_s)}`],
+      ["latency final p50 / p95", `${ms(lat.final && lat.final.p50_s)} / ${ms(lat.final && lat.final.p95_s)}`],
+      ["queues", queues || "–"],
+      ["frames failed", failed, failed > 0],
+      ["frames dropped (back-pressure)", m.frames_dropped, m.frames_dropped > 0],
+      ["lost upstream", sum(m.lost_upstream), sum(m.lost_upstream) > 0],
+      ["rejected at ingest", sum(m.rejected), sum(m.rejected) > 0],
+      ["fit re-seeds / change points", `${m.reseeds} / ${m.change_points}`],
+      ["Tiled requests / failures", `${m.tiled_requests} / ${m.tiled_failures}`, m.tiled_failures > 0],
+      ["runs active", st.runs_active ?? m.runs_active],
+    ];
+    const body = $("health").tBodies[0];
+    body.innerHTML = "";
+    for (const [k, v, warn] of rows) {
+      const tr = body.insertRow();
+      if (warn) tr.className = "warn";
+      tr.insertCell().textContent = k;
+      const td = tr.insertCell();
+      td.className = "num";
+      td.textContent = v ?? "–";
+    }
+  }
+
+  // ------------------------------------------------------------------------ run state
+  function resetRun(uid, start) {
+    S.uid = uid; S.start = start || null;
+    S.t0 = start && start.time ? start.time : null;
+    S.peaks = new Map();
+    for (const [, entry] of S.cards) entry.charts.forEach((c) => c.destroy());
+    S.cards = new Map();
+    $("trajectories").innerHTML = '<p class="muted" id="no-peaks">no fitted frames yet</p>';
+    S.profile = null;
+    if (S.profileChart) { S.profileChart.destroy(); S.profileChart = null; }
+    $("profile-seq").textContent = "";
+    S.frame = {seq: null, shown: null, loading: false, last: 0};
+    $("frame-img").removeAttribute("src");
+    $("frame-seq").textContent = "(none yet)";
+  }
+
+  function drawRuns(runs) {
+    const sel = $("run-select"), keep = S.wanted;
+    sel.innerHTML = '<option value="latest">latest (follow)</option>';
+    for (const r of runs.slice().sort((a, b) => b.created - a.created)) {
+      const o = document.createElement("option");
+      o.value = r.uid;
+      o.textContent = `${r.uid.slice(0, 8)} · ${r.plan_name || "?"} · ${r.status} · ${r.frames_fitted} frames`;
+      sel.appendChild(o);
+    }
+    sel.value = keep;
+    const cur = runs.find((r) => r.uid === S.uid);
+    if (cur) {
+      const failed = sum(cur.frames_failed);
+      $("run-info").textContent = `run ${cur.uid.slice(0, 8)}: ${cur.status}${cur.reason ? " (" + cur.reason + ")" : ""}, ` +
+        `received ${cur.frames_received}, fitted ${cur.frames_fitted}, final ${cur.frames_final}` + (failed ? `, failed ${failed}` : "");
+    }
+  }
+
+  // ----------------------------------------------------------------------- the stream
+  function connect() {
+    if (S.es) S.es.close();
+    const url = withKey(`api/v1/events?run=${encodeURIComponent(S.wanted)}`);
+    const es = new EventSource(url);
+    S.es = es;
+    const on = (name, fn) => es.addEventListener(name, (ev) => { S.messages++; fn(JSON.parse(ev.data)); });
+    es.onopen = () => { S.connected = true; $("conn").textContent = "live"; $("conn").className = "badge on"; };
+    es.onerror = () => { S.connected = false; $("conn").textContent = "reconnecting"; $("conn").className = "badge off"; };
+    on("runs", (m) => drawRuns(m.runs));
+    on("run", (m) => { if (m.reset || m.uid !== S.uid) resetRun(m.uid, m.start); });
+    on("peaks", (m) => { if (m.uid === S.uid) addPeakRows(m.columns); });
+    on("profile", (m) => { if (m.uid === S.uid) { drawProfile(m); } });
+    on("frame", (m) => { if (m.uid === S.uid) { S.frame.seq = m.seq_num; loadFrame(); } });
+    on("status", drawHealth);
+  }
+
+  $("run-select").addEventListener("change", (ev) => {
+    S.wanted = ev.target.value;
+    S.uid = null;
+    connect();
+  });
+  $("x-mode").addEventListener("change", (ev) => {
+    S.xmode = ev.target.value;
+    for (const [, entry] of S.cards) entry.charts.forEach((c) => c.destroy());   // new axis labels
+    S.cards = new Map();
+    $("trajectories").innerHTML = "";
+    S.dirty = true;
+  });
+  window.addEventListener("resize", () => {
+    for (const [, entry] of S.cards) entry.charts.forEach((c) => c.setSize({width: width(c.root.parentNode), height: c.height}));
+    if (S.profileChart) S.profileChart.setSize({width: width($("profile-chart")), height: 300});
+  });
+  setInterval(() => {
+    if (!S.dirty) return;
+    S.dirty = false;
+    redrawTrajectories();
+    if (S.profileChart) S.profileChart.redraw(false, false);
+  }, 300);
+
+  // for tests and the console: what the charts hold
+  window.scatterflow = {
+    state: S,
+    counts() {
+      let provisional = 0, final = 0, changePoints = 0;
+      for (const [, entry] of S.cards) {
+        const d = entry.charts[0].data;
+        provisional += d[1].filter((v) => v !== null && v !== undefined).length;
+        final += d[2].filter((v) => v !== null && v !== undefined).length;
+        changePoints += entry.cps.length;
+      }
+      return {uid: S.uid, peaks: S.cards.size, provisional, final, changePoints,
+              profileSeq: S.profile ? S.profile.seq_num : null,
+              profileBins: S.profileChart ? S.profileChart.data[0].length : 0,
+              frameShown: S.frame.shown, connected: S.connected, messages: S.messages};
+    },
+  };
+  connect();
+})();
