@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "serve", "integrate", "fit")
+COMMANDS = ("demo", "serve", "calibrate", "integrate", "fit", "report", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

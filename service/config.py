@@ -26,6 +26,9 @@ class IngestConfig(_Section):
     serializer: Literal["msgpack", "pickle"] = "msgpack"
     allow_pickle: bool = False
     detector_field: str | None = None       # None: the first 2D field of the descriptor
+    profile_intensity_field: str = "intensity"   # reduced 1D profiles (no 2D field): go straight to fitting
+    profile_q_field: str = "q"              # 1/nm
+    profile_sigma_field: str = "sigma"
     max_message_bytes: int = 256 * 2**20    # larger messages are rejected and counted
     max_frame_pixels: int = 64 * 2**20
     queue_size: int = 1000                  # bounded receive queue (documents)
@@ -104,6 +107,7 @@ class WorkersConfig(_Section):
 
 
 class TiledConfig(_Section):
+    enabled: bool = True                    # false: no Tiled publishing (REST and results stream only)
     uri: str | None = None                  # None: embedded server under `directory`
     api_key: str | None = None
     directory: Path = Path("./var/tiled")

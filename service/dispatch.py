@@ -49,6 +49,7 @@ class _RunSlot:
     pending: deque = field(default_factory=deque)   # Frame
     oldest: float = 0.0
     stop: dict | None = None
+    unfinal: dict = field(default_factory=dict)     # seq_num -> Frame sent but not yet final (replay on worker death)
 
 
 @dataclass
@@ -196,17 +197,24 @@ class Dispatcher:
         worker = self._workers[slot.worker]
         while slot.pending:
             take = len(slot.pending) if limit is None else min(limit, len(slot.pending))
+            kind = slot.pending[0].kind
+            take = next((i for i in range(take) if slot.pending[i].kind != kind), take)
             frames = [slot.pending.popleft() for _ in range(take)]
-            batch_id = next(self._batch_ids)
-            msg = ("frames", slot.uid, batch_id,
-                   np.array([f.seq_num for f in frames], dtype=np.int64),
-                   np.array([f.time for f in frames], dtype=np.float64),
-                   np.stack([f.data for f in frames]))
-            worker.inflight[batch_id] = (slot.uid, frames, msg)
-            if not self._put(worker, msg, slot, frames, batch_id):
+            for f in frames:
+                slot.unfinal[f.seq_num] = f
+            if not self._send(worker, slot, frames):
                 return
             slot.oldest = time.monotonic()
         self.metrics.queue_depth.labels("dispatch").set(sum(len(r.pending) for r in self._runs.values()))
+
+    def _send(self, worker: _Worker, slot: _RunSlot, frames: list) -> bool:
+        batch_id = next(self._batch_ids)
+        msg = ("frames", slot.uid, batch_id,
+               np.array([f.seq_num for f in frames], dtype=np.int64),
+               np.array([f.time for f in frames], dtype=np.float64),
+               np.stack([f.data for f in frames]), frames[0].kind)
+        worker.inflight[batch_id] = (slot.uid, frames, msg)
+        return self._put(worker, msg, slot, frames, batch_id)
 
     def _put(self, worker: _Worker, msg, slot: _RunSlot, frames: list, batch_id: int) -> bool:
         if self.cfg.backpressure == "block":
@@ -217,6 +225,8 @@ class Dispatcher:
             return True
         except queue.Full:                 # drop_oldest: keep the newest frames pending
             del worker.inflight[batch_id]
+            for f in frames:
+                slot.unfinal.pop(f.seq_num, None)
             slot.pending.extendleft(reversed(frames))
             cap = self.cfg.max_batch * self.cfg.queue_batches
             while len(slot.pending) > cap:
@@ -256,6 +266,12 @@ class Dispatcher:
             with self._lock:
                 entry = self._workers[self._runs[uid].worker].inflight.pop(batch_id, None) if uid in self._runs else None
             frames = entry[1] if entry else []
+            rows = out.get("rows")
+            with self._lock:
+                slot = self._runs.get(uid)
+                if slot is not None and rows is not None and len(rows["seq_num"]):
+                    for s in set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist()):
+                        slot.unfinal.pop(int(s), None)
             self.metrics.frames_fitted.inc(len(seq))
             self.sink.frames_reduced(uid, frames, out)
         elif kind == "failed":
@@ -291,14 +307,15 @@ class Dispatcher:
                 new = self._spawn(i)
                 new.runs = w.runs
                 self._workers[i] = new
-                for uid in sorted(w.runs):
-                    if uid in self._setups:
-                        new.inbox.put(("start", uid, self._setups[uid]))
-                for batch_id in sorted(w.inflight):
-                    uid, frames, msg = w.inflight[batch_id]
-                    new.inflight[batch_id] = (uid, frames, msg)
-                    new.inbox.put(msg)
+                # The dead worker's regularizer windows are gone: replay, in order, every frame of
+                # its runs that has no final result yet (in flight or waiting in a window).
                 for uid in sorted(w.runs):
                     slot = self._runs.get(uid)
-                    if slot is not None and slot.stop is not None:
+                    if slot is None or uid not in self._setups:
+                        continue
+                    new.inbox.put(("start", uid, self._setups[uid]))
+                    replay = [slot.unfinal[k] for k in sorted(slot.unfinal)]
+                    for j in range(0, len(replay), self.cfg.max_batch):
+                        self._send(new, slot, replay[j:j + self.cfg.max_batch])
+                    if slot.stop is not None:
                         new.inbox.put(("stop", uid))

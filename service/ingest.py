@@ -96,6 +96,7 @@ class StreamInfo:
     frame_field: str | None
     frame_shape: tuple[int, ...] | None
     external_stream: bool = False       # frames arrive by stream_datum, not in the events
+    profile: tuple[str, str, str | None] | None = None   # (intensity, q, sigma) fields of reduced 1D profiles
     last_seq_num: int = 0
 
 
@@ -111,13 +112,16 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class Frame:
-    """One detector frame handed to the dispatcher. `arrival` is time.monotonic() at receipt."""
+    """One detector frame (kind "frame": (rows, cols) counts, row-major) or an already reduced
+    profile (kind "profile": (3, N) rows q 1/nm, intensity, sigma) handed to the dispatcher.
+    `arrival` is time.monotonic() at receipt."""
     run_uid: str
     seq_num: int
     time: float                 # event time, s since epoch
-    data: np.ndarray            # (rows, cols) detector counts, row-major
+    data: np.ndarray
     arrival: float
     scalars: dict[str, float]   # the event's other scalar fields (motors, truth in simulation)
+    kind: str = "frame"
 
 
 class FrameSink(Protocol):
@@ -140,6 +144,15 @@ def choose_frame_field(descriptor: dict, configured: str | None) -> tuple[str | 
         if shape is not None and shape[0] == 1:
             return name, shape[1:]
     return None, None
+
+
+def choose_profile_fields(descriptor: dict, config: IngestConfig) -> tuple[str, str, str | None] | None:
+    """(intensity, q, sigma) field names when the descriptor carries reduced 1D profiles."""
+    keys = descriptor.get("data_keys", {})
+    i, q, s = config.profile_intensity_field, config.profile_q_field, config.profile_sigma_field
+    if i in keys and q in keys and len(keys[i].get("shape") or []) == 1:
+        return i, q, (s if s in keys else None)
+    return None
 
 
 class DocumentRouter:
@@ -204,8 +217,9 @@ class DocumentRouter:
             raise RejectedInput("descriptor_without_start", doc["run_start"])
         fld, shape = choose_frame_field(doc, self.config.detector_field)
         external = fld in self.resolver.stream_data_keys(doc)
+        profile = choose_profile_fields(doc, self.config) if fld is None else None
         run.streams[doc["uid"]] = StreamInfo(descriptor=doc, frame_field=fld, frame_shape=shape,
-                                             external_stream=external)
+                                             external_stream=external, profile=profile)
         self._descriptor_run[doc["uid"]] = run.uid
 
     def _on_event(self, doc: dict, arrival: float) -> None:
@@ -220,13 +234,16 @@ class DocumentRouter:
             self.metrics.lost_upstream.labels("event").inc(seq - stream.last_seq_num - 1)
             log.warning("run %s: seq_num gap %d -> %d (lost upstream)", run_uid[:8], stream.last_seq_num, seq)
         stream.last_seq_num = max(stream.last_seq_num, seq)
-        if stream.frame_field is None or stream.external_stream:
+        if stream.profile is None and (stream.frame_field is None or stream.external_stream):
             return              # no frames (baseline), or frames that come by stream_datum
-        frame = self._extract_frame(doc, stream)
+        if stream.profile is not None:
+            frame, kind = self._extract_profile(doc, stream.profile), "profile"
+        else:
+            frame, kind = self._extract_frame(doc, stream), "frame"
         scalars = {k: float(v) for k, v in doc["data"].items()
                    if k != stream.frame_field and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
         run.frames += 1
-        self.sink.submit(Frame(run_uid, seq, float(doc["time"]), frame, arrival, scalars))
+        self.sink.submit(Frame(run_uid, seq, float(doc["time"]), frame, arrival, scalars, kind))
 
     def _on_event_page(self, doc: dict, arrival: float) -> None:
         for event in unpack_event_page(doc):
@@ -277,6 +294,22 @@ class DocumentRouter:
         else:
             frame = np.asarray(value)
         return self._checked(frame, stream)
+
+    def _extract_profile(self, doc: dict, fields: tuple[str, str, str | None]) -> np.ndarray:
+        """(3, N): q (1/nm), intensity, sigma (Poisson sqrt(max(I, 1)) when the event has none)."""
+        i_f, q_f, s_f = fields
+        try:
+            intensity = np.asarray(doc["data"][i_f], dtype=np.float64)
+            q = np.asarray(doc["data"][q_f], dtype=np.float64)
+            sigma = (np.asarray(doc["data"][s_f], dtype=np.float64) if s_f is not None
+                     else np.sqrt(np.maximum(intensity, 1.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RejectedInput("bad_profile", f"{type(exc).__name__}: {exc}") from None
+        if not (intensity.ndim == q.ndim == sigma.ndim == 1 and intensity.shape == q.shape == sigma.shape):
+            raise RejectedInput("bad_profile", f"shapes I {intensity.shape}, q {q.shape}, sigma {sigma.shape}")
+        if not (np.isfinite(q).all() and np.all(np.diff(q) > 0)):
+            raise RejectedInput("bad_profile", "q must be finite and increasing")
+        return np.stack([q, intensity, sigma])
 
     def _checked(self, frame: np.ndarray, stream: StreamInfo) -> np.ndarray:
         if frame.ndim == 3 and frame.shape[0] == 1:

@@ -54,10 +54,12 @@ class Service:
         elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
             import pyFAI
             geometry = Geometry.from_pyfai(pyFAI.load(start["geometry"]))
-        else:
-            raise ValueError("no geometry: set geometry.poni or put a PONI mapping 'geometry' in the start document")
+        else:       # fine for runs of reduced 1D profiles; 2D frames of this run fail as "no_geometry"
+            log.warning("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
+                        start.get("uid", "?")[:8])
+            geometry = None
         mask = read_image(g.mask).astype(bool) if g.mask else None
-        if mask is not None:
+        if mask is not None and geometry is not None:
             mask = mask | geometry.detector_mask()
         return RunSetup(geometry=geometry, mask=mask,
                         dark=read_image(g.dark) if g.dark else None,
@@ -75,7 +77,7 @@ class Service:
             results = ResultsPublisher(s.results.address, prefix=s.results.prefix.encode())
             self._closers.append(results.close)
         self.hub = PublishHub(self.store, self.metrics, tiled=tiled, results=results,
-                              config=s.model_dump(mode="json"))
+                              config=s.model_dump(mode="json", exclude={"tiled": {"api_key"}, "api": {"api_key"}}))
         self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.setup_for_run)
         self.dispatcher.start()
         self._closers.append(self.dispatcher.close)
@@ -90,6 +92,9 @@ class Service:
 
     def _start_tiled(self):
         s = self.settings.tiled
+        if not s.enabled:
+            self.tiled = None
+            return None
         try:
             from .publish.tiled_server import EmbeddedTiled
             from .publish.tiled_writer import TiledPublisher
@@ -115,7 +120,8 @@ class Service:
         from .api import build_app
         a = self.settings.api
         app = build_app(self.store, self.metrics, self.status, api_key=a.api_key)
-        self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning"))
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
+                                                     timeout_graceful_shutdown=2))
         t = threading.Thread(target=self._uvicorn.run, name="api", daemon=True)
         t.start()
         deadline = time.monotonic() + 10

@@ -39,6 +39,10 @@ class RunSetup:
         return h.hexdigest()
 
 
+class NoGeometry(ValueError):
+    """2D frames arrived for a run without a geometry."""
+
+
 def resolve_device(name: str) -> str:
     import torch
     if name == "auto":
@@ -58,7 +62,7 @@ class RunPipeline:
         self.integrators = integrators
         model, regularizer = model_spec_from_dict(setup.fit)
         self.fitter = TrajectoryFitter(model, regularizer, device=device)
-        if setup.geometry.shape is not None:       # build the matrix now, not on the first frame
+        if setup.geometry is not None and setup.geometry.shape is not None:   # build now, not on the first frame
             self._integrator(tuple(setup.geometry.shape))
 
     def _integrator(self, shape: tuple[int, ...]):
@@ -79,8 +83,17 @@ class RunPipeline:
                 device=self.device)
         return self.integrators[key]
 
-    def process(self, seq: np.ndarray, times: np.ndarray, frames: np.ndarray) -> dict:
+    def process(self, seq: np.ndarray, times: np.ndarray, frames: np.ndarray, kind: str = "frame") -> dict:
         import torch
+        if kind == "profile":                        # already reduced: (B, 3, N) q, I, sigma
+            radial = frames[0, 0]
+            if not np.allclose(frames[:, 0], radial):
+                raise ValueError("profiles of one run must share their q grid")
+            rows = self.fitter.update(radial, frames[:, 1], frames[:, 2], seq, times)
+            return {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
+                    "sigma": frames[:, 2].astype(np.float32), "rows": rows, "reseeds": int(self.fitter.reseeds)}
+        if self.setup.geometry is None:
+            raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
         integrator = self._integrator(frames.shape[1:])
         batch = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device != "cpu":
@@ -114,12 +127,12 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
             if kind == "start":
                 runs[uid] = RunPipeline(msg[2], device, integrators)
             elif kind == "frames":
-                _, _, batch_id, seq, times, frames = msg
+                _, _, batch_id, seq, times, frames, frame_kind = msg
                 pipeline = runs.get(uid)
                 if pipeline is None:
                     outbox.put(("failed", uid, batch_id, seq, "no_setup", "run setup failed or missing"))
                     continue
-                out = pipeline.process(seq, times, frames)
+                out = pipeline.process(seq, times, frames, frame_kind)
                 outbox.put(("reduced", uid, batch_id, seq, times, out))
             elif kind == "stop":
                 pipeline = runs.pop(uid, None)
@@ -129,7 +142,8 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
             log.error("worker %d: %s for run %s failed: %s", index, kind, uid[:8], exc)
             detail = f"{type(exc).__name__}: {exc}"
             if kind == "frames":
-                outbox.put(("failed", uid, msg[2], msg[3], "reduction_error", detail))
+                reason = "no_geometry" if isinstance(exc, NoGeometry) else "reduction_error"
+                outbox.put(("failed", uid, msg[2], msg[3], reason, detail))
             elif kind == "start":
                 outbox.put(("setup_failed", uid, detail, traceback.format_exc(limit=3)))
             else:

@@ -190,3 +190,22 @@ def test_router_fills_ophyd_v1_resource_datum(tmp_path):
     assert [f.seq_num for f in sink.frames] == [1, 2, 3]
     for frame, truth in zip(sink.frames, made):
         np.testing.assert_array_equal(frame.data, truth)
+
+
+def test_reduced_profiles_are_frames_of_kind_profile():
+    sink, metrics = Collect(), Metrics()
+    router = DocumentRouter(sink, metrics)
+    bundle = compose_run()
+    q = np.linspace(1, 5, 50)
+    desc = bundle.compose_descriptor(name="primary", data_keys={
+        "q": {"source": "x", "dtype": "array", "shape": [50]},
+        "intensity": {"source": "x", "dtype": "array", "shape": [50]}})
+    router.route("start", bundle.start_doc)
+    router.route("descriptor", desc.descriptor_doc)
+    router.route("event", desc.compose_event(data={"q": q, "intensity": 4 * q}, timestamps={"q": 0, "intensity": 0}, seq_num=1))
+    router.route("event", desc.compose_event(data={"q": q[::-1], "intensity": q}, timestamps={"q": 0, "intensity": 0}, seq_num=2))
+    (f,) = sink.frames
+    assert f.kind == "profile" and f.data.shape == (3, 50)
+    np.testing.assert_array_equal(f.data[1], 4 * q)
+    np.testing.assert_allclose(f.data[2], np.sqrt(np.maximum(4 * q, 1)))      # Poisson when no sigma field
+    assert rejected(metrics, "bad_profile") == 1                                # q not increasing

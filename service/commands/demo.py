@@ -102,6 +102,10 @@ def run(args) -> int:
     _print_summary(console, service, run_uid, summary, elapsed)
     plot = plot_trajectories(service, run_uid, workdir / f"trajectories-{run_uid[:8]}.png")
     console.print(f"trajectory plot: {plot}")
+    if service.tiled_uri:
+        from ..report import write_report_for
+        report = write_report_for(service.tiled_uri, service.tiled_api_key, run_uid, workdir / f"report-{run_uid[:8]}")
+        console.print(f"run report (from Tiled): {report}")
     if args.exit:
         service.close()
         return 0

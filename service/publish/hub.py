@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import numpy as np
 
@@ -24,6 +25,8 @@ class PublishHub:
         self.config = config or {}
         self._arrivals: dict[str, dict[int, float]] = {}
         self._peak_names: dict[str, list[str]] = {}
+        # exact recent latencies (s) for benchmarks and the dashboard; Prometheus has the histogram
+        self.latencies = {"provisional": deque(maxlen=100_000), "final": deque(maxlen=100_000)}
 
     def _safe(self, what: str, fn, *args) -> None:
         try:
@@ -45,6 +48,8 @@ class PublishHub:
 
     def frame_accepted(self, frame: Frame) -> None:
         self.store.frame_received(frame.run_uid, frame.seq_num, frame.scalars)
+        if frame.kind == "frame":
+            self.store.set_latest_frame(frame.run_uid, frame.seq_num, frame.data)
         arrivals = self._arrivals.get(frame.run_uid)
         if arrivals is not None:
             arrivals[frame.seq_num] = frame.arrival
@@ -53,6 +58,7 @@ class PublishHub:
         now = time.monotonic()
         for f in frames:
             self.metrics.latency.labels("provisional").observe(now - f.arrival)
+            self.latencies["provisional"].append(now - f.arrival)
         seq = np.array([f.seq_num for f in frames], dtype=np.int64)
         times = np.array([f.time for f in frames])
         self.store.add_profiles(uid, seq, times, out["radial"], out["unit"], out["intensity"], out["sigma"])
@@ -71,6 +77,7 @@ class PublishHub:
             a = arrivals.pop(int(s), None)
             if a is not None:
                 self.metrics.latency.labels("final").observe(now - a)
+                self.latencies["final"].append(now - a)
         self.metrics.frames_final.inc(len(final_seqs))
         self.metrics.change_points.inc(int(np.sum(np.asarray(rows["change_point"], bool) & final)))
         self.store.add_peaks(uid, rows)

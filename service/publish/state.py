@@ -33,6 +33,8 @@ class RunRecord:
     profiles: deque = field(default_factory=lambda: deque(maxlen=2000))   # (seq, time, I, sigma)
     peaks: dict = field(default_factory=lambda: {c: [] for c in PEAK_COLUMNS})
     scalars: dict = field(default_factory=dict)      # seq_num -> the event's scalar fields
+    frame: np.ndarray | None = None                  # latest raw 2D frame (rows, cols), detector counts
+    frame_seq: int | None = None                     # its seq_num
 
     def summary(self) -> dict:
         return {"uid": self.uid, "status": self.status, "reason": self.reason,
@@ -49,6 +51,7 @@ class RunStore:
         self._lock = threading.Lock()
         self.max_profiles = max_profiles
         self.max_runs = max_runs
+        self.max_frames_kept = 4           # runs whose latest raw frame is held (dashboard image)
 
     def start_run(self, uid: str, start: dict) -> None:
         with self._lock:
@@ -75,6 +78,29 @@ class RunStore:
                 if scalars:
                     run.scalars[seq] = scalars
 
+    def set_latest_frame(self, uid: str, seq: int, frame: np.ndarray) -> None:
+        """Keep the latest raw detector frame (rows, cols) of run `uid` for the dashboard image.
+
+        Only a reference is kept (frames from ingest are read-only), one per run and for the
+        `max_frames_kept` newest runs only (a 4 Mpx frame is 16 MB); frames older than the one
+        held are ignored."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is not None and (run.frame_seq is None or int(seq) >= run.frame_seq):
+                run.frame, run.frame_seq = frame, int(seq)
+                holding = sorted((r for r in self._runs.values() if r.frame is not None),
+                                 key=lambda r: r.created, reverse=True)
+                for old in holding[self.max_frames_kept:]:
+                    old.frame = old.frame_seq = None
+
+    def latest_frame(self, uid: str) -> tuple[int, np.ndarray] | None:
+        """(seq_num, frame) of the latest raw frame of run `uid`, or None if none was kept."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None or run.frame is None:
+                return None
+            return run.frame_seq, run.frame
+
     def add_profiles(self, uid: str, seq, times, radial, unit, intensity, sigma) -> None:
         with self._lock:
             run = self._runs.get(uid)
@@ -93,7 +119,10 @@ class RunStore:
             if run is None:
                 return
             for c in PEAK_COLUMNS:
-                run.peaks[c].extend(np.asarray(rows[c]).tolist())
+                values = np.asarray(rows[c])
+                if values.dtype.kind == "f":             # JSON has no NaN: undetermined values are null
+                    values = np.where(np.isfinite(values), values, None)
+                run.peaks[c].extend(values.tolist())
             run.frames_final = len({s for s, f in zip(run.peaks["seq_num"], run.peaks["final"]) if f})
 
     def add_failed(self, uid: str, n: int, reason: str) -> None:

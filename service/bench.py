@@ -1,0 +1,252 @@
+"""End-to-end benchmark: simulated detector frames published through bluesky's 0MQ proxy into
+the real service (ingest, worker processes, Tiled, REST), inline in the events or in an HDF5
+file the documents point at; with pyFAI + lmfit per frame measured in the same run as baseline.
+
+Figures: sustained frames/s and Gpixel/s, latency p50/p99 from frame arrival to the published
+provisional and final fit, drops (lost upstream, dropped, failed), CPU seconds per frame.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DETECTORS = {   # name: (distance m) chosen so that q spans ~1.5-20 1/nm at 1 Å
+    "Pilatus300k": 0.20, "Eiger1M": 0.16, "Eiger4M": 0.33,
+}
+
+
+def bench_geometry(detector: str):
+    """pyFAI AzimuthalIntegrator with the beam at the detector centre."""
+    from pyFAI.detectors import detector_factory
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+    det = detector_factory(detector)
+    rows, cols = det.shape
+    return AzimuthalIntegrator(dist=DETECTORS[detector], poni1=rows / 2 * det.pixel1, poni2=cols / 2 * det.pixel2,
+                               rot1=0.002, rot2=-0.001, detector=det, wavelength=1e-10)
+
+
+def frame_pool(ai, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n simulated frames along the azopolymer cycle (rows, cols int32) and the mask."""
+    from .sim import AzoCycle, FrameSimulator
+    sim = FrameSimulator(ai, AzoCycle(), seed=seed, noise="normal")
+    times = np.linspace(0, 60, n)
+    return np.stack([sim.frame(float(t)) for t in times]), sim.mask
+
+
+# --------------------------------------------------------------------------- the sender
+def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: str, h5_path: str | None,
+            poni: dict, ready: mp.Event, go: mp.Event, done: mp.Queue) -> None:
+    """Runs in its own process: compose Bluesky documents and publish them at `rate` frames/s."""
+    import msgpack
+    import msgpack_numpy
+    import zmq
+    from event_model import compose_run
+    pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
+    pool = np.load(frames_path, mmap_mode="r")
+    sock = zmq.Context.instance().socket(zmq.PUB)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.connect(address)
+    ready.set()
+    go.wait()
+
+    def send(name, doc):
+        sock.send(b" " + name.encode() + b" " + pack(doc))
+
+    rows, cols = pool.shape[1:]
+    bundle = compose_run(metadata={"plan_name": "bench", "geometry": poni, "detectors": ["det"]})
+    send("start", bundle.start_doc)
+    key = {"source": "bench", "dtype": "array", "shape": [1, rows, cols], "dtype_numpy": pool.dtype.str}
+    if mode == "hdf5":
+        key["external"] = "STREAM:"
+    desc = bundle.compose_descriptor(name="primary", data_keys={"det_image": key})
+    send("descriptor", desc.descriptor_doc)
+    if mode == "hdf5":
+        sres = bundle.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{h5_path}",
+                                              data_key="det_image",
+                                              parameters={"dataset": "/entry/data/data", "chunk_shape": [1, rows, cols]})
+        send("stream_resource", sres.stream_resource_doc)
+    t0 = time.perf_counter()
+    for i in range(n_frames):
+        if rate > 0:
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        k = i % len(pool)
+        if mode == "hdf5":
+            datum = sres.compose_stream_datum(indices={"start": k, "stop": k + 1},
+                                              seq_nums={"start": i + 1, "stop": i + 2},
+                                              descriptor=desc.descriptor_doc)
+            send("stream_datum", datum)
+            send("event", desc.compose_event(data={}, timestamps={}, seq_num=i + 1))
+        else:
+            send("event", desc.compose_event(data={"det_image": np.asarray(pool[k])},
+                                             timestamps={"det_image": time.time()}, seq_num=i + 1))
+    send("stop", bundle.compose_stop())
+    done.put((bundle.start_doc["uid"], time.perf_counter() - t0))
+    time.sleep(0.5)
+    sock.close(linger=2000)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class BenchResult:
+    detector: str
+    pixels: int
+    mode: str
+    frames: int
+    rate_requested: float
+    send_seconds: float
+    fitted: int
+    final: int
+    seconds: float            # first frame arrival to last final result
+    lost: float
+    dropped: float
+    failed: float
+    rejected: float
+    latency_provisional: tuple[float, float]
+    latency_final: tuple[float, float]
+    cpu_seconds: float
+    baseline_fps: float | None
+
+    @property
+    def fps(self) -> float:
+        return self.fitted / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
+def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.0, mode: str = "inline",
+              workers: int = 1, baseline: bool = True, pool_size: int = 16, workdir: str | None = None,
+              progress=None) -> BenchResult:
+    from .commands.demo import free_port
+    from .config import load_settings
+    from .server import Service
+    from .sim import poni_dict
+    if mode not in ("inline", "hdf5"):
+        raise ValueError(f"mode must be 'inline' or 'hdf5', got {mode!r}")
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {sorted(DETECTORS)}, got {detector!r}")
+    work = Path(workdir or tempfile.mkdtemp(prefix="scatterflow-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ai = bench_geometry(detector)
+    pool, mask = frame_pool(ai, pool_size)
+    np.save(work / "pool.npy", pool)
+    np.save(work / "mask.npy", mask)
+    h5_path = None
+    if mode == "hdf5":
+        import h5py
+        h5_path = str(work / "frames.h5")
+        with h5py.File(h5_path, "w") as f:
+            f.create_dataset("/entry/data/data", data=pool, chunks=(1, *pool.shape[1:]))
+    in_port, out_port = free_port(), free_port()
+    proxy = subprocess.Popen([str(Path(sys.executable).parent / "bluesky-0MQ-proxy"), str(in_port), str(out_port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = load_settings(None, **{
+        "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
+        "geometry": {"mask": str(work / "mask.npy")},
+        "workers": {"count": workers},
+        "tiled": {"directory": str(work / "tiled")},
+        "api": {"port": free_port()},
+        "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
+    })
+    service = Service(settings).start()
+    ctx = mp.get_context("spawn")
+    ready, go, done = ctx.Event(), ctx.Event(), ctx.Queue()
+    sender = ctx.Process(target=_sender, args=(f"tcp://127.0.0.1:{in_port}", str(work / "pool.npy"), frames, rate,
+                                               mode, h5_path, poni_dict(ai), ready, go, done), daemon=True)
+    try:
+        sender.start()
+        ready.wait(60)
+        time.sleep(1.5)                                   # slow joiners: sender -> proxy -> service
+        cpu0 = _cpu_seconds([os.getpid(), *[w.process.pid for w in service.dispatcher._workers]])
+        go.set()
+        uid, send_seconds = done.get(timeout=frames / max(rate, 1) * 10 + 600)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            run = service.store.get(uid)
+            if progress is not None and run is not None:
+                progress(run.frames_fitted, run.frames_final)
+            if run is not None and run.status != "running":
+                break
+            time.sleep(0.2)
+        run = service.store.get(uid)
+        cpu1 = _cpu_seconds([os.getpid(), *[w.process.pid for w in service.dispatcher._workers]])
+        hub = service.hub
+        prov = np.array(hub.latencies["provisional"])
+        fin = np.array(hub.latencies["final"])
+        status = service.status()
+        # time span: first arrival .. last final publication ~ send time + the final latency of the last frame
+        seconds = send_seconds + (fin[-1] if len(fin) else 0.0)
+        m = service.metrics.registry
+        def metric(name, **labels):
+            return sum(s.value for fam in m.collect() for s in fam.samples
+                       if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        result = BenchResult(
+            detector=detector, pixels=int(pool.shape[1] * pool.shape[2]), mode=mode, frames=frames,
+            rate_requested=rate, send_seconds=send_seconds, fitted=run.frames_fitted if run else 0,
+            final=run.frames_final if run else 0, seconds=seconds,
+            lost=metric("scatterflow_lost_upstream_total"), dropped=metric("scatterflow_frames_dropped_total"),
+            failed=metric("scatterflow_frames_failed_total"), rejected=status["rejected"],
+            latency_provisional=tuple(np.percentile(prov, [50, 99])) if len(prov) else (np.nan, np.nan),
+            latency_final=tuple(np.percentile(fin, [50, 99])) if len(fin) else (np.nan, np.nan),
+            cpu_seconds=cpu1 - cpu0, baseline_fps=None)
+    finally:
+        service.close()
+        proxy.terminate()
+        proxy.wait(10)
+        sender.join(5)
+    if baseline:
+        result.baseline_fps = baseline_pyfai_lmfit(ai, pool, mask, settings)
+    return result
+
+
+def baseline_pyfai_lmfit(ai, pool: np.ndarray, mask: np.ndarray, settings, n: int = 8) -> float:
+    """Frames/s of the usual per-frame path: pyFAI integrate1d (bbox CSR) then an lmfit Model
+    of the same peaks and background, warm-started from the previous frame."""
+    import lmfit
+    cfg = settings.fit
+    model = None
+    params = None
+    t0 = time.perf_counter()
+    for k in range(n):
+        res = ai.integrate1d(pool[k % len(pool)], settings.reduction.npt, unit="q_nm^-1",
+                             method=("bbox", "csr", "cython"), mask=mask, polarization_factor=0.95,
+                             error_model="poisson", dummy=-1, delta_dummy=0.5)
+        q, i, s = res.radial, res.intensity, res.sigma
+        sel = (q >= cfg.q_range[0]) & (q <= cfg.q_range[1]) & (s > 0)
+        if model is None:
+            model = lmfit.models.PowerLawModel(prefix="bg_") + lmfit.models.ConstantModel(prefix="c_")
+            for p in cfg.peaks:
+                model = model + lmfit.models.PseudoVoigtModel(prefix=f"{p.name}_")
+            params = model.make_params(bg_amplitude=600.0, bg_exponent=-3.0, c_c=10.0)
+            for p in cfg.peaks:
+                params[f"{p.name}_center"].set(value=p.center, min=p.center_min, max=p.center_max)
+                params[f"{p.name}_sigma"].set(value=p.fwhm / 2, min=0.005)
+                params[f"{p.name}_amplitude"].set(value=50.0, min=0)
+                params[f"{p.name}_fraction"].set(value=0.5, min=0, max=1)
+        out = model.fit(i[sel], params, x=q[sel], weights=1 / s[sel])
+        params = out.params
+    return n / (time.perf_counter() - t0)

@@ -1,0 +1,54 @@
+"""`scatterflow bench`: the real service end to end at a set frame rate, with pyFAI + lmfit as baseline."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="end-to-end throughput and latency of the service",
+                       description="Publish simulated frames through bluesky's 0MQ proxy into the service and "
+                                   "measure sustained frames/s, Gpixel/s, latency p50/p99 to the published fit, "
+                                   "drops and CPU use; pyFAI + lmfit per frame in the same run as baseline.")
+    p.add_argument("--detector", default="Eiger1M", choices=["Pilatus300k", "Eiger1M", "Eiger4M"])
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--rate", type=float, default=50.0, help="frames/s the sender publishes (0: as fast as it can)")
+    p.add_argument("--mode", default="inline", choices=["inline", "hdf5"], help="frames in the events or in an HDF5 file")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--workdir", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from ..bench import run_bench
+    console = Console()
+    with Progress(console=console) as progress:
+        fitted = progress.add_task("fitted", total=args.frames)
+        final = progress.add_task("final ", total=args.frames)
+
+        def update(n_fit, n_final):
+            progress.update(fitted, completed=n_fit)
+            progress.update(final, completed=n_final)
+
+        r = run_bench(detector=args.detector, frames=args.frames, rate=args.rate, mode=args.mode,
+                      workers=args.workers, baseline=not args.no_baseline, workdir=args.workdir, progress=update)
+    table = Table(title=f"scatterflow bench: {r.detector} ({r.pixels / 1e6:.2f} Mpx), frames {r.mode}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [("frames sent / fitted / final", f"{r.frames} / {r.fitted} / {r.final}"),
+            ("requested rate", f"{r.rate_requested:.0f} frames/s" if r.rate_requested else "max"),
+            ("sender time", f"{r.send_seconds:.2f} s"),
+            ("sustained rate", f"{r.fps:.1f} frames/s, {r.fps * r.pixels / 1e9:.3f} Gpixel/s"),
+            ("latency to provisional fit p50 / p99", f"{r.latency_provisional[0] * 1e3:.0f} / {r.latency_provisional[1] * 1e3:.0f} ms"),
+            ("latency to final fit p50 / p99", f"{r.latency_final[0] * 1e3:.0f} / {r.latency_final[1] * 1e3:.0f} ms"),
+            ("lost upstream / dropped / failed / rejected", f"{r.lost:.0f} / {r.dropped:.0f} / {r.failed:.0f} / {r.rejected:.0f}"),
+            ("CPU (service + workers)", f"{r.cpu_seconds:.1f} s, {1e3 * r.cpu_seconds / max(r.fitted, 1):.1f} ms/frame")]
+    if r.baseline_fps:
+        rows.append(("baseline pyFAI integrate1d + lmfit, per frame", f"{r.baseline_fps:.1f} frames/s"))
+        rows.append(("speed-up over baseline", f"{r.fps / r.baseline_fps:.1f}x"))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    return 0
