@@ -44,12 +44,16 @@ class Service:
         self.tiled_api_key: str | None = None
         self.api_port: int | None = None
         self._stop = threading.Event()
+        self.calibrated_geometry = None        # from the last calibrant run; used for the runs after it
+        self.calibration_info: dict | None = None
 
     # geometry for a run --------------------------------------------------------------------
     def setup_for_run(self, start: dict) -> RunSetup:
         from workers.geometry import Geometry
         g = self.settings.geometry
-        if g.poni is not None:
+        if self.calibrated_geometry is not None:
+            geometry = self.calibrated_geometry
+        elif g.poni is not None:
             geometry = Geometry.from_poni(g.poni)
         elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
             import pyFAI
@@ -61,7 +65,10 @@ class Service:
         mask = read_image(g.mask).astype(bool) if g.mask else None
         if mask is not None and geometry is not None:
             mask = mask | geometry.detector_mask()
-        return RunSetup(geometry=geometry, mask=mask,
+        calibrant = start.get("calibrant")
+        if calibrant is not None and not isinstance(calibrant, str):
+            raise ValueError(f"start document 'calibrant' must be a calibrant name, got {calibrant!r}")
+        return RunSetup(geometry=geometry, mask=mask, calibrant=calibrant,
                         dark=read_image(g.dark) if g.dark else None,
                         flat=read_image(g.flat) if g.flat else None,
                         reduction=self.settings.reduction.model_dump(),
@@ -77,7 +84,8 @@ class Service:
             results = ResultsPublisher(s.results.address, prefix=s.results.prefix.encode())
             self._closers.append(results.close)
         self.hub = PublishHub(self.store, self.metrics, tiled=tiled, results=results,
-                              config=s.model_dump(mode="json", exclude={"tiled": {"api_key"}, "api": {"api_key"}}))
+                              config=s.model_dump(mode="json", exclude={"tiled": {"api_key"}, "api": {"api_key"}}),
+                              on_calibration=self.calibrated)
         self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.setup_for_run)
         self.dispatcher.start()
         self._closers.append(self.dispatcher.close)
@@ -89,6 +97,23 @@ class Service:
         t = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         t.start()
         return self
+
+    def calibrated(self, uid: str, info: dict) -> None:
+        """A calibrant run was calibrated (worker): later runs use this geometry; keep a PONI file."""
+        geometry = info["geometry"]
+        self.calibrated_geometry = geometry
+        path = Path(self.settings.tiled.directory) / f"calibration-{uid[:8]}.poni"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            geometry.to_poni(path)
+        except OSError as exc:
+            log.error("could not write %s: %s", path, exc)
+        self.calibration_info = {"run": uid, "poni_file": str(path), "dist": geometry.dist, "poni1": geometry.poni1,
+                                 "poni2": geometry.poni2, "rot1": geometry.rot1, "rot2": geometry.rot2,
+                                 **{k: v for k, v in info.items() if k != "geometry"}}
+        log.info("calibrant run %s: new geometry dist %.6f m, poni1 %.6f m, poni2 %.6f m (rms %.4f deg, %d rings); "
+                 "used for the next runs", uid[:8], geometry.dist, geometry.poni1, geometry.poni2,
+                 info.get("rms_residual_deg", float("nan")), info.get("rings_used", 0))
 
     def _start_tiled(self):
         s = self.settings.tiled
@@ -156,7 +181,8 @@ class Service:
                 "frames_received": total(m.frames_in), "frames_fitted": total(m.frames_fitted),
                 "frames_final": total(m.frames_final), "frames_failed": total(m.frames_failed),
                 "rejected": total(m.rejected), "runs_active": len(self.router.runs),
-                "tiled_uri": self.tiled_uri, "ingest_address": self.settings.ingest.address}
+                "tiled_uri": self.tiled_uri, "ingest_address": self.settings.ingest.address,
+                "calibration": self.calibration_info}
 
     def close(self) -> None:
         self._stop.set()
