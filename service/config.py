@@ -52,6 +52,7 @@ class ReductionConfig(_Section):
     polarization: float | None = 0.95
     radial_range: tuple[float, float] | None = None
     azimuth_range: tuple[float, float] | None = None
+    snapshot_every: int = Field(25, ge=0)   # corrected 2D snapshot every n-th seq_num (+ the first frame); 0 = off
 
 
 class PeakConfig(_Section):

@@ -218,8 +218,15 @@ class Dispatcher:
 
     def _put(self, worker: _Worker, msg, slot: _RunSlot, frames: list, batch_id: int) -> bool:
         if self.cfg.backpressure == "block":
-            worker.inbox.put(msg)          # lossless: blocks ingest when the worker is behind
-            return True
+            # lossless: blocks ingest while the worker is behind; a dead worker's frames stay in
+            # `unfinal` and are replayed to its replacement (_check_workers), so give up on it
+            while True:
+                try:
+                    worker.inbox.put(msg, timeout=0.5)
+                    return True
+                except queue.Full:
+                    if not worker.process.is_alive():
+                        return False
         try:
             worker.inbox.put_nowait(msg)
             return True

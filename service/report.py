@@ -2,7 +2,8 @@
 
 `write_report(node, out_dir)` reads one run container of the Tiled layout
 (`service/publish/tiled_writer.py`: metadata start/configuration/software/status, arrays `q`,
-`profiles`, `sigma`, tables `frames`, `peaks`, `change_points`) and writes::
+`profiles`, `sigma`, tables `frames`, `peaks`, `change_points`; optional array `snapshots`
+(k, h, w) of corrected 2D frames with table `snapshot_frames` (seq_num, time)) and writes::
 
     out_dir/index.html               the report
     out_dir/report.pdf               the same, when weasyprint is installed
@@ -10,7 +11,8 @@
     out_dir/figures/profiles.png     a few profiles overlaid (±1σ)
     out_dir/figures/trajectory-<peak>.png   centre, FWHM, area vs frame: final ±1σ, provisional
     out_dir/figures/chi2.png         reduced chi² of the final fits per frame
-    out_dir/figures/snapshot-<i>.png 2D frames, only if the run holds an array `snapshots`
+    out_dir/figures/snapshots.png    corrected 2D frames (up to 8, a row per 4, log colour, masked
+                                     grey) with their frame numbers; only if the run holds `snapshots`
 
 It only reads the node (pure with respect to Tiled); figures are matplotlib (Agg).
 Units: q in the run's unit (1/nm by default), times in s since the first frame.
@@ -98,9 +100,14 @@ def read_run(node) -> dict:
     frames = _read_table(node, "frames")
     peaks = _read_table(node, "peaks")
     cps = _read_table(node, "change_points")
-    snapshots = None
-    if "snapshots" in node:                           # optional (k, rows, cols) raw frames
-        snapshots = np.asarray(node["snapshots"].read())
+    snapshots, snapshot_seq = None, None
+    if "snapshots" in node:                           # optional (k, h, w) corrected 2D frames
+        snapshots = np.asarray(node["snapshots"].read(), float)
+        if snapshots.ndim == 2:
+            snapshots = snapshots[None]
+        snap_frames = _read_table(node, "snapshot_frames") if "snapshot_frames" in node else None
+        if snap_frames is not None and "seq_num" in snap_frames and len(snap_frames) >= len(snapshots):
+            snapshot_seq = np.asarray(snap_frames["seq_num"], np.int64)[:len(snapshots)]
     # frames table rows are in profile-row order; keep that pairing, then order by seq_num
     seq = np.asarray(frames["seq_num"], np.int64) if len(frames) == len(profiles) else np.arange(len(profiles))
     t = np.asarray(frames["time"], float) if len(frames) == len(profiles) else np.full(len(profiles), np.nan)
@@ -113,7 +120,7 @@ def read_run(node) -> dict:
             "metadata": md, "q": q, "unit": unit, "profiles": profiles[order], "sigma": sigma[order],
             "seq_num": seq[order], "time": t[order], "final": final, "provisional": prov,
             "change_points": cps.sort_values(["seq_num", "peak"]) if len(cps) else cps,
-            "snapshots": snapshots}
+            "snapshots": snapshots, "snapshot_seq": snapshot_seq}
 
 
 # --- summary numbers -------------------------------------------------------------------------
@@ -250,18 +257,41 @@ def fig_chi2(run: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def fig_snapshot(frame: np.ndarray, path: Path, title: str) -> Path:
-    """One 2D frame, log10(1 + counts), masked (< 0) grey."""
+def select_snapshots(n: int, k: int = 8) -> np.ndarray:
+    """Indices of at most `k` of `n` snapshots, evenly spaced, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int)) if n else np.zeros(0, int)
+
+
+def fig_snapshots(images: np.ndarray, labels: list[str], path: Path, ncols: int = 4) -> Path | None:
+    """Snapshots (k, h, w) in rows of `ncols`, one shared log colour scale (1st to 99.9th
+    percentile of the positive values), masked (NaN) pixels grey, values <= 0 at the bottom
+    of the scale; `labels` as titles."""
+    if images.size == 0 or not len(images):
+        return None
+    from matplotlib.colors import LogNorm
     plt = _pyplot()
-    a = np.asarray(frame, float)
-    bad = ~np.isfinite(a) | (a < 0)
-    img = np.ma.masked_array(np.log10(1 + np.where(bad, 0, a)), bad)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#555555")
-    im = ax.imshow(img, cmap=cmap, origin="upper", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="log10(1 + counts)", shrink=0.8)
-    ax.set_title(title)
-    fig.tight_layout()
+    a = np.asarray(images, float)
+    bad = ~np.isfinite(a)
+    pos = a[~bad & (a > 0)]
+    lo, hi = (np.percentile(pos, [1, 99.9]) if pos.size else (1e-3, 1.0))
+    hi = max(hi, lo * 1.01)
+    data = np.ma.masked_array(np.clip(np.where(bad, lo, a), lo, None), bad)
+    n = len(a)
+    cols = min(n, ncols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.6 * cols + 1.0, 5.5), 2.7 * rows + 0.3),
+                             squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#888888")
+    norm = LogNorm(vmin=lo, vmax=hi)
+    im = None
+    for ax, img, label in zip(axes.flat, data, labels):
+        im = ax.imshow(img, cmap=cmap, norm=norm, origin="upper", interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="corrected intensity (log)", shrink=0.85)
     return _save(fig, path)
 
 
@@ -286,11 +316,16 @@ def write_report(node, out_dir) -> Path:
     }
     trajectories = {s["peak"]: fig_trajectory(run, s["peak"], figdir / f"trajectory-{_safe_name(s['peak'])}.png")
                     for s in summary}
-    snapshots = []
-    if run["snapshots"] is not None and run["snapshots"].ndim in (2, 3):
-        snaps = run["snapshots"] if run["snapshots"].ndim == 3 else run["snapshots"][None]
-        for i, f in enumerate(snaps[:4]):
-            snapshots.append(fig_snapshot(f, figdir / f"snapshot-{i}.png", f"snapshot {i}"))
+    snapshots = None                                 # (figure, shown seq_nums, stored count)
+    snaps = run["snapshots"]
+    if snaps is not None and snaps.ndim == 3 and len(snaps):
+        idx = select_snapshots(len(snaps))
+        seq = run["snapshot_seq"]
+        shown = [int(seq[i]) for i in idx] if seq is not None else None
+        labels = [f"frame {s}" for s in shown] if shown is not None else [f"snapshot {i}" for i in idx]
+        fig = fig_snapshots(snaps[idx], labels, figdir / "snapshots.png")
+        if fig is not None:
+            snapshots = (fig, shown, len(idx), len(snaps))
 
     page = _render_html(run, uid, md, start, summary, figs, trajectories, snapshots, out)
     index = out / "index.html"
@@ -385,12 +420,20 @@ all numbers below are read from the stored run (final, regularized fits unless s
         parts.append("<p>No profiles stored.</p>")
     parts.append("<h3>2D frames</h3>")
     if snapshots:
-        parts.append("".join(f'<figure class="snap"><img src="{rel(p)}" alt="snapshot {i}"></figure>'
-                             for i, p in enumerate(snapshots)))
+        fig, shown, n_shown, stored = snapshots
+        seq_attr = " ".join(str(s) for s in shown) if shown is not None else ""
+        which = (f"frames {', '.join(str(s) for s in shown)}" if shown is not None
+                 else "frame numbers not stored")
+        parts.append(f'<figure id="snapshots" data-seq="{e(seq_attr)}" data-stored="{stored}">'
+                     f'<img src="{rel(fig)}" alt="corrected 2D frame snapshots"><figcaption>Corrected 2D '
+                     f"frames (raw − dark) / (flat · solid angle · polarization), block-averaged, log colour "
+                     f"scale, masked pixels grey: {n_shown} of {stored} "
+                     f"stored snapshots ({e(which)}).</figcaption></figure>")
     else:
-        parts.append('<p id="no-snapshots">Not stored: scatterflow keeps reduced profiles in Tiled, not the '
-                     "corrected 2D frames. The raw frames are wherever the beamline's own writer put them "
-                     "(e.g. the run's HDF5 files); the live dashboard shows the latest frame while a run goes.</p>")
+        parts.append('<p id="no-snapshots">No corrected 2D snapshots stored for this run '
+                     "(reduction.snapshot_every = 0, or profiles sent already reduced). The raw frames are "
+                     "wherever the beamline's own writer put them (e.g. the run's HDF5 files); the live "
+                     "dashboard shows the latest frame while a run goes.</p>")
 
     # quality
     parts.append("<h2>Fit quality</h2>")

@@ -21,6 +21,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_MAX_PX = 256                       # corrected 2D snapshots: at most this many px on the long side
+_NOT_INTEGRATOR = frozenset({"snapshot_every"})   # reduction keys that do not change the integrator
+
 
 @dataclass
 class RunSetup:
@@ -31,9 +34,11 @@ class RunSetup:
     flat: np.ndarray | None = None
     reduction: dict = field(default_factory=dict)   # ReductionConfig as dict
     fit: dict = field(default_factory=dict)         # FitConfig as dict
+    calibrant: str | None = None                    # a calibrant run: calibrate from its first frame
 
     def integrator_key(self, shape: tuple[int, ...]) -> str:
-        h = hashlib.sha1(repr((self.geometry, sorted(self.reduction.items()), shape)).encode())
+        reduction = sorted((k, v) for k, v in self.reduction.items() if k not in _NOT_INTEGRATOR)
+        h = hashlib.sha1(repr((self.geometry, reduction, shape)).encode())
         for arr in (self.mask, self.dark, self.flat):
             h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
@@ -62,6 +67,11 @@ class RunPipeline:
         self.integrators = integrators
         model, regularizer = model_spec_from_dict(setup.fit)
         self.fitter = TrajectoryFitter(model, regularizer, device=device)
+        self.calibration_done = False
+        self.snapshot_every = int(setup.reduction.get("snapshot_every", 25) or 0)
+        if self.snapshot_every < 0:
+            raise ValueError(f"reduction.snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
+        self._first_frame_seen = False
         if setup.geometry is not None and setup.geometry.shape is not None:   # build now, not on the first frame
             self._integrator(tuple(setup.geometry.shape))
 
@@ -100,10 +110,56 @@ class RunPipeline:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         result = integrator(batch)
         rows = self.fitter.update(result.radial, result.intensity, result.sigma, seq, times)
-        return {"radial": result.radial.cpu().numpy(), "unit": result.unit,
-                "intensity": result.intensity.float().cpu().numpy(),
-                "sigma": result.sigma.float().cpu().numpy(), "rows": rows,
-                "reseeds": int(self.fitter.reseeds)}
+        out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
+               "intensity": result.intensity.float().cpu().numpy(),
+               "sigma": result.sigma.float().cpu().numpy(), "rows": rows,
+               "reseeds": int(self.fitter.reseeds)}
+        snapshots = self._snapshots(integrator, batch, seq)
+        if snapshots:
+            out["snapshots"] = snapshots
+        if self.setup.calibrant and not self.calibration_done:
+            self.calibration_done = True
+            out["calibration"] = self._calibrate(frames[0])
+        return out
+
+    def _calibrate(self, frame: np.ndarray) -> dict | None:
+        """Geometry refined from a calibrant frame, starting from the run's geometry."""
+        from workers.calibrate import calibrate
+        g = self.setup.geometry
+        mask = self.setup.mask
+        ai = g.to_pyfai()
+        f2d = ai.getFit2D()
+        try:
+            res = calibrate(frame, detector=g.detector, calibrant=self.setup.calibrant, wavelength=g.wavelength,
+                            distance_guess=f2d["directDist"] * 1e-3, mask=mask,
+                            beam_center_guess=(f2d["centerY"] - 0.5, f2d["centerX"] - 0.5), device=self.device)
+        except Exception as exc:          # a failed calibration must not lose the run's frames
+            log.error("calibration with %s failed: %s", self.setup.calibrant, exc)
+            return None
+        return {"geometry": res.geometry, "calibrant": self.setup.calibrant, "rings_used": res.rings_used,
+                "rms_residual_deg": res.rms_residual_deg, "n_points": res.n_points, "seconds": res.seconds}
+
+    def _snapshots(self, integrator, batch, seq: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Corrected 2D frames of the run's first frame and of every `snapshot_every`-th
+        seq_num, block-averaged (NaN-ignoring mean) to at most SNAPSHOT_MAX_PX px on the long
+        side: [(seq_num, (h, w) float32, NaN = masked), ...]."""
+        if not self.snapshot_every or len(seq) == 0:
+            return []
+        seq = np.asarray(seq, np.int64)
+        pick = seq % self.snapshot_every == 0
+        if not self._first_frame_seen:
+            pick[0] = True
+            self._first_frame_seen = True
+        idx = np.flatnonzero(pick)
+        if idx.size == 0:
+            return []
+        binning = max(1, -(-max(integrator.shape) // SNAPSHOT_MAX_PX))
+        try:
+            images = integrator.corrected(batch[idx.tolist()], binning=binning).float().cpu().numpy()
+        except Exception:        # a view for people: never lose the batch's profiles over it
+            log.exception("worker %d: snapshot of frame(s) %s failed", os.getpid(), seq[idx].tolist())
+            return []
+        return [(int(seq[i]), images[k]) for k, i in enumerate(idx)]
 
 
 def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None) -> None:

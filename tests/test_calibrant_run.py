@@ -47,7 +47,8 @@ def test_calibrant_run_sets_geometry_for_later_runs(tmp_path, free_port):
     (br, bc), _ = beam(truth)
     beamstop = (np.hypot(rows - br, cols - bc) < 25) | ((np.abs(rows - br) < 6) & (cols > bc))
     np.save(tmp_path / "mask.npy", beamstop)
-    nominal = ai_at(0.15 * 1.08, (300.4 - 4, 240.8 + 3))          # what the beamline thought
+    (br0, bc0), d_direct = beam(truth)
+    nominal = ai_at(d_direct * 1.08, (br0 - 4, bc0 + 3))          # what the beamline thought: no tilt
     Geometry.from_pyfai(nominal).to_poni(tmp_path / "nominal.poni")
 
     port = free_port()

@@ -537,7 +537,8 @@ class _Integrator:
             ws = self._ws[batch] = _Workspace(self.engine.npix, batch, self.device, self.dtype, True)
         return ws
 
-    def _sums(self, frames):
+    def _preprocessed(self, frames):
+        """frames (H, W) or (B, H, W) -> (ws, signal, variance, valid|None), see `preprocess`."""
         frames = _as_batch(frames, self.shape)
         ws = self._workspace(frames.shape[0])
         if frames.shape[0] == 1:                      # host->device, dtype cast, transpose
@@ -547,7 +548,38 @@ class _Integrator:
         check_nan = frames.dtype.is_floating_point
         sig, var, valid = preprocess(ws.raw, norm=self.norm, dark=self.dark,
                                      dummy=self.dummy_for(frames.dtype), ws=ws, check_nan=check_nan)
+        return ws, sig, var, valid
+
+    def _sums(self, frames):
+        ws, sig, var, valid = self._preprocessed(frames)
         return self.engine(ws, sig, var, valid)
+
+    def corrected(self, frames, *, binning: int = 1) -> torch.Tensor:
+        """Corrected 2D frames, the per-pixel quantity the integrator averages.
+
+        frames (H, W) or (B, H, W) counts -> (B, H', W') tensor in the integrator's dtype and
+        device: (raw − dark) / (flat·Ω·P), with the integrator's own preprocessing (same
+        dark, normalisation flat·solid angle·polarization, mask, dummy and NaN rules); masked
+        or invalid pixels are NaN. ``binning`` f >= 1 block-averages f x f pixels with a
+        NaN-ignoring mean (edge blocks partial; all-NaN blocks NaN): H' = ceil(H / f),
+        W' = ceil(W / f).
+        """
+        if not isinstance(binning, (int, np.integer)) or isinstance(binning, bool) or binning < 1:
+            raise ValueError(f"binning must be an int >= 1, got {binning!r}")
+        ws, sig, _, valid = self._preprocessed(frames)
+        ok = self.norm != 0                                       # (P, 1): mask, zero flat
+        if valid is not None:
+            ok = ok & valid                                       # (P, B): dummies, NaN
+        img = torch.where(ok, sig / torch.where(ok, self.norm, torch.ones_like(self.norm)),
+                          torch.full_like(sig, float("nan")))
+        h, w = self.shape
+        img = img.T.reshape(-1, h, w)
+        f = int(binning)
+        if f == 1:
+            return img.contiguous()
+        hp, wp = -(-h // f) * f, -(-w // f) * f
+        img = torch.nn.functional.pad(img, (0, wp - w, 0, hp - h), value=float("nan"))
+        return torch.nanmean(img.reshape(-1, hp // f, f, wp // f, f), dim=(2, 4))
 
     def _intensity(self, frames, normalization):
         s, v, n = self._sums(frames)

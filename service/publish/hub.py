@@ -17,12 +17,14 @@ log = logging.getLogger(__name__)
 
 
 class PublishHub:
-    def __init__(self, store: RunStore, metrics: Metrics, *, tiled=None, results=None, config: dict | None = None):
+    def __init__(self, store: RunStore, metrics: Metrics, *, tiled=None, results=None, config: dict | None = None,
+                 on_calibration=None):
         self.store = store
         self.metrics = metrics
         self.tiled = tiled            # service.publish.tiled_writer.TiledPublisher or None
         self.results = results        # service.publish.results.ResultsPublisher or None
         self.config = config or {}
+        self.on_calibration = on_calibration      # called (uid, info) when a calibrant run was calibrated
         self._arrivals: dict[str, dict[int, float]] = {}
         self._peak_names: dict[str, list[str]] = {}
         # exact recent latencies (s) for benchmarks and the dashboard; Prometheus has the histogram
@@ -59,6 +61,8 @@ class PublishHub:
         for f in frames:
             self.metrics.latency.labels("provisional").observe(now - f.arrival)
             self.latencies["provisional"].append(now - f.arrival)
+        if out.get("calibration") is not None and self.on_calibration is not None:
+            self._safe("calibration", self.on_calibration, uid, out["calibration"])
         seq = np.array([f.seq_num for f in frames], dtype=np.int64)
         times = np.array([f.time for f in frames])
         self.store.add_profiles(uid, seq, times, out["radial"], out["unit"], out["intensity"], out["sigma"])
@@ -66,6 +70,10 @@ class PublishHub:
         if self.tiled is not None:
             self._safe("tiled profiles", self.tiled.add_profiles, uid, seq, times, out["radial"],
                        out["intensity"], out["sigma"], out["unit"])
+            time_of = dict(zip(seq.tolist(), times.tolist()))
+            for s, image in out.get("snapshots") or ():
+                self._safe("tiled snapshot", self.tiled.add_snapshot, uid, s, image,
+                           time_of.get(int(s), float("nan")))
 
     def _publish_rows(self, uid: str, rows: dict | None, now: float) -> None:
         if not rows or len(rows["seq_num"]) == 0:

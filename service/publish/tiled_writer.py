@@ -12,6 +12,9 @@ Layout (DESIGN.md "Tiled layout")::
         peaks        table            PEAK_COLUMNS, one row per frame, peak and result
                                       (provisional final=False, then final=True)
         change_points table           the peaks rows flagged change_point=True
+        snapshots    (k, h, w) f32    corrected 2D frames (raw - dark) / (flat·Ω·P), block-
+                                      averaged, NaN = masked; only if the run sends any
+        snapshot_frames table         seq_num int64, time float64: one row per snapshot
 
 Writes are batched by size (``flush_rows`` frames or peak rows) and by time
 (``flush_seconds`` after the first buffered item) and at stop: Tiled serves about 20 write
@@ -20,8 +23,8 @@ enqueues onto a bounded queue (blocking when full, counted in ``blocked``); a de
 thread buffers, flushes and retries.
 
 Idempotence, so that retries and the spool neither lose nor duplicate: every write
-carries its explicit position (frame offset for array patches, row offset for table
-appends). A patch at an offset overwrites, so it can be repeated; before repeating a
+carries its explicit position (frame or snapshot offset for array patches, row offset
+for table appends). A patch at an offset overwrites, so it can be repeated; before repeating a
 table append, the writer reads the table's row count and skips the append if the rows
 are already there. When Tiled stays unreachable, writes go to ``spool_dir`` as numbered
 ``.npz``/``.parquet`` files, and everything after them too (order is kept); a health probe
@@ -65,6 +68,8 @@ PEAK_SCHEMA = pa.schema(
 )
 PEAK_SCHEMA = pa.schema([PEAK_SCHEMA.field(c) for c in PEAK_COLUMNS])  # column order
 FRAME_SCHEMA = pa.schema([("seq_num", pa.int64()), ("time", pa.float64())])
+SNAPSHOT_SCHEMA = FRAME_SCHEMA          # snapshot_frames: one row per snapshot
+_SNAPSHOT_BATCH = 16    # flush a run holding this many snapshots (~256 KB each) whatever else
 EXIT_STATUS_TO_STATUS = {"success": "complete", "abort": "interrupted", "fail": "interrupted"}
 ROOT_KEY = "scatterflow"
 _BACKLOG_FACTOR = 8     # with a queue backlog, batches grow up to this many flush_rows
@@ -149,10 +154,10 @@ def _is_conflict(exc: BaseException) -> bool:
 
 @dataclass
 class _Op:
-    kind: str                       # "start" | "profiles" | "table" | "stop"
+    kind: str                       # "start" | "profiles" | "snapshots" | "table" | "stop"
     uid: str
     meta: dict = field(default_factory=dict)      # JSON-able; offsets, keys, metadata
-    arrays: dict = field(default_factory=dict)    # numpy arrays ("profiles")
+    arrays: dict = field(default_factory=dict)    # numpy arrays ("profiles", "snapshots")
     table: pa.Table | None = None                 # rows ("table")
 
 
@@ -198,6 +203,8 @@ class _RunBuffer:
     table_rows: dict = field(default_factory=lambda: {"peaks": 0, "change_points": 0})
     profiles: list = field(default_factory=list)   # list of (seq, time, q, I, s, unit)
     peaks: list = field(default_factory=list)      # list of pa.Table
+    snapshots: list = field(default_factory=list)  # list of (seq, time, image (h, w) f32)
+    n_snapshots: int = 0            # snapshots handed to ops so far (next snapshot offset)
     buffered_frames: int = 0
     buffered_rows: int = 0
     first_buffered: float | None = None
@@ -222,6 +229,7 @@ class TiledPublisher:
     probe_seconds : interval of health probes while spooling, s.
 
     Counters (read from any thread): ``frames_written``, ``rows_written`` (peak rows),
+    ``snapshots_written``,
     ``requests`` (write/read calls made), ``failures`` (failed attempts), ``spooled``
     (writes that went to the spool), ``spool_pending`` (files waiting), ``blocked``
     (caller waits on a full queue), ``errors`` (writes refused for good and dropped).
@@ -255,7 +263,7 @@ class TiledPublisher:
         existing = self._spool_files()      # left by an earlier process: drained first
         start = 1 + max((int(p.name.split("-", 1)[0]) for p in existing), default=-1)
         self._spool_counter = itertools.count(start)
-        self.frames_written = self.rows_written = self.requests = 0
+        self.frames_written = self.rows_written = self.requests = self.snapshots_written = 0
         self.failures = self.spooled = self.blocked = self.errors = 0
         self.spool_pending = len(existing)
         self._next_probe = 0.0
@@ -263,6 +271,7 @@ class TiledPublisher:
         self._runs: dict[str, _RunBuffer] = {}        # writer thread only
         self._nodes: dict[str, dict] = {}             # writer thread only: node cache
         self._caller_bins: dict[str, int] = {}        # caller side checks
+        self._caller_snap_shape: dict[str, tuple] = {}
         self._open: set[str] = set()
         self._rechecks: dict[tuple, int] = {}         # row-count mismatches per append
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -310,6 +319,20 @@ class TiledPublisher:
         if table.num_rows:
             self._put(("peaks", uid, table))
 
+    def add_snapshot(self, uid: str, seq_num: int, image, time: float = float("nan")) -> None:
+        """Queue one 2D snapshot of frame ``seq_num`` (``time`` in s, NaN if unknown):
+        ``image`` (h, w), stored float32 (NaN = masked), the same shape for every snapshot of
+        a run. Appended to the array ``snapshots`` (k, h, w) and the table ``snapshot_frames``
+        in call order. Copies, so the caller may reuse buffers."""
+        self._check_open(uid)
+        img = np.array(image, dtype=np.float32)
+        if img.ndim != 2 or img.size == 0:
+            raise ValueError(f"snapshot must be a non-empty 2D array (h, w), got shape {img.shape}")
+        known = self._caller_snap_shape.setdefault(uid, img.shape)
+        if known != img.shape:
+            raise ValueError(f"run {uid!r} has snapshots of shape {known}, got {img.shape}")
+        self._put(("snapshot", uid, (int(seq_num), float(time), img)))
+
     def stop_run(self, uid: str, exit_status: str, reason: str = "") -> None:
         """Flush run ``uid`` and set status "complete" (success) or "interrupted"."""
         if exit_status not in EXIT_STATUS_TO_STATUS:
@@ -318,6 +341,7 @@ class TiledPublisher:
         self._check_open(uid)
         self._open.discard(uid)
         self._caller_bins.pop(uid, None)
+        self._caller_snap_shape.pop(uid, None)
         self._put(("stop", uid, {"status": EXIT_STATUS_TO_STATUS[exit_status],
                                  "exit_status": exit_status, "reason": str(reason)}))
 
@@ -424,12 +448,15 @@ class TiledPublisher:
         if kind == "profiles":
             buf.profiles.append(payload)
             buf.buffered_frames += len(payload[0])
+        elif kind == "snapshot":
+            buf.snapshots.append(payload)
         else:
             buf.peaks.append(payload)
             buf.buffered_rows += payload.num_rows
         if buf.first_buffered is None:
             buf.first_buffered = time.monotonic()
-        if self._buffered(buf) >= _BACKLOG_FACTOR * self.flush_rows:
+        if (self._buffered(buf) >= _BACKLOG_FACTOR * self.flush_rows
+                or len(buf.snapshots) >= _SNAPSHOT_BATCH):
             self._flush_run(buf)
 
     @staticmethod
@@ -453,7 +480,7 @@ class TiledPublisher:
             self._flush_run(buf)
 
     def _flush_run(self, buf: _RunBuffer) -> None:
-        """Turn a run's buffers into positioned ops (profiles, peaks, change points)."""
+        """Turn a run's buffers into positioned ops (profiles, snapshots, peaks, change points)."""
         if buf.profiles:
             seq = np.concatenate([p[0] for p in buf.profiles])
             arrays = {"seq_num": seq,
@@ -464,6 +491,13 @@ class TiledPublisher:
             meta = {"offset": buf.frames, "unit": buf.profiles[0][5]}
             buf.frames += len(seq)
             self._submit(_Op("profiles", buf.uid, meta, arrays=arrays))
+        if buf.snapshots:
+            arrays = {"seq_num": np.array([p[0] for p in buf.snapshots], np.int64),
+                      "time": np.array([p[1] for p in buf.snapshots], np.float64),
+                      "images": np.stack([p[2] for p in buf.snapshots])}
+            meta = {"offset": buf.n_snapshots}
+            buf.n_snapshots += len(buf.snapshots)
+            self._submit(_Op("snapshots", buf.uid, meta, arrays=arrays))
         if buf.peaks:
             table = pa.concat_tables(buf.peaks)
             cps = table.filter(table["change_point"])
@@ -472,7 +506,7 @@ class TiledPublisher:
                     meta = {"key": key, "offset": buf.table_rows[key]}
                     buf.table_rows[key] += rows.num_rows
                     self._submit(_Op("table", buf.uid, meta, table=rows))
-        buf.profiles, buf.peaks = [], []
+        buf.profiles, buf.peaks, buf.snapshots = [], [], []
         buf.buffered_frames = buf.buffered_rows = 0
         buf.first_buffered = None
 
@@ -590,6 +624,8 @@ class TiledPublisher:
             self._exec_start(op)
         elif op.kind == "profiles":
             self._exec_profiles(op, check)
+        elif op.kind == "snapshots":
+            self._exec_snapshots(op, check)
         elif op.kind == "table":
             self._exec_table(op.uid, op.meta["key"], op.meta["offset"], op.table, check)
             if op.meta["key"] == "peaks":
@@ -660,6 +696,35 @@ class TiledPublisher:
         frames = pa.table({"seq_num": a["seq_num"], "time": a["time"]}, schema=FRAME_SCHEMA)
         self._exec_table(op.uid, "frames", offset, frames, check)
         self.frames_written += len(a["seq_num"])
+
+    def _exec_snapshots(self, op: _Op, check: bool) -> None:
+        """Snapshots at their offset: array ``snapshots`` (created at offset 0, then patched
+        with extend; a patch at an offset overwrites, so retries repeat it safely), then their
+        rows in ``snapshot_frames`` (row-count checked on retries)."""
+        a, offset = op.arrays, int(op.meta["offset"])
+        nodes = self._run_node(op.uid)
+        data = a["images"]
+        if offset == 0:
+            meta = {"dims": ["snapshot", "row", "col"],
+                    "description": "corrected 2D frames (raw - dark) / (flat * solid angle * "
+                                   "polarization), block-averaged; NaN = masked; frames in "
+                                   "snapshot_frames"}
+            node, new = self._create(
+                lambda: nodes["run"].write_array(data, key="snapshots", metadata=meta),
+                lambda: nodes["run"]["snapshots"])
+            nodes["snapshots"] = node
+            if not new:
+                self.requests += 1
+                node.patch(data, offset=0, extend=True)
+            nodes["snapshot_frames"], _ = self._create(
+                lambda: nodes["run"].create_appendable_table(SNAPSHOT_SCHEMA, key="snapshot_frames"),
+                lambda: nodes["run"]["snapshot_frames"])
+        else:
+            self.requests += 1
+            self._child(op.uid, "snapshots").patch(data, offset=offset, extend=True)
+        rows = pa.table({"seq_num": a["seq_num"], "time": a["time"]}, schema=SNAPSHOT_SCHEMA)
+        self._exec_table(op.uid, "snapshot_frames", offset, rows, check)
+        self.snapshots_written += len(a["seq_num"])
 
     def _exec_table(self, uid: str, key: str, offset: int, table: pa.Table,
                     check: bool) -> None:
