@@ -124,6 +124,7 @@ class Dispatcher:
             w.process.join(timeout)
             if w.process.is_alive():
                 w.process.terminate()
+            w.inbox.cancel_join_thread()   # never block interpreter exit on a queue nobody reads
         for t in self._threads:
             t.join(timeout=2)
 
@@ -311,6 +312,8 @@ class Dispatcher:
                 self.restarts += 1
                 log.error("worker %d (pid %s) died with exit code %s; restarting and re-sending %d batch(es)",
                           i, w.process.pid, w.process.exitcode, len(w.inflight))
+                w.inbox.cancel_join_thread()       # its reader is gone: do not block exit on its pipe
+                w.inbox.close()
                 new = self._spawn(i)
                 new.runs = w.runs
                 self._workers[i] = new

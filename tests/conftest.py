@@ -23,3 +23,22 @@ def free_port():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return _free
+
+
+_exit_status = {"code": None}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Guard: a thread or multiprocessing feeder left behind by a server a test started must not
+    keep the interpreter alive after the summary (CI would wait for its time limit). The
+    dispatcher cancels its queue joins itself; this only makes a regression fail fast."""
+    import os
+    import sys
+    if _exit_status["code"] is not None and os.environ.get("SCATTERFLOW_TEST_HARD_EXIT", "1") == "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status["code"])
