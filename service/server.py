@@ -10,11 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
 from .config import Settings
 from .dispatch import Dispatcher
+from .images import read_image
 from .ingest import DocumentRouter, ZmqSubscriber
 from .metrics import Metrics
 from .publish.hub import PublishHub
@@ -22,15 +22,6 @@ from .publish.state import RunStore
 from .worker import RunSetup
 
 log = logging.getLogger(__name__)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A mask/dark/flat image: .npy, or any format fabio reads."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    import fabio
-    return np.asarray(fabio.open(str(path)).data)
 
 
 class Service:

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..images import read_image as _read_image
+
 UNITS = ("q_nm^-1", "q_A^-1", "2th_deg")
 METHODS = ("no", "bbox", "full")
 
@@ -44,19 +46,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="output .npz file")
     p.set_defaults(func=run)
     return p
-
-
-def _read_image(path: str) -> np.ndarray:
-    """A single 2D image from .npy or any fabio format."""
-    if path.endswith(".npy"):
-        arr = np.load(path)
-    else:
-        import fabio
-
-        arr = fabio.open(path).data
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a 2D image, got shape {arr.shape}")
-    return arr
 
 
 def _open_frames(spec: str) -> tuple[int, tuple[int, int], "callable"]:
