@@ -110,6 +110,7 @@ class WorkersConfig(_Section):
 class TiledConfig(_Section):
     enabled: bool = True                    # false: no Tiled publishing (REST and results stream only)
     uri: str | None = None                  # None: embedded server under `directory`
+    shared_memory: bool = True              # frames to workers through /dev/shm, not pickled (service/frame_slots.py)
     api_key: str | None = None
     directory: Path = Path("./var/tiled")
     flush_rows: int = 500

@@ -25,6 +25,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .config import Settings
+from .frame_slots import SlotPool
 from .ingest import Frame
 from .metrics import Metrics
 from .worker import RunSetup, worker_main
@@ -57,9 +58,31 @@ class _Worker:
     index: int
     process: mp.Process
     inbox: mp.Queue
-    inflight: dict = field(default_factory=dict)    # batch_id -> (uid, frames list)
+    slots: SlotPool
+    inflight: dict = field(default_factory=dict)    # batch_id -> (uid, frames list, SlotRef | None)
     runs: set = field(default_factory=set)
     device: str = "?"
+
+    def done(self, batch_id: int):
+        """Forget an answered batch and free its shared-memory slot; returns its entry."""
+        entry = self.inflight.pop(batch_id, None)
+        if entry is not None:
+            self.slots.release(entry[2])
+        return entry
+
+
+class _NoSlots:
+    """Stand-in pool when shared memory is off: every batch goes through the queue."""
+    fallbacks = 0
+
+    def put(self, arrays):
+        return None
+
+    def release(self, ref):
+        pass
+
+    def close(self):
+        pass
 
 
 class Dispatcher:
@@ -111,7 +134,9 @@ class Dispatcher:
         proc = self._ctx.Process(target=worker_main, args=(index, self.cfg.device, inbox, self._outbox, threads),
                                  name=f"scatterflow-worker-{index}", daemon=True)
         proc.start()
-        return _Worker(index=index, process=proc, inbox=inbox)
+        # queued batches + the one being processed + one being answered
+        slots = SlotPool(f"w{index}", self.cfg.queue_batches + 2) if self.cfg.shared_memory else None
+        return _Worker(index=index, process=proc, inbox=inbox, slots=slots or _NoSlots())
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -127,6 +152,8 @@ class Dispatcher:
             w.inbox.cancel_join_thread()   # never block interpreter exit on a queue nobody reads
         for t in self._threads:
             t.join(timeout=2)
+        for w in self._workers:
+            w.slots.close()
 
     @property
     def devices(self) -> list[str]:
@@ -210,11 +237,13 @@ class Dispatcher:
 
     def _send(self, worker: _Worker, slot: _RunSlot, frames: list) -> bool:
         batch_id = next(self._batch_ids)
+        ref = worker.slots.put([f.data for f in frames]) if frames[0].kind == "frame" else None
+        data = ref if ref is not None else np.stack([f.data for f in frames])
         msg = ("frames", slot.uid, batch_id,
                np.array([f.seq_num for f in frames], dtype=np.int64),
                np.array([f.time for f in frames], dtype=np.float64),
-               np.stack([f.data for f in frames]), frames[0].kind)
-        worker.inflight[batch_id] = (slot.uid, frames, msg)
+               data, frames[0].kind)
+        worker.inflight[batch_id] = (slot.uid, frames, ref)
         return self._put(worker, msg, slot, frames, batch_id)
 
     def _put(self, worker: _Worker, msg, slot: _RunSlot, frames: list, batch_id: int) -> bool:
@@ -232,7 +261,7 @@ class Dispatcher:
             worker.inbox.put_nowait(msg)
             return True
         except queue.Full:                 # drop_oldest: keep the newest frames pending
-            del worker.inflight[batch_id]
+            worker.done(batch_id)
             for f in frames:
                 slot.unfinal.pop(f.seq_num, None)
             slot.pending.extendleft(reversed(frames))
@@ -272,7 +301,7 @@ class Dispatcher:
         if kind == "reduced":
             _, uid, batch_id, seq, times, out = msg
             with self._lock:
-                entry = self._workers[self._runs[uid].worker].inflight.pop(batch_id, None) if uid in self._runs else None
+                entry = self._workers[self._runs[uid].worker].done(batch_id) if uid in self._runs else None
             frames = entry[1] if entry else []
             rows = out.get("rows")
             with self._lock:
@@ -286,7 +315,7 @@ class Dispatcher:
             _, uid, batch_id, seq, reason, detail = msg
             with self._lock:
                 if uid in self._runs:
-                    self._workers[self._runs[uid].worker].inflight.pop(batch_id, None)
+                    self._workers[self._runs[uid].worker].done(batch_id)
             self.sink.frames_failed(uid, seq, reason, detail)
         elif kind == "setup_failed":
             _, uid, detail, tb = msg
@@ -315,6 +344,7 @@ class Dispatcher:
                 w.inbox.cancel_join_thread()       # its reader is gone: do not block exit on its pipe
                 w.inbox.close()
                 new = self._spawn(i)
+                w.slots.close()                    # the new worker gets fresh slots
                 new.runs = w.runs
                 self._workers[i] = new
                 # The dead worker's regularizer windows are gone: replay, in order, every frame of

@@ -12,6 +12,12 @@ Two generations of Bluesky documents refer to data in files instead of carrying 
   ``application/x-hdf5``, ``parameters.dataset``, ``data_key``) and ``stream_datum`` documents
   covering dataset rows ``indices.start:indices.stop`` for events ``seq_nums.start:stop``.
 
+Reduced 1D profiles in NXcanSAS files (the canSAS HDF5 standard that SasView, pyFAI and
+DAWN write): a resource with spec ``NXcanSAS`` and datums ``{entry: name}`` and/or
+``{frame: n}`` (row n of a time-resolved ``I(T, Q)``), or a stream_resource with mimetype
+``application/x-nxcansas`` whose stream_datum indices are rows of ``I``. They are returned as
+``(3, N)`` arrays of q (1/nm), I and σ and go straight to fitting.
+
 Files are opened with h5py (``swmr=True``), cached per resource and refreshed when a frame
 lies beyond the dataset's current length; a file still being written is re-read up to
 ``retries`` times, ``retry_delay_s`` apart, then refused as ``file_unavailable``. Compressed
@@ -49,7 +55,12 @@ AD_HDF5_SPECS = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
 NPY_SPECS = frozenset({"NPY_SEQ"})
 HDF5_MIMETYPES = frozenset({"application/x-hdf5"})
 HDF5_STREAM_SPECS = frozenset({"AD_HDF5_SWMR_STREAM", "AD_HDF5_SWMR_SLICE"})   # event-model 1.19-1.21 style
+NXCANSAS_SPECS = frozenset({"NXcanSAS", "NXCANSAS"})
+NXCANSAS_MIMETYPES = frozenset({"application/x-nxcansas"})
 AD_DATASET = "/entry/data/data"
+#: Q units NXcanSAS files use, as factors to 1/nm
+Q_UNITS_TO_NM = {"1/nm": 1.0, "nm^-1": 1.0, "1/angstrom": 10.0, "1/A": 10.0, "A^-1": 10.0, "1/Å": 10.0,
+                 "Å^-1": 10.0, "angstrom^-1": 10.0, "1/m": 1e-9, "m^-1": 1e-9}
 REOPEN_EVERY = 10          # re-open a file (not just refresh) every N waits: writers without SWMR
 
 
@@ -72,11 +83,12 @@ def frame_shape(data_key: dict) -> tuple[int, int, int] | None:
 class _Resource:
     """A v1 resource or a stream_resource, with its open file (cached)."""
     uid: str
-    kind: str                    # "AD_HDF5", "NPY_SEQ", "HDF5_STREAM" or "unsupported"
+    kind: str                    # "AD_HDF5", "NPY_SEQ", "HDF5_STREAM", "NXCANSAS", "NXCANSAS_STREAM", "unsupported"
     spec: str                    # the document's spec or mimetype, for messages
     path: str                    # local path (root_map applied); for NPY_SEQ the file stem
     run_start: str | None
     dataset: str = AD_DATASET
+    dataset_entry: str | None = None     # NXcanSAS: SASentry named by the resource, None = first
     frame_per_point: int = 1
     data_key: str | None = None
     datums: set[str] = field(default_factory=set)
@@ -149,7 +161,8 @@ class FrameResolver:
     def resource(self, doc: dict) -> None:
         """Register an ophyd v1 resource. Unknown specs are kept and refused when a frame is asked of them."""
         spec = str(doc.get("spec", ""))
-        kind = "AD_HDF5" if spec in AD_HDF5_SPECS else "NPY_SEQ" if spec in NPY_SPECS else "unsupported"
+        kind = ("AD_HDF5" if spec in AD_HDF5_SPECS else "NPY_SEQ" if spec in NPY_SPECS
+                else "NXCANSAS" if spec in NXCANSAS_SPECS else "unsupported")
         kwargs = doc.get("resource_kwargs") or {}
         res = _Resource(uid=doc["uid"], kind=kind, spec=spec, path=self._path(doc), run_start=doc.get("run_start"))
         if kind == "AD_HDF5":
@@ -157,6 +170,8 @@ class FrameResolver:
             if isinstance(fpp, bool) or not isinstance(fpp, (int, np.integer)) or fpp < 1:
                 raise RejectedInput("bad_resource", f"frame_per_point {fpp!r}")
             res.frame_per_point = int(fpp)
+        if kind == "NXCANSAS":
+            res.dataset_entry = _entry_name(kwargs)
         self._add(res)
 
     def datum(self, doc: dict) -> None:
@@ -200,15 +215,34 @@ class FrameResolver:
             return frame[np.newaxis]
         raise RejectedInput("unsupported_spec", f"{res.spec!r} (resource {res.uid})")
 
+    def fill_profile(self, event: dict, field: str) -> np.ndarray:
+        """The reduced profile ``(3, N)`` (q 1/nm, I, σ) that ``event["data"][field]`` (a datum_id of
+        an NXcanSAS resource) refers to."""
+        datum_id = event["data"].get(field)
+        if not isinstance(datum_id, str) or datum_id not in self._datums:
+            raise RejectedInput("unknown_datum", f"{field} is not a known datum_id")
+        res_uid, kwargs = self._datums[datum_id]
+        res = self._resources[res_uid]
+        if res.kind != "NXCANSAS":
+            raise RejectedInput("unsupported_spec", f"{res.spec!r} holds no 1D profiles (resource {res.uid})")
+        entry = kwargs.get("entry")
+        if entry is not None and not isinstance(entry, str):
+            raise RejectedInput("bad_datum", f"datum_kwargs['entry'] = {entry!r}")
+        row = _int_kwarg(kwargs, "frame") if "frame" in kwargs else None
+        return self._read_profiles(res, entry, row, None)[0]
+
     # ----------------------------------------------------------------------- stream documents
     def stream_resource(self, doc: dict) -> None:
         """Register a stream_resource (ophyd-async). Non-HDF5 ones are refused when frames are asked of them."""
         spec = str(doc.get("mimetype") or doc.get("spec") or "")
         params = doc.get("parameters") or {}
         hdf5 = spec in HDF5_MIMETYPES or spec in HDF5_STREAM_SPECS
-        res = _Resource(uid=doc["uid"], kind="HDF5_STREAM" if hdf5 else "unsupported", spec=spec,
+        kind = "HDF5_STREAM" if hdf5 else "NXCANSAS_STREAM" if spec in NXCANSAS_MIMETYPES else "unsupported"
+        res = _Resource(uid=doc["uid"], kind=kind, spec=spec,
                         path=self._path(doc), run_start=doc.get("run_start"), data_key=doc.get("data_key"),
                         dataset=str(params.get("dataset") or params.get("path") or AD_DATASET))
+        if kind == "NXCANSAS_STREAM":
+            res.dataset_entry = _entry_name(params)
         self._add(res)
 
     def stream_data_keys(self, descriptor: dict) -> dict[str, tuple[int, int]]:
@@ -224,8 +258,14 @@ class FrameResolver:
             self._run_descriptors.setdefault(descriptor["run_start"], set()).add(descriptor["uid"])
         return {name: shape[1:] for name, shape in keys.items()}
 
+    def stream_kind(self, doc: dict) -> str:
+        """"profile" when a stream_datum points into an NXcanSAS stream_resource, else "frame"."""
+        res = self._resources.get(doc.get("stream_resource", ""))
+        return "profile" if res is not None and res.kind == "NXCANSAS_STREAM" else "frame"
+
     def stream_datum(self, doc: dict) -> list[tuple[int, np.ndarray]]:
-        """``(seq_num, frame (rows, cols))`` for every frame the stream_datum covers; [] for non-frame keys."""
+        """``(seq_num, frame (rows, cols))`` for every frame the stream_datum covers; [] for non-frame keys.
+        For an NXcanSAS stream_resource, ``(seq_num, profile (3, N))`` per row of I."""
         res = self._resources.get(doc["stream_resource"])
         if res is None:
             raise RejectedInput("unknown_resource", f"stream_datum {doc['uid']} refers to {doc['stream_resource']}")
@@ -233,6 +273,11 @@ class FrameResolver:
         seq_start, seq_stop = _range(doc, "seq_nums")
         if stop - start != seq_stop - seq_start:
             raise RejectedInput("bad_stream_datum", f"indices {start}:{stop} vs seq_nums {seq_start}:{seq_stop}")
+        if res.kind == "NXCANSAS_STREAM":
+            if stop == start:
+                return []
+            profiles = self._read_profiles(res, None, start, stop)
+            return [(seq_start + i, profiles[i]) for i in range(stop - start)]
         known = self._frame_keys.get(doc.get("descriptor", ""))
         per_event = 1
         if known is not None:
@@ -341,6 +386,32 @@ class FrameResolver:
 
         return self._retry(res, attempt)
 
+    def _read_profiles(self, res: _Resource, entry: str | None, start: int | None, stop: int | None) -> np.ndarray:
+        """Rows ``start:stop`` (or row ``start``; or the only profile when None) of an NXcanSAS
+        file's I, as ``(n, 3, N)`` q (1/nm), I, σ; waits for a file still being written."""
+        if start is not None and (start < 0 or (stop is not None and stop <= start)):
+            raise RejectedInput("frame_out_of_range", f"rows {start}:{stop}")
+
+        def attempt():
+            if res.file is None or not res.file.id.valid:
+                res.file = h5py.File(res.path, "r", swmr=True)
+            q, i_ds, sigma_ds, mask = _nxcansas_data(res.file, entry or res.dataset_entry, res.path)
+            if i_ds.ndim == 1:
+                rows = [i_ds[()]], [sigma_ds[()] if sigma_ds is not None else None]
+                if start not in (None, 0) or (stop is not None and stop != 1):
+                    raise RejectedInput("frame_out_of_range", f"{res.path}: one profile, rows {start}:{stop} asked")
+            else:
+                lo = 0 if start is None else start
+                hi = lo + 1 if stop is None else stop
+                if i_ds.shape[0] < hi:
+                    i_ds.refresh()
+                    if i_ds.shape[0] < hi:
+                        return None                          # rows not written yet
+                rows = list(i_ds[lo:hi]), list(sigma_ds[lo:hi]) if sigma_ds is not None else [None] * (hi - lo)
+            return np.stack([_profile_rows(q, i, s, mask, res.path) for i, s in zip(*rows)])
+
+        return self._retry(res, attempt)
+
     def _read_npy(self, res: _Resource, index: int) -> np.ndarray:
         if index < 0:
             raise RejectedInput("frame_out_of_range", f"index {index}")
@@ -355,6 +426,78 @@ class FrameResolver:
             return frame
 
         return self._retry(res, attempt)
+
+
+def _nxcansas_data(f: h5py.File, entry: str | None, path: str):
+    """(q 1/nm (N,), I dataset (N,) or (T, N), σ dataset or None, keep mask (N,)) of the first
+    SASdata group of ``entry`` (default: the first SASentry). NXcanSAS: groups carry
+    ``canSAS_class`` (or ``NX_class`` NXentry/NXdata); the data group's ``signal`` names I and
+    ``I_axes`` its axes, Q last; ``I@uncertainties`` names σ; ``Q@units`` the unit; an optional
+    boolean ``Mask`` (True = excluded) drops points (NeXus NXcanSAS definition)."""
+    def has_class(g, cansas, nx):
+        a = g.attrs
+        return _attr(a, "canSAS_class") == cansas or _attr(a, "NX_class") == nx
+
+    entries = sorted(k for k, g in f.items() if isinstance(g, h5py.Group) and has_class(g, "SASentry", "NXentry"))
+    if entry is not None:
+        if entry not in f or not isinstance(f[entry], h5py.Group):
+            raise RejectedInput("bad_datum", f"{path}: no SASentry {entry!r} (has {entries})")
+        group = f[entry]
+    elif entries:
+        group = f[entries[0]]
+    else:
+        raise RejectedInput("not_nxcansas", f"{path}: no SASentry group")
+    datas = sorted(k for k, g in group.items() if isinstance(g, h5py.Group) and has_class(g, "SASdata", "NXdata"))
+    if not datas:
+        raise RejectedInput("not_nxcansas", f"{path}: {group.name} has no SASdata group")
+    data = group[datas[0]]
+    signal = _attr(data.attrs, "signal") or "I"
+    axes = (_attr(data.attrs, "I_axes") or "Q").split(",")
+    q_name = axes[-1].strip()
+    if signal not in data or q_name not in data:
+        raise RejectedInput("not_nxcansas", f"{path}: {data.name} lacks {signal!r} or {q_name!r}")
+    i_ds, q_ds = data[signal], data[q_name]
+    unit = _attr(q_ds.attrs, "units") or "1/angstrom"
+    if unit not in Q_UNITS_TO_NM:
+        raise RejectedInput("bad_units", f"{path}: Q units {unit!r} (known: {sorted(Q_UNITS_TO_NM)})")
+    q = np.asarray(q_ds[()], np.float64) * Q_UNITS_TO_NM[unit]
+    if q.ndim != 1 or i_ds.ndim not in (1, 2) or i_ds.shape[-1] != q.size:
+        raise RejectedInput("wrong_shape", f"{path}: Q {q.shape}, {signal} {i_ds.shape}")
+    err = _attr(i_ds.attrs, "uncertainties")
+    sigma_ds = data[err] if err and err in data else None
+    if sigma_ds is not None and sigma_ds.shape != i_ds.shape:
+        raise RejectedInput("wrong_shape", f"{path}: {err} {sigma_ds.shape} != {signal} {i_ds.shape}")
+    keep = ~np.asarray(data["Mask"][()], bool).reshape(-1)[:q.size] if "Mask" in data else np.ones(q.size, bool)
+    return q, i_ds, sigma_ds, keep
+
+
+def _profile_rows(q, intensity, sigma, keep, path: str) -> np.ndarray:
+    """(3, N') q, I, σ of one profile, masked and non-finite points dropped; σ Poisson when absent."""
+    intensity = np.asarray(intensity, np.float64)
+    sigma = np.sqrt(np.maximum(intensity, 1.0)) if sigma is None else np.asarray(sigma, np.float64)
+    ok = keep & np.isfinite(q) & np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
+    if ok.sum() < 3:
+        raise RejectedInput("bad_profile", f"{path}: fewer than 3 valid points")
+    q, intensity, sigma = q[ok], intensity[ok], sigma[ok]
+    order = np.argsort(q, kind="stable")
+    return np.stack([q[order], intensity[order], sigma[order]])
+
+
+def _entry_name(kwargs: dict) -> str | None:
+    entry = kwargs.get("entry")
+    if entry is not None and not isinstance(entry, str):
+        raise RejectedInput("bad_resource", f"entry {entry!r}")
+    return entry
+
+
+def _attr(attrs, name: str) -> str | None:
+    value = attrs.get(name)
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return None if value is None else str(value)
 
 
 def _check_filters(ds: h5py.Dataset, path: str) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .frame_slots import SlotReader, SlotRef
+
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAX_PX = 256                       # corrected 2D snapshots: at most this many px on the long side
@@ -72,6 +74,7 @@ class RunPipeline:
         if self.snapshot_every < 0:
             raise ValueError(f"reduction.snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         self._first_frame_seen = False
+        self._staging = None          # page-locked host buffer for GPU transfers
         if setup.geometry is not None and setup.geometry.shape is not None:   # build now, not on the first frame
             self._integrator(tuple(setup.geometry.shape))
 
@@ -105,9 +108,7 @@ class RunPipeline:
         if self.setup.geometry is None:
             raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
         integrator = self._integrator(frames.shape[1:])
-        batch = torch.from_numpy(np.ascontiguousarray(frames))
-        if self.device != "cpu":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = self._device_batch(frames)
         result = integrator(batch)
         rows = self.fitter.update(result.radial, result.intensity, result.sigma, seq, times)
         out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
@@ -121,6 +122,24 @@ class RunPipeline:
             self.calibration_done = True
             out["calibration"] = self._calibrate(frames[0])
         return out
+
+    def _device_batch(self, frames: np.ndarray):
+        """(B, H, W) frames as a tensor on the worker's device. On CPU a view of the (shared
+        memory) array; on a GPU copied through a reused page-locked buffer, so the host-to-device
+        copy is one DMA transfer without a fresh pinned allocation per batch."""
+        import warnings
+
+        import torch
+        with warnings.catch_warnings():      # read-only shared memory: the integrator only reads
+            warnings.simplefilter("ignore", UserWarning)
+            batch = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device == "cpu":
+            return batch
+        staging = self._staging
+        if staging is None or staging.shape != batch.shape or staging.dtype != batch.dtype:
+            staging = self._staging = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True)
+        staging.copy_(batch)
+        return staging.to(self.device, non_blocking=True)
 
     def _calibrate(self, frame: np.ndarray) -> dict | None:
         """Geometry refined from a calibrant frame, starting from the run's geometry."""
@@ -171,6 +190,7 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
         torch.set_num_threads(threads)
     integrators: dict = {}
     runs: dict[str, RunPipeline] = {}
+    slots = SlotReader()
     import workers.integrate  # noqa: F401  (import pyFAI and friends before the first run, not during it)
     import workers.temporal  # noqa: F401
     outbox.put(("ready", index, device, os.getpid()))
@@ -184,6 +204,8 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 runs[uid] = RunPipeline(msg[2], device, integrators)
             elif kind == "frames":
                 _, _, batch_id, seq, times, frames, frame_kind = msg
+                if isinstance(frames, SlotRef):      # shared memory: read in place, valid until we answer
+                    frames = slots.read(frames)
                 pipeline = runs.get(uid)
                 if pipeline is None:
                     outbox.put(("failed", uid, batch_id, seq, "no_setup", "run setup failed or missing"))

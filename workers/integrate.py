@@ -391,14 +391,17 @@ class _Workspace:
 
 
 def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | None,
-               dummy: tuple[float, float] | None, ws: _Workspace, check_nan: bool):
+               dummy: tuple[float, float] | None, ws: _Workspace, check_nan: bool,
+               masked: torch.Tensor | None = None):
     """Signal, Poisson variance and normalisation per pixel (pyFAI ``engines/preproc.py``).
 
     raw: (P, B) counts; norm: (P, 1) flat·Ω·P (0 on masked pixels); dark: (P, 1) or None.
     Writes into ``ws``: signal = raw − dark (``ws.x[:, :B]``), variance = max(raw, 1)
     (``ws.var``, pyFAI Cython), and if any pixel is invalid (NaN, dummy ± delta) the valid
     mask ``ws.valid`` with invalid pixels zeroed everywhere. Returns (signal, variance, valid|None);
-    valid None means all pixels valid (then Σ c·norm is the static one).
+    valid None means all pixels valid (then Σ c·norm is the static one). ``masked``: (P, 1) bool,
+    pixels masked statically (no matrix entries, norm 0); their dummies (detector gaps read -1
+    or 2³²−1 in every frame) are ignored, so frames with gaps still take the fast path.
     """
     b = raw.shape[1]
     # B = 1: work on 1-D views; TensorIterator is ~8x slower on (P, 1) than on (P,) on CPU
@@ -417,8 +420,12 @@ def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | No
                 valid &= torch.eq(r, r, out=view(ws.tmp))
     elif check_nan:
         valid = torch.eq(r, r, out=view(ws.valid))
-    if valid is not None and r.device.type == "cpu" and bool(valid.all()):
-        valid = None    # CPU only: a free check that skips the Σ c·norm product (no sync on GPU)
+    if valid is not None and r.device.type == "cpu":
+        # CPU only: a cheap check that skips the Σ c·norm product (no sync on GPU)
+        if masked is not None:
+            valid |= view(masked)
+        if bool(valid.all()):
+            valid = None
     signal = ws.x[:, :b]
     if dk is not None:
         torch.sub(r, dk, out=view(signal))
@@ -521,6 +528,7 @@ class _Integrator:
         self.matrix = mat                              # scipy CSR (bins, P), float64
         self.engine = CsrEngine(mat, norm, device, dtype)
         self.norm = torch.as_tensor(norm, dtype=dtype).to(device).reshape(-1, 1)      # (P, 1)
+        self.masked = self.norm == 0                                                    # (P, 1) bool
         self.dark = None if dark is None else torch.as_tensor(dark, dtype=dtype).to(device).reshape(-1, 1)
         self._dummy = (dummy, delta_dummy, detector_dummy)
         self._ws: dict[int, _Workspace] = {}
@@ -547,7 +555,8 @@ class _Integrator:
             ws.raw.copy_(frames.T, non_blocking=True)
         check_nan = frames.dtype.is_floating_point
         sig, var, valid = preprocess(ws.raw, norm=self.norm, dark=self.dark,
-                                     dummy=self.dummy_for(frames.dtype), ws=ws, check_nan=check_nan)
+                                     dummy=self.dummy_for(frames.dtype), ws=ws, check_nan=check_nan,
+                                     masked=self.masked)
         return ws, sig, var, valid
 
     def _sums(self, frames):
