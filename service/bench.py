@@ -48,25 +48,40 @@ def frame_pool(ai, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- the sender
 def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: str, h5_path: str | None,
-            poni: dict, ready: mp.Event, go: mp.Event, done: mp.Queue) -> None:
-    """Runs in its own process: compose Bluesky documents and publish them at `rate` frames/s."""
+            poni: dict, ready: mp.Event, go: mp.Event, done: mp.Queue, warmup: int = 0,
+            go_warm: mp.Event | None = None) -> None:
+    """Runs in its own process: compose Bluesky documents and publish them at `rate` frames/s.
+    With `warmup` > 0 a short run goes first (as fast as possible) so that the measured run
+    does not include building integration matrices and first-call costs."""
     import msgpack
     import msgpack_numpy
     import zmq
-    from event_model import compose_run
     pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
     pool = np.load(frames_path, mmap_mode="r")
     sock = zmq.Context.instance().socket(zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.connect(address)
     ready.set()
-    go.wait()
 
     def send(name, doc):
         sock.send(b" " + name.encode() + b" " + pack(doc))
 
+    if warmup:
+        go_warm.wait()
+        done.put((_publish_run(send, pool, warmup, 0.0, mode, h5_path, poni, "bench-warmup")[0], 0.0))
+    go.wait()
+    uid, seconds = _publish_run(send, pool, n_frames, rate, mode, h5_path, poni, "bench")
+    done.put((uid, seconds))
+    time.sleep(0.5)
+    sock.close(linger=2000)
+
+
+def _publish_run(send, pool, n_frames: int, rate: float, mode: str, h5_path: str | None, poni: dict,
+                 plan_name: str) -> tuple[str, float]:
+    """One run of `n_frames` events at `rate` frames/s (0: at once); (start uid, seconds sending)."""
+    from event_model import compose_run
     rows, cols = pool.shape[1:]
-    bundle = compose_run(metadata={"plan_name": "bench", "geometry": poni, "detectors": ["det"]})
+    bundle = compose_run(metadata={"plan_name": plan_name, "geometry": poni, "detectors": ["det"]})
     send("start", bundle.start_doc)
     key = {"source": "bench", "dtype": "array", "shape": [1, rows, cols], "dtype_numpy": pool.dtype.str}
     if mode == "hdf5":
@@ -95,9 +110,7 @@ def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: st
             send("event", desc.compose_event(data={"det_image": np.asarray(pool[k])},
                                              timestamps={"det_image": time.time()}, seq_num=i + 1))
     send("stop", bundle.compose_stop())
-    done.put((bundle.start_doc["uid"], time.perf_counter() - t0))
-    time.sleep(0.5)
-    sock.close(linger=2000)
+    return bundle.start_doc["uid"], time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- the run
@@ -120,6 +133,8 @@ class BenchResult:
     latency_final: tuple[float, float]
     cpu_seconds: float
     baseline_fps: float | None
+    devices: tuple[str, ...] = ()
+    cores: int = 1
 
     @property
     def fps(self) -> float:
@@ -140,7 +155,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.0, mode: str = "inline",
               workers: int = 1, baseline: bool = True, pool_size: int = 16, workdir: str | None = None,
-              progress=None) -> BenchResult:
+              warmup: int = 8, progress=None) -> BenchResult:
     from .commands.demo import free_port
     from .config import load_settings
     from .server import Service
@@ -174,25 +189,24 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     })
     service = Service(settings).start()
     ctx = mp.get_context("spawn")
-    ready, go, done = ctx.Event(), ctx.Event(), ctx.Queue()
+    ready, go, done, go_warm = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Event()
     sender = ctx.Process(target=_sender, args=(f"tcp://127.0.0.1:{in_port}", str(work / "pool.npy"), frames, rate,
-                                               mode, h5_path, poni_dict(ai), ready, go, done), daemon=True)
+                                               mode, h5_path, poni_dict(ai), ready, go, done, warmup, go_warm),
+                         daemon=True)
     try:
         sender.start()
         ready.wait(60)
         time.sleep(1.5)                                   # slow joiners: sender -> proxy -> service
+        if warmup:
+            go_warm.set()
+            warm_uid, _ = done.get(timeout=600)
+            _wait_finished(service, warm_uid, 600)
+            service.hub.latencies["provisional"].clear()
+            service.hub.latencies["final"].clear()
         cpu0 = _cpu_seconds([os.getpid(), *[w.process.pid for w in service.dispatcher._workers]])
         go.set()
         uid, send_seconds = done.get(timeout=frames / max(rate, 1) * 10 + 600)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            run = service.store.get(uid)
-            if progress is not None and run is not None:
-                progress(run.frames_fitted, run.frames_final)
-            if run is not None and run.status != "running":
-                break
-            time.sleep(0.2)
-        run = service.store.get(uid)
+        run = _wait_finished(service, uid, 600, progress)
         cpu1 = _cpu_seconds([os.getpid(), *[w.process.pid for w in service.dispatcher._workers]])
         hub = service.hub
         prov = np.array(hub.latencies["provisional"])
@@ -212,7 +226,8 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             failed=metric("scatterflow_frames_failed_total"), rejected=status["rejected"],
             latency_provisional=tuple(np.percentile(prov, [50, 99])) if len(prov) else (np.nan, np.nan),
             latency_final=tuple(np.percentile(fin, [50, 99])) if len(fin) else (np.nan, np.nan),
-            cpu_seconds=cpu1 - cpu0, baseline_fps=None)
+            cpu_seconds=cpu1 - cpu0, baseline_fps=None, devices=tuple(service.dispatcher.devices),
+            cores=os.cpu_count() or 1)
     finally:
         service.close()
         proxy.terminate()
@@ -221,6 +236,19 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     if baseline:
         result.baseline_fps = baseline_pyfai_lmfit(ai, pool, mask, settings)
     return result
+
+
+def _wait_finished(service, uid: str, timeout: float, progress=None):
+    """The run's store entry once it is no longer running (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = service.store.get(uid)
+        if progress is not None and run is not None:
+            progress(run.frames_fitted, run.frames_final)
+        if run is not None and run.status != "running":
+            break
+        time.sleep(0.2)
+    return service.store.get(uid)
 
 
 def baseline_pyfai_lmfit(ai, pool: np.ndarray, mask: np.ndarray, settings, n: int = 8) -> float:

@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="frames/s the sender publishes (0: as fast as it can)")
     p.add_argument("--mode", default="inline", choices=["inline", "hdf5"], help="frames in the events or in an HDF5 file")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=8, help="frames of an unmeasured run first (matrix build, first calls)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--workdir", default=None)
     p.set_defaults(func=run)
@@ -33,7 +34,8 @@ def run(args) -> int:
             progress.update(final, completed=n_final)
 
         r = run_bench(detector=args.detector, frames=args.frames, rate=args.rate, mode=args.mode,
-                      workers=args.workers, baseline=not args.no_baseline, workdir=args.workdir, progress=update)
+                      workers=args.workers, baseline=not args.no_baseline, workdir=args.workdir,
+                      warmup=args.warmup, progress=update)
     table = Table(title=f"scatterflow bench: {r.detector} ({r.pixels / 1e6:.2f} Mpx), frames {r.mode}")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -44,7 +46,9 @@ def run(args) -> int:
             ("latency to provisional fit p50 / p99", f"{r.latency_provisional[0] * 1e3:.0f} / {r.latency_provisional[1] * 1e3:.0f} ms"),
             ("latency to final fit p50 / p99", f"{r.latency_final[0] * 1e3:.0f} / {r.latency_final[1] * 1e3:.0f} ms"),
             ("lost upstream / dropped / failed / rejected", f"{r.lost:.0f} / {r.dropped:.0f} / {r.failed:.0f} / {r.rejected:.0f}"),
-            ("CPU (service + workers)", f"{r.cpu_seconds:.1f} s, {1e3 * r.cpu_seconds / max(r.fitted, 1):.1f} ms/frame")]
+            ("CPU (service + workers)", f"{r.cpu_seconds:.1f} s, {1e3 * r.cpu_seconds / max(r.fitted, 1):.1f} ms/frame, "
+                                        f"{100 * r.cpu_seconds / max(r.seconds, 1e-9) / r.cores:.0f} % of {r.cores} cores"),
+            ("worker devices", ", ".join(r.devices))]
     if r.baseline_fps:
         rows.append(("baseline pyFAI integrate1d + lmfit, per frame", f"{r.baseline_fps:.1f} frames/s"))
         rows.append(("speed-up over baseline", f"{r.fps / r.baseline_fps:.1f}x"))
