@@ -3,8 +3,13 @@
 `build_app` receives its collaborators (run store, metrics, a status callable), as tiled's
 `build_app` does, so tests inject them.
 
-Routes (all behind the API key when one is set, given as header ``x-api-key`` or query
-``api_key``; the dashboard passes the key of its own URL on):
+Every route is read-only (GET; other methods answer 405). When an API key is set, every route
+but ``/static`` (the dashboard's code) needs it, given as header ``X-API-Key: KEY``,
+``Authorization: Bearer KEY`` (what Prometheus' scrape ``authorization`` sends) or query
+``api_key=KEY`` (the dashboard passes the key of its own URL on, as EventSource cannot set
+headers); else 401. ``/metrics`` is behind the key too: its counters reveal run activity, and
+Prometheus sends bearer tokens natively. So is ``/api/v1/health``: the container healthchecks
+read the key from their secret file, and nothing answers an unauthenticated caller.
 
 - ``/api/v1/health``, ``/api/v1/status``, ``/api/v1/runs``, ``/api/v1/runs/{uid}``,
   ``/api/v1/runs/{uid}/peaks?since=&final=``, ``/api/v1/runs/{uid}/profiles``, ``/metrics``:
@@ -12,6 +17,11 @@ Routes (all behind the API key when one is set, given as header ``x-api-key`` or
 - ``/api/v1/runs/{uid}/latest``: the latest reduced profile and the peak rows of that frame.
 - ``/api/v1/runs/{uid}/frame.png?size=&scale=``: the latest raw 2D frame, block-averaged to at
   most ``size`` pixels a side, log or linear colour scale, masked pixels (negative: gaps) grey.
+- ``/api/v1/runs/{uid}/qmap``: the latest (q_xy, q_z) map of a grazing-incidence run
+  (service/modalities.py): axes ``q_xy``, ``q_z`` (1/nm), ``intensity`` rows along q_z, NaN
+  (missing wedge, no pixel) as null; ``/api/v1/runs/{uid}/qmap.png?size=&scale=`` the same drawn.
+- ``/api/v1/runs/{uid}/extras``: latest extra profiles (in_plane, vertical_cut) and per-frame
+  scalar series (hermans_orientation) of the run's modality.
 - ``/api/v1/metrics/summary``: the Prometheus metrics as JSON (latency quantiles, drops, losses).
 - ``/api/v1/events?run=latest|UID&since=N``: server-sent events for the dashboard (see `events`).
 - ``/`` the dashboard page, ``/static/...`` its files (public: code and the vendored uPlot).
@@ -32,7 +42,9 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
+from .config import secret as plain_secret
 from .metrics import Metrics
 from .publish.state import RunStore
 
@@ -40,9 +52,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
-              api_key: str | None = None, stream_interval_s: float = 0.5,
+              api_key: str | SecretStr | None = None, stream_interval_s: float = 0.5,
               stream_max_s: float = 20.0) -> FastAPI:
     """The service's web app.
+
+    api_key : None or empty: no authentication (the configuration allows that on loopback only).
 
     stream_interval_s : how often (s) an open event stream looks for new results (> 0).
     stream_max_s : an event stream ends after this long (s, > 0) and the browser reconnects
@@ -56,12 +70,14 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
                   description="Live reduction and peak fitting of operando X-ray scattering runs.")
     started = time.time()
 
+    secret = plain_secret(api_key)
+
     def check_key(request: Request) -> None:
-        if api_key is None:
+        if secret is None:
             return
-        given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong API key")
+        if not hmac.compare_digest(_given_key(request).encode(), secret.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong API key",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     def run_or_404(uid: str):
         run = store.get(uid)
@@ -95,6 +111,15 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
         cols, next_since = store.peaks_since(uid, since, final)
         return {"columns": cols, "next_since": next_since}
 
+    @app.get("/api/v1/runs/{uid}/phases", dependencies=deps)
+    def phases(uid: str, since: int = Query(0, ge=0, description="row index to start from"),
+               final: bool | None = Query(None, description="only final (true) or provisional (false) rows")) -> dict:
+        """Phase label, probability and crystallinity index per frame (columnar, like peaks), and
+        the confirmed transitions: {from, to, seq_num, time, time_sigma, frame_sigma, change_point}."""
+        run_or_404(uid)
+        cols, next_since, transitions = store.phases_since(uid, since, final)
+        return {"columns": cols, "next_since": next_since, "transitions": transitions}
+
     @app.get("/api/v1/runs/{uid}/profiles", dependencies=deps)
     def profiles(uid: str, since_seq: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=5000)) -> dict:
         r = run_or_404(uid)
@@ -122,6 +147,34 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
         return Response(png, media_type="image/png",
                         headers={"Cache-Control": "no-store", "X-Seq-Num": str(seq)})
 
+    def qmap_or_404(uid: str):
+        run_or_404(uid)
+        got = store.latest_qmap(uid)
+        if got is None:
+            raise HTTPException(status_code=404, detail=f"run {uid!r} has no q-map (yet)")
+        return got
+
+    @app.get("/api/v1/runs/{uid}/qmap", dependencies=deps)
+    def qmap(uid: str) -> Response:
+        """The latest q-map: {uid, seq_num, unit, dims ["q_z", "q_xy"], q_xy, q_z, intensity (Nz x Nxy)}."""
+        seq, q_xy, q_z, image = qmap_or_404(uid)
+        return _json_response({"uid": uid, "seq_num": seq, "unit": "1/nm", "dims": ["q_z", "q_xy"],
+                               "q_xy": q_xy, "q_z": q_z, "intensity": image})
+
+    @app.get("/api/v1/runs/{uid}/qmap.png", dependencies=deps)
+    def qmap_png(uid: str, size: int = Query(480, ge=100, le=2048, description="width, pixels"),
+                 scale: str = Query("log", pattern="^(log|linear)$")) -> Response:
+        seq, q_xy, q_z, image = qmap_or_404(uid)
+        png = render_qmap_png(q_xy, q_z, image, size=size, log=scale == "log")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store", "X-Seq-Num": str(seq)})
+
+    @app.get("/api/v1/runs/{uid}/extras", dependencies=deps)
+    def extras(uid: str) -> Response:
+        """{"profiles": {name: latest {seq_num, radial, unit, intensity, sigma}}, "scalars":
+        {name: {seq_num: [...], value: [...]}}, "qmap": {seq_num} or null}; NaN as null."""
+        run_or_404(uid)
+        return _json_response(store.extras(uid))
+
     @app.get("/api/v1/metrics/summary", dependencies=deps)
     def metrics_json() -> dict:
         return metrics_summary(metrics)
@@ -139,6 +192,7 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
           its event id ``"<uid> <next_since>"`` is where a reconnecting browser resumes
         - ``profile``: the latest profile, as /runs/{uid}/latest
         - ``frame``: ``{"uid", "seq_num"}`` when a newer 2D frame can be fetched as PNG
+        - ``qmap``: ``{"uid", "seq_num"}`` when a newer q-map (grazing runs) can be fetched as PNG
         - ``status``: ``{"status": /api/v1/status, "metrics": /api/v1/metrics/summary, "time"}``, about 1/s
 
         Non-finite numbers are sent as null. The stream ends after ``stream_max_s``; the
@@ -168,6 +222,13 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _given_key(request: Request) -> str:
+    """The API key a request carries: X-API-Key, Authorization: Bearer, or query api_key ("" if none)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    return request.headers.get("x-api-key") or bearer or request.query_params.get("api_key") or ""
 
 
 # --- helpers shared by routes and the event stream ---------------------------------------
@@ -225,6 +286,36 @@ def render_frame_png(frame: np.ndarray, *, size: int = 320, log: bool = True) ->
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#555555")
     buf = io.BytesIO()
     imsave(buf, np.ma.masked_array(img, ~valid), cmap=cmap, vmin=lo, vmax=hi, format="png")
+    return buf.getvalue()
+
+
+def render_qmap_png(q_xy, q_z, image, *, size: int = 480, log: bool = True) -> bytes:
+    """A (q_xy, q_z) map (Nz, Nxy) as a PNG ``size`` pixels wide with axes in 1/nm: viridis over
+    the 1st-99.8th percentile of log10(I) (I > 0) or I; NaN (missing wedge, no pixel) grey."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    a = np.asarray(image, dtype=np.float64)
+    x, z = np.asarray(q_xy, np.float64), np.asarray(q_z, np.float64)
+    if a.ndim != 2 or a.shape != (z.size, x.size) or min(a.shape) < 2:
+        raise HTTPException(status_code=422, detail=f"q-map of shape {a.shape} does not match its axes")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        img = np.where(a > 0, np.log10(a), np.nan) if log else a
+    valid = np.isfinite(img)
+    lo, hi = np.percentile(img[valid], [1.0, 99.8]) if valid.any() else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    dx, dz = (x[-1] - x[0]) / (x.size - 1), (z[-1] - z[0]) / (z.size - 1)
+    fig = Figure(figsize=(size / 100, 0.8 * size / 100), dpi=100)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#888888")
+    im = ax.imshow(np.ma.masked_invalid(img), origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi,
+                   extent=(x[0] - dx / 2, x[-1] + dx / 2, z[0] - dz / 2, z[-1] + dz / 2), interpolation="nearest")
+    ax.set_xlabel("q_xy (1/nm)")
+    ax.set_ylabel("q_z (1/nm)")
+    fig.colorbar(im, ax=ax, label="log10 I" if log else "I")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -305,6 +396,7 @@ async def _event_stream(store: RunStore, metrics: Metrics, status: Callable[[], 
     deadline = time.monotonic() + max_s
     uid, since = None, 0
     runs_sig = profile_seq = frame_seq = None
+    qmap_seq = None
     next_status = 0.0
     while True:
         runs = store.list()
@@ -316,7 +408,7 @@ async def _event_stream(store: RunStore, metrics: Metrics, status: Callable[[], 
         if target is not None and target != uid:
             resumed = target == resume_uid
             uid, since = target, (resume_since if resumed else 0)
-            profile_seq = frame_seq = None
+            profile_seq = frame_seq = qmap_seq = None
             rec = store.get(uid)
             if rec is not None:
                 start = {k: rec.start.get(k) for k in ("uid", "time", "plan_name", "scan_id", "sample",
@@ -339,6 +431,10 @@ async def _event_stream(store: RunStore, metrics: Metrics, status: Callable[[], 
             if fr is not None and fr[0] != frame_seq:
                 frame_seq = fr[0]
                 yield _sse("frame", {"uid": uid, "seq_num": frame_seq})
+            qm = store.latest_qmap(uid)
+            if qm is not None and qm[0] != qmap_seq:
+                qmap_seq = qm[0]
+                yield _sse("qmap", {"uid": uid, "seq_num": qmap_seq})
         now = time.monotonic()
         if now >= next_status:
             next_status = now + 1.0

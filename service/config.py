@@ -5,12 +5,13 @@ Defaults run the demo with nothing set. Errors surface as one clear line (`Confi
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
@@ -26,11 +27,16 @@ class IngestConfig(_Section):
     serializer: Literal["msgpack", "pickle"] = "msgpack"
     allow_pickle: bool = False
     detector_field: str | None = None       # None: the first 2D field of the descriptor
+    detector_fields: list[str] = Field(default_factory=list)   # 2+ fields: one analysis per detector (service/detectors.py)
     profile_intensity_field: str = "intensity"   # reduced 1D profiles (no 2D field): go straight to fitting
     profile_q_field: str = "q"              # 1/nm
     profile_sigma_field: str = "sigma"
-    max_message_bytes: int = 256 * 2**20    # larger messages are rejected and counted
-    max_frame_pixels: int = 64 * 2**20
+    max_message_bytes: int = Field(256 * 2**20, ge=1)   # larger messages are rejected ("message_too_large")
+    max_frame_pixels: int = Field(64 * 2**20, ge=1)     # larger frames are rejected ("frame_too_large")
+    max_objects: int = Field(2**20, ge=1)   # msgpack objects per message ("too_complex"): ~60 bytes each once built
+    max_depth: int = Field(64, ge=1)        # msgpack nesting per message ("too_complex"): JSON/Tiled recurse
+    max_open_runs: int = Field(64, ge=1)    # runs without a stop document kept at once ("too_many_runs")
+    max_queue_bytes: int = Field(2 * 2**30, ge=1)   # bytes waiting in the receive queue; receive blocks past it
     queue_size: int = 1000                  # bounded receive queue (documents)
     root_map: dict[str, str] = Field(default_factory=dict)   # resource roots -> local paths
     file_retries: int = Field(20, ge=0)     # waits for frames not yet in a file being written
@@ -53,6 +59,32 @@ class ReductionConfig(_Section):
     radial_range: tuple[float, float] | None = None
     azimuth_range: tuple[float, float] | None = None
     snapshot_every: int = Field(25, ge=0)   # corrected 2D snapshot every n-th seq_num (+ the first frame); 0 = off
+    # modality (service/modalities.py); a run's start document may override it and the angles
+    # (start["scatterflow"]: modality, incident_angle, ...; see service/detectors.py).
+    # saxs/waxs: transmission, 1D azimuthal profile; gisaxs: Yoneda cut I(q_xy) fitted, vertical
+    # cut along the rod, q_xy/q_z maps; giwaxs: out-of-plane wedge I(q) fitted, in-plane wedge,
+    # Hermans orientation, q_xy/q_z maps. Angles in rad, q in 1/nm, sectors in deg.
+    modality: Literal["saxs", "waxs", "gisaxs", "giwaxs"] = "saxs"
+    incident_angle: float | None = Field(None, ge=0.0, lt=1.5707963)   # αi; required for gisaxs/giwaxs
+    tilt_angle: float = Field(0.0, gt=-1.5707963, lt=1.5707963)       # roll of the surface about the beam
+    sample_orientation: int = Field(1, ge=1, le=8)                    # pyFAI EXIF orientation; 1: q_z up
+    critical_angle: float | None = Field(None, gt=0.0, lt=1.5707963)   # αc of the film; required for gisaxs
+    yoneda_half_width: float | None = Field(None, gt=0.0)   # gisaxs: Yoneda band αc ± this (None: αc/4)
+    rod_q_xy_band: tuple[float, float] | None = None        # gisaxs vertical cut; None: first peak centre ± FWHM
+    out_of_plane_sector: tuple[float, float] = (0.0, 20.0)  # giwaxs fitted wedge, |χ| from the surface normal
+    in_plane_sector: tuple[float, float] = (70.0, 90.0)     # giwaxs in-plane wedge
+    orientation_q_band: tuple[float, float] | None = (16.5, 18.5)   # giwaxs Hermans f of this |q| ring; None: off
+    orientation_chi_range: tuple[float, float] = (-90.0, 90.0)      # its χ range (deg)
+    qmap_npt: tuple[int, int] = (256, 256)                  # (n_qxy, n_qz) of the map snapshots (grazing)
+    qmap_q_xy_range: tuple[float, float] | None = None      # None: the detector's extent
+    qmap_q_z_range: tuple[float, float] | None = None
+
+    @field_validator("qmap_npt")
+    @classmethod
+    def _qmap_bins(cls, npt: tuple[int, int]) -> tuple[int, int]:
+        if min(npt) < 2:
+            raise ValueError(f"qmap_npt needs at least 2 bins per axis, got {npt!r}")
+        return npt
 
 
 class PeakConfig(_Section):
@@ -105,27 +137,56 @@ class WorkersConfig(_Section):
     latency_budget_s: float = Field(0.05, gt=0)
     queue_batches: int = Field(8, ge=1)     # bounded queue per worker, in batches
     backpressure: Literal["block", "drop_oldest"] = "block"
+    shared_memory: bool = True              # frames to workers through /dev/shm, not pickled (service/frame_slots.py)
 
 
 class TiledConfig(_Section):
     enabled: bool = True                    # false: no Tiled publishing (REST and results stream only)
     uri: str | None = None                  # None: embedded server under `directory`
-    shared_memory: bool = True              # frames to workers through /dev/shm, not pickled (service/frame_slots.py)
-    api_key: str | None = None
+    api_key: SecretStr | None = None        # masked in repr and JSON dumps; `secret()` unwraps it
     directory: Path = Path("./var/tiled")
     flush_rows: int = 500
     flush_seconds: float = 0.5
 
 
 class ApiConfig(_Section):
+    """REST API (read-only). `api_key` is a SecretStr: its repr and JSON dump are masked."""
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None              # required when host is not a loopback address
+    api_key: SecretStr | None = None        # required when host is not a loopback address
+
+
+def secret(value: SecretStr | str | None) -> str | None:
+    """The plain string of an API key setting (None or "" stay None)."""
+    plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return plain or None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1); False for anything
+    else, including ``0.0.0.0``, ``::`` and host names, which may reach other machines."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ResultsConfig(_Section):
     address: str | None = "tcp://127.0.0.1:5579"   # None: no results stream
     prefix: str = ""
+
+
+class PhasesConfig(_Section):
+    """Live phase identification (workers/phase.py). `spec`: phases and their signatures as
+    `workers.phase.phase_spec_from_dict` reads them ({} = the azopolymer demo's crystalline /
+    transition / amorphous set); `checkpoint`: "default" (the classifier shipped in
+    service/models), a path, or null for rules on the fitted parameters. Runs whose fit lacks the
+    spec's peaks get no phases (logged)."""
+    enabled: bool = True
+    spec: dict = Field(default_factory=dict)
+    checkpoint: str | None = "default"
 
 
 class Settings(BaseSettings):
@@ -139,13 +200,21 @@ class Settings(BaseSettings):
     tiled: TiledConfig = TiledConfig()
     api: ApiConfig = ApiConfig()
     results: ResultsConfig = ResultsConfig()
+    phases: PhasesConfig = PhasesConfig()
     run_timeout_s: float = Field(600.0, gt=0)   # a run with no stop document is closed after this idle time
 
     @field_validator("api")
     @classmethod
     def _key_when_exposed(cls, api: ApiConfig) -> ApiConfig:
-        if api.host not in ("127.0.0.1", "localhost", "::1") and not api.api_key:
-            raise ValueError(f"api.host={api.host!r} is not loopback: set api.api_key")
+        """An API bound beyond loopback needs a non-empty api.api_key (or SCATTERFLOW_API__API_KEY).
+
+        Reasoning: on 127.0.0.1/localhost/::1 only processes of this machine reach the API, as
+        they could reach the service's files anyway; any other address (0.0.0.0 listens on every
+        interface) exposes run metadata and results to the network, so it must be authenticated.
+        """
+        if not is_loopback(api.host) and (api.api_key is None or not api.api_key.get_secret_value()):
+            raise ValueError(f"api.host={api.host!r} is not loopback: set api.api_key "
+                             "(or SCATTERFLOW_API__API_KEY)")
         return api
 
     @classmethod

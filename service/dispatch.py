@@ -39,7 +39,7 @@ class ResultSink(Protocol):
     def frame_accepted(self, frame: Frame) -> None: ...
     def frames_reduced(self, uid: str, frames: list[Frame], out: dict) -> None: ...
     def frames_failed(self, uid: str, seq: np.ndarray, reason: str, detail: str) -> None: ...
-    def run_stopped(self, uid: str, stop: dict, rows: dict | None) -> None: ...
+    def run_stopped(self, uid: str, stop: dict, rows: dict | None, extras: dict | None = None) -> None: ...
 
 
 @dataclass
@@ -51,6 +51,7 @@ class _RunSlot:
     oldest: float = 0.0
     stop: dict | None = None
     unfinal: dict = field(default_factory=dict)     # seq_num -> Frame sent but not yet final (replay on worker death)
+    reduced: set = field(default_factory=set)       # seq_nums of `unfinal` already published provisionally
 
 
 @dataclass
@@ -83,6 +84,30 @@ class _NoSlots:
 
     def close(self):
         pass
+
+
+def _without_repeats(seq, frames: list, out: dict, again: set) -> tuple[list, dict]:
+    """A worker's result without what was published for the frames `again` (seq_nums) before a
+    worker death replayed them: their profiles, snapshots and provisional rows (peaks, phases)
+    are dropped, their final rows kept (a replayed frame's final fit comes from the new worker)."""
+    again_list = list(again)
+    keep = ~np.isin(np.asarray(seq), again_list)          # rows of intensity/sigma: the batch's seq
+    out = dict(out, intensity=out["intensity"][keep], sigma=out["sigma"][keep])
+    if out.get("snapshots"):
+        out["snapshots"] = [(s, image) for s, image in out["snapshots"] if int(s) not in again]
+    if out.get("maps"):                                     # modality extras (service/modalities.py)
+        out["maps"] = dict(out["maps"], images=[(s, m) for s, m in out["maps"]["images"] if int(s) not in again])
+    if out.get("extra_profiles"):
+        out["extra_profiles"] = {k: dict(p, intensity=p["intensity"][keep], sigma=p["sigma"][keep])
+                                 for k, p in out["extra_profiles"].items()}
+    if out.get("scalars"):
+        out["scalars"] = {k: np.asarray(v)[keep] for k, v in out["scalars"].items()}
+    for key in ("rows", "phases"):                          # columnar rows with seq_num and final
+        rows = out.get(key)
+        if rows is not None and len(rows["seq_num"]):
+            mask = np.asarray(rows["final"], bool) | ~np.isin(np.asarray(rows["seq_num"]), again_list)
+            out[key] = {k: np.asarray(v)[mask] for k, v in rows.items()}
+    return [f for f in frames if f.seq_num not in again], out
 
 
 class Dispatcher:
@@ -304,12 +329,21 @@ class Dispatcher:
                 entry = self._workers[self._runs[uid].worker].done(batch_id) if uid in self._runs else None
             frames = entry[1] if entry else []
             rows = out.get("rows")
+            again: set = set()
             with self._lock:
                 slot = self._runs.get(uid)
+                if slot is not None:
+                    # frames replayed after a worker death were maybe published already: once only
+                    again = slot.reduced.intersection(np.asarray(seq).tolist())
+                    slot.reduced.update(np.asarray(seq).tolist())
+                    if again:
+                        frames, out = _without_repeats(seq, frames, out, again)
+                        rows = out.get("rows")
                 if slot is not None and rows is not None and len(rows["seq_num"]):
                     for s in set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist()):
                         slot.unfinal.pop(int(s), None)
-            self.metrics.frames_fitted.inc(len(seq))
+                        slot.reduced.discard(int(s))
+            self.metrics.frames_fitted.inc(len(seq) - len(again))
             self.sink.frames_reduced(uid, frames, out)
         elif kind == "failed":
             _, uid, batch_id, seq, reason, detail = msg
@@ -323,13 +357,13 @@ class Dispatcher:
             with self._lock:
                 self._setups.pop(uid, None)
         elif kind == "stopped":
-            _, uid, rows, _reseeds = msg
+            _, uid, rows, _reseeds, extras = msg
             with self._lock:
                 slot = self._runs.pop(uid, None)
                 self._setups.pop(uid, None)
                 if slot is not None:
                     self._workers[slot.worker].runs.discard(uid)
-            self.sink.run_stopped(uid, slot.stop if slot else {}, rows)
+            self.sink.run_stopped(uid, slot.stop if slot else {}, rows, extras)
         elif kind == "ready":
             self._workers[msg[1]].device = msg[2]
 

@@ -369,7 +369,8 @@ class ResultsFollower(_Follower):
         self.address, self.prefix = address, prefix
         self.stats = collections.Counter()
         self._analysis: dict[str, str] = {}       # analysis start uid -> source uid
-        self._descriptors: dict[str, str] = {}    # descriptor uid -> source uid
+        self._descriptors: dict[str, str] = {}    # descriptor uid -> source uid (primary streams)
+        self._other_descriptors: dict[str, str] = {}   # other streams of analysis runs: not orphans
         self._event_seq: dict[str, int] = {}      # descriptor uid -> last event seq_num
         self._asked: dict[str, float] = {}        # source uid -> first asked (monotonic)
         self._rest: RestFollower | None = None
@@ -469,15 +470,20 @@ class ResultsFollower(_Follower):
         run.peaks = tuple(doc.get("peaks", ()))
 
     def _on_descriptor(self, doc: dict) -> None:
+        """Follow the analysis run's ``primary`` stream (peak fits); its other streams
+        (phases, phase_transitions) are not peak rows and are left to other consumers."""
         src = self._analysis.get(doc["run_start"])
-        if src is not None:
+        if src is not None and doc.get("name", "primary") == "primary":
             self._descriptors[doc["uid"]] = src
+        elif src is not None:
+            self._other_descriptors[doc["uid"]] = src
 
     def _on_event(self, doc: dict) -> None:
         desc = doc["descriptor"]
         src = self._descriptors.get(desc)
         if src is None:
-            self.stats["orphans"] += 1
+            if desc not in self._other_descriptors:
+                self.stats["orphans"] += 1
             return
         last = self._event_seq.get(desc, 0)
         if doc["seq_num"] > last + 1:
@@ -503,6 +509,9 @@ class ResultsFollower(_Follower):
         run = self._run(src)
         es = doc.get("exit_status", "success")
         run.status = "complete" if es == "success" else es
+        for d, s in list(self._other_descriptors.items()):
+            if s == src:
+                del self._other_descriptors[d]
         for d, s in list(self._descriptors.items()):
             if s == src:
                 del self._descriptors[d]

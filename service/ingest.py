@@ -5,12 +5,16 @@ queue) -> `DocumentDecoder.decode` (framing ``prefix SP name SP payload``, msgpa
 msgpack-numpy by default, pickle only with ``allow_pickle``) -> `DocumentRouter.route`
 (event-model schema validation, per-run state, frame extraction) -> `FrameSink` (the dispatcher).
 
-Every refusal raises `RejectedInput(reason)`; the router counts it and carries on.
+Every refusal raises `RejectedInput(reason)`; the router counts it and carries on. Hostile
+input is bounded before it costs memory: message bytes, msgpack objects and nesting depth
+(`DocumentDecoder`), array dtypes (`decode_numpy`: no pickle, no object pointers), frame pixels,
+open runs and bytes waiting in the receive queue (`IngestConfig`); tests/test_fuzz.py.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import pickle
 import queue
 import threading
@@ -20,36 +24,161 @@ from typing import Any, Protocol
 
 import jsonschema
 import msgpack
-import msgpack_numpy
 import numpy as np
 from event_model import DocumentNames, schema_validators, unpack_event_page
 
 from .config import IngestConfig
+from .detectors import detector_start, match_field, run_detectors
 from .errors import RejectedInput
 from .metrics import Metrics
 from .resolve import FrameResolver, frame_shape
 
 log = logging.getLogger(__name__)
 
-_msgpack_unpack = functools.partial(msgpack.unpackb, object_hook=msgpack_numpy.decode,
-                                    strict_map_key=False)
 DOCUMENT_NAMES = frozenset(n.name for n in DocumentNames)
+ARRAY_KINDS = frozenset("biufcSU")      # numpy dtype kinds accepted from the wire: no object, void or datetime
+REJECT_LOG_INTERVAL_S = 10.0            # at most one log line per refusal reason this often
+MAX_SEQ_GAP = 1_000_000                 # a seq_num further ahead is refused, not counted as that many lost
 
 
 # --------------------------------------------------------------------------- decoding
+def check_msgpack_structure(payload: bytes, *, max_objects: int, max_depth: int) -> None:
+    """Walk the msgpack headers of `payload` without building objects; RejectedInput
+    "too_complex" when it holds more than `max_objects` objects or nests deeper than
+    `max_depth` containers.
+
+    Why: unpacking allocates about 60 bytes per object (an empty list or dict from a 1-byte
+    header), so structure, not bytes, bounds memory; and documents nested deeper than Python's
+    recursion limit break every recursive consumer (JSON, Tiled metadata). str/bin/ext payloads
+    are skipped, so a frame of megabytes costs a few header reads. Truncated or invalid input is
+    left to msgpack to report (format: github.com/msgpack/msgpack/blob/master/spec.md).
+    """
+    n, pos, objects = len(payload), 0, 0
+    remaining = [1]                             # items still to read at each open container level
+    while remaining:
+        if remaining[-1] == 0:
+            remaining.pop()
+            continue
+        if pos >= n:
+            return
+        remaining[-1] -= 1
+        objects += 1
+        if objects > max_objects:
+            raise RejectedInput("too_complex", f"more than {max_objects} msgpack objects")
+        b = payload[pos]
+        pos += 1
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):     # fixint, nil, bool
+            continue
+        if b <= 0x8F:                                             # fixmap
+            items = 2 * (b & 0x0F)
+        elif b <= 0x9F:                                           # fixarray
+            items = b & 0x0F
+        elif b <= 0xBF:                                           # fixstr
+            pos += b & 0x1F
+            continue
+        elif b in _MSGPACK_CONTAINERS:                            # array16/32, map16/32
+            width, per_item = _MSGPACK_CONTAINERS[b]
+            items = per_item * int.from_bytes(payload[pos:pos + width], "big")
+            pos += width
+        elif b in _MSGPACK_SIZED:                                 # str, bin, ext: length header, then bytes
+            width, extra = _MSGPACK_SIZED[b]
+            pos += width + extra + int.from_bytes(payload[pos:pos + width], "big")
+            continue
+        elif b in _MSGPACK_FIXED:                                 # numbers, fixext
+            pos += _MSGPACK_FIXED[b]
+            continue
+        else:                                                     # 0xC1: never used; msgpack refuses it
+            return
+        if items:
+            remaining.append(items)
+            if len(remaining) - 1 > max_depth:
+                raise RejectedInput("too_complex", f"nested deeper than {max_depth}")
+
+
+# header byte -> (length bytes, items per entry)
+_MSGPACK_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+_MSGPACK_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),
+                  0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1)}                      # -> (length bytes, ext type byte)
+_MSGPACK_FIXED = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,
+                  0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+
+
+def decode_numpy(obj: dict, *, allow_pickle: bool = False):
+    """msgpack object_hook for msgpack-numpy's encoding, without its unsafe paths.
+
+    msgpack_numpy.decode builds ``np.ndarray(buffer=data, dtype=type)`` for any dtype, so a
+    message declaring dtype ``|O`` turns its bytes into object pointers (a segfault when
+    touched), and it unpickles arrays of kind ``O`` whatever the decoder was told. Here only
+    dtypes of kinds b, i, u, f, c, S, U are built, the data must be exactly shape x itemsize
+    bytes, and kind ``O`` (pickle inside msgpack) is refused unless `allow_pickle`.
+    """
+    if b"nd" not in obj:
+        if b"complex" in obj:                   # msgpack-numpy: {complex: True, data: repr(z)}
+            data = obj.get(b"data")
+            try:
+                return complex(data.decode("ascii") if isinstance(data, bytes) else data)
+            except (TypeError, ValueError, UnicodeDecodeError):
+                raise RejectedInput("bad_array", "malformed complex number") from None
+        if not all(isinstance(k, str) for k in obj):       # JSON documents; schema checks need str keys
+            raise RejectedInput("non_string_key", repr(next(k for k in obj if not isinstance(k, str)))[:40])
+        return obj
+    if obj.get(b"kind") == b"O":
+        if not allow_pickle:
+            raise RejectedInput("pickle_refused", "msgpack-numpy object array (pickled) while allow_pickle is false")
+        try:
+            return pickle.loads(obj[b"data"])    # allow_pickle: the operator turned it on
+        except Exception as exc:
+            raise RejectedInput("undecodable", f"pickle: {type(exc).__name__}") from None
+    try:
+        descr, data = obj[b"type"], obj[b"data"]
+        dtype = np.dtype(descr) if isinstance(descr, str) and len(descr) <= 16 else None
+    except (KeyError, TypeError, ValueError, SyntaxError):
+        dtype = None
+    if dtype is None or dtype.kind not in ARRAY_KINDS or dtype.itemsize == 0 or dtype.shape != ():
+        raise RejectedInput("bad_array", f"dtype {str(obj.get(b'type'))[:40]!r} not accepted")
+    if not isinstance(data, bytes):
+        raise RejectedInput("bad_array", "array data is not bytes")
+    if obj[b"nd"] is not True:                  # a numpy scalar
+        if len(data) != dtype.itemsize:
+            raise RejectedInput("bad_array", f"{len(data)} bytes for a {dtype} scalar")
+        return np.frombuffer(data, dtype=dtype)[0]
+    shape = obj.get(b"shape")
+    if (not isinstance(shape, (list, tuple)) or len(shape) > 32
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise RejectedInput("bad_array", f"shape {str(shape)[:60]}")
+    if math.prod(shape) * dtype.itemsize != len(data):
+        raise RejectedInput("bad_array", f"shape {tuple(shape)} of {dtype} needs "
+                                         f"{math.prod(shape) * dtype.itemsize} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)     # read-only, as msgpack-numpy's
+
+
 class DocumentDecoder:
-    """Turn one 0MQ message into ``(name, document)``, or raise RejectedInput."""
+    """Turn one 0MQ message into ``(name, document)``, or raise RejectedInput.
+
+    Limits, checked before anything is built: `max_message_bytes` (reason "message_too_large"),
+    then for msgpack `max_objects` and `max_depth` (reason "too_complex", see
+    `check_msgpack_structure`); msgpack's own limits keep every str, bin, array and map within
+    the message's length. Arrays come from `decode_numpy`: plain numeric and string dtypes only.
+    """
 
     def __init__(self, *, serializer: str = "msgpack", allow_pickle: bool = False,
-                 prefix: bytes = b"", max_message_bytes: int = 256 * 2**20):
+                 prefix: bytes = b"", max_message_bytes: int = 256 * 2**20,
+                 max_objects: int = 2**20, max_depth: int = 64):
         if serializer not in ("msgpack", "pickle"):
             raise ValueError(f"serializer must be 'msgpack' or 'pickle', got {serializer!r}")
         if serializer == "pickle" and not allow_pickle:
             raise ValueError("serializer 'pickle' needs allow_pickle: true (pickle runs code from the network)")
+        for key, value in (("max_message_bytes", max_message_bytes), ("max_objects", max_objects),
+                           ("max_depth", max_depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         self.serializer = serializer
         self.allow_pickle = allow_pickle
         self.prefix = prefix
         self.max_message_bytes = max_message_bytes
+        self.max_objects = max_objects
+        self.max_depth = max_depth
+        self._hook = functools.partial(decode_numpy, allow_pickle=allow_pickle)
 
     def decode(self, message: bytes) -> tuple[str, dict]:
         if len(message) > self.max_message_bytes:
@@ -82,8 +211,11 @@ class DocumentDecoder:
                 raise RejectedInput("undecodable", f"pickle: {exc}") from None
         if self.serializer != "msgpack":
             raise RejectedInput("undecodable", "expected a pickle payload")
+        check_msgpack_structure(payload, max_objects=self.max_objects, max_depth=self.max_depth)
         try:
-            return _msgpack_unpack(payload)
+            return msgpack.unpackb(payload, object_hook=self._hook, strict_map_key=False)
+        except RejectedInput:
+            raise
         except Exception as exc:
             raise RejectedInput("undecodable", f"msgpack: {type(exc).__name__}") from None
 
@@ -97,7 +229,9 @@ class StreamInfo:
     frame_shape: tuple[int, ...] | None
     external_stream: bool = False       # frames arrive by stream_datum, not in the events
     profile: tuple[str, str, str | None] | None = None   # (intensity, q, sigma) fields of reduced 1D profiles
+    external_profile: str | None = None  # field holding datum_ids of reduced profiles in files (NXcanSAS)
     last_seq_num: int = 0
+    fanout: list = field(default_factory=list)   # multi-detector run: [(analysis key, StreamInfo of one detector)]
 
 
 @dataclass
@@ -108,6 +242,12 @@ class RunInfo:
     streams: dict[str, StreamInfo] = field(default_factory=dict)   # descriptor uid -> stream
     frames: int = 0
     last_seen: float = field(default_factory=time.monotonic)
+    detectors: dict[str, str] = field(default_factory=dict)   # name -> analysis key (service/detectors.py); {}: one
+
+    @property
+    def keys(self) -> list[str]:
+        """Analysis keys of the run: its uid, or one per detector."""
+        return list(self.detectors.values()) or [self.uid]
 
 
 @dataclass(frozen=True)
@@ -130,6 +270,19 @@ class FrameSink(Protocol):
     def stop_run(self, uid: str, stop: dict) -> None: ...
 
 
+def with_fixed_shapes(descriptor: dict) -> dict:
+    """The descriptor with only the data keys whose shape is a list of integers >= 0.
+
+    event-model allows ``None`` for a dimension of variable length; such keys (and malformed
+    shapes) cannot hold the fixed-size frames or profiles reduced here, so they are left out of
+    the choice of frame and profile fields instead of failing the whole descriptor."""
+    keys = descriptor.get("data_keys") or {}
+    fixed = {name: key for name, key in keys.items()
+             if all(isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0 and float(n).is_integer()
+                    for n in key.get("shape") or [])}
+    return descriptor if len(fixed) == len(keys) else {**descriptor, "data_keys": fixed}
+
+
 def choose_frame_field(descriptor: dict, configured: str | None) -> tuple[str | None, tuple[int, ...] | None]:
     """The configured field if the descriptor has it, else the first field holding 2D frames
     (shape [rows, cols], or [1, rows, cols] as ophyd-async and area detectors describe them)."""
@@ -144,6 +297,16 @@ def choose_frame_field(descriptor: dict, configured: str | None) -> tuple[str | 
         if shape is not None and shape[0] == 1:
             return name, shape[1:]
     return None, None
+
+
+def choose_external_profile(descriptor: dict) -> str | None:
+    """The first field whose data live in a file (``external`` set) with a 1D shape: reduced
+    profiles in NXcanSAS files. ``STREAM:`` ones arrive by stream_datum, others by datum_id."""
+    for name, key in (descriptor.get("data_keys") or {}).items():
+        shape = [int(s) for s in (key.get("shape") or [])]
+        if key.get("external") and (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) and shape[-1] > 2:
+            return name
+    return None
 
 
 def choose_profile_fields(descriptor: dict, config: IngestConfig) -> tuple[str, str, str | None] | None:
@@ -172,6 +335,7 @@ class DocumentRouter:
                                       retry_delay_s=self.config.file_retry_delay_s,
                                       max_frame_pixels=self.config.max_frame_pixels)
         self._lock = threading.Lock()
+        self._last_log: dict[str, tuple[float, int]] = {}    # reason -> (time of last line, refusals since)
 
     # entry point ---------------------------------------------------------------------------
     def route(self, name: str, doc: dict, arrival: float | None = None) -> None:
@@ -191,8 +355,17 @@ class DocumentRouter:
             self.reject(RejectedInput("internal_error", f"{type(exc).__name__}: {exc}"))
 
     def reject(self, exc: RejectedInput) -> None:
+        """Count a refusal; log it, at most one line per reason every REJECT_LOG_INTERVAL_S
+        (a flood of bad messages must not flood the log: the counter has every one)."""
         self.metrics.rejected.labels(exc.reason).inc()
-        log.warning("rejected input: %s", exc)
+        now = time.monotonic()
+        last, since = self._last_log.get(exc.reason, (-math.inf, 0))
+        if now - last < REJECT_LOG_INTERVAL_S:
+            self._last_log[exc.reason] = (last, since + 1)
+            return
+        self._last_log[exc.reason] = (now, 0)
+        more = f" (and {since} more '{exc.reason}' in the last {now - last:.0f} s)" if since else ""
+        log.warning("rejected input: %s%s", exc, more)
 
     @staticmethod
     def _validate(name: str, doc: dict) -> None:
@@ -207,19 +380,30 @@ class DocumentRouter:
         uid = doc["uid"]
         if uid in self.runs:
             raise RejectedInput("duplicate_start", uid)
-        self.runs[uid] = RunInfo(uid=uid, start=doc)
-        self.sink.start_run(uid, doc)
+        if len(self.runs) >= self.config.max_open_runs:    # bounded state: runs that never stop expire later
+            raise RejectedInput("too_many_runs", f"{len(self.runs)} runs open (ingest.max_open_runs)")
+        run = self.runs[uid] = RunInfo(uid=uid, start=doc, detectors=run_detectors(doc, self.config.detector_fields))
+        if not run.detectors:
+            self.sink.start_run(uid, doc)
+        for name, key in run.detectors.items():             # one analysis per detector
+            self.sink.start_run(key, detector_start(doc, name, key))
 
     def _on_descriptor(self, doc: dict, arrival: float) -> None:
         run = self.runs.get(doc["run_start"])
         if run is None:
             self.metrics.lost_upstream.labels("start").inc()
             raise RejectedInput("descriptor_without_start", doc["run_start"])
-        fld, shape = choose_frame_field(doc, self.config.detector_field)
-        external = fld in self.resolver.stream_data_keys(doc)
-        profile = choose_profile_fields(doc, self.config) if fld is None else None
+        fixed = with_fixed_shapes(doc)
+        if run.detectors:
+            self._fanout_descriptor(run, doc, fixed)
+            return
+        fld, shape = choose_frame_field(fixed, self.config.detector_field)
+        external = fld in self.resolver.stream_data_keys(fixed)
+        profile = choose_profile_fields(fixed, self.config) if fld is None else None
+        ext_profile = choose_external_profile(fixed) if fld is None and profile is None else None
         run.streams[doc["uid"]] = StreamInfo(descriptor=doc, frame_field=fld, frame_shape=shape,
-                                             external_stream=external, profile=profile)
+                                             external_stream=external, profile=profile,
+                                             external_profile=ext_profile)
         self._descriptor_run[doc["uid"]] = run.uid
 
     def _on_event(self, doc: dict, arrival: float) -> None:
@@ -230,13 +414,22 @@ class DocumentRouter:
         stream = run.streams[doc["descriptor"]]
         run.last_seen = time.monotonic()
         seq = int(doc["seq_num"])
+        if not math.isfinite(doc["time"]):
+            raise RejectedInput("bad_time", repr(doc["time"]))
+        if not 1 <= seq <= stream.last_seq_num + MAX_SEQ_GAP:     # bluesky counts from 1, one by one
+            raise RejectedInput("bad_seq_num", f"{seq} after {stream.last_seq_num}")
         if seq > stream.last_seq_num + 1:
             self.metrics.lost_upstream.labels("event").inc(seq - stream.last_seq_num - 1)
             log.warning("run %s: seq_num gap %d -> %d (lost upstream)", run_uid[:8], stream.last_seq_num, seq)
         stream.last_seq_num = max(stream.last_seq_num, seq)
-        if stream.profile is None and (stream.frame_field is None or stream.external_stream):
+        if stream.fanout:
+            self._submit_fanout(run, stream, doc, seq, arrival)
+            return
+        if stream.external_profile is not None and isinstance(doc["data"].get(stream.external_profile), str):
+            frame, kind = self.resolver.fill_profile(doc, stream.external_profile), "profile"
+        elif stream.profile is None and (stream.frame_field is None or stream.external_stream):
             return              # no frames (baseline), or frames that come by stream_datum
-        if stream.profile is not None:
+        elif stream.profile is not None:
             frame, kind = self._extract_profile(doc, stream.profile), "profile"
         else:
             frame, kind = self._extract_frame(doc, stream), "frame"
@@ -244,6 +437,38 @@ class DocumentRouter:
                    if k != stream.frame_field and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
         run.frames += 1
         self.sink.submit(Frame(run_uid, seq, float(doc["time"]), frame, arrival, scalars, kind))
+
+    def _fanout_descriptor(self, run: RunInfo, doc: dict, fixed: dict) -> None:
+        """A descriptor of a multi-detector run: each detector's 2D field (service/detectors.py
+        ``match_field``) becomes a frame source of its own analysis key."""
+        external = self.resolver.stream_data_keys(fixed)
+        fields = {name: shape[1:] for name, key in (fixed.get("data_keys") or {}).items()
+                  if (shape := frame_shape(key)) is not None and shape[0] == 1}
+        fanout = []
+        for name, key in run.detectors.items():
+            fld = match_field(name, fields)
+            if fld is not None:
+                fanout.append((key, StreamInfo(descriptor=doc, frame_field=fld, frame_shape=fields[fld],
+                                               external_stream=fld in external)))
+        run.streams[doc["uid"]] = StreamInfo(descriptor=doc, frame_field=None, frame_shape=None, fanout=fanout)
+        self._descriptor_run[doc["uid"]] = run.uid
+
+    def _submit_fanout(self, run: RunInfo, stream: StreamInfo, doc: dict, seq: int, arrival: float) -> None:
+        """One frame per detector of the event, each to its analysis; a bad frame of one
+        detector is refused (counted) without losing the others'."""
+        fields = {sub.frame_field for _, sub in stream.fanout}
+        scalars = {k: float(v) for k, v in doc["data"].items()
+                   if k not in fields and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+        for key, sub in stream.fanout:
+            if sub.external_stream:
+                continue        # frames by stream_datum: not routed per detector (single-detector runs only)
+            try:
+                frame = self._extract_frame(doc, sub)
+            except RejectedInput as exc:
+                self.reject(exc)
+                continue
+            run.frames += 1
+            self.sink.submit(Frame(key, seq, float(doc["time"]), frame, arrival, scalars))
 
     def _on_event_page(self, doc: dict, arrival: float) -> None:
         for event in unpack_event_page(doc):
@@ -257,10 +482,19 @@ class DocumentRouter:
         for d in run.streams:
             self._descriptor_run.pop(d, None)
         self.resolver.forget_run(run.uid)
-        self.sink.stop_run(run.uid, doc)
+        for key in run.keys:
+            self.sink.stop_run(key, doc)
 
     # frames in files (service/resolve.py) --------------------------------------------------
+    def _open_run_of(self, doc: dict) -> None:
+        """Resources are kept per run and dropped at its stop: one naming no open run would
+        never be dropped, so it is refused (ophyd v1 and ophyd-async both set run_start)."""
+        if doc.get("run_start") not in self.runs:
+            self.metrics.lost_upstream.labels("start").inc()
+            raise RejectedInput("resource_without_start", str(doc.get("run_start"))[:40])
+
     def _on_resource(self, doc: dict, arrival: float) -> None:
+        self._open_run_of(doc)
         self.resolver.resource(doc)
 
     def _on_datum(self, doc: dict, arrival: float) -> None:
@@ -270,6 +504,7 @@ class DocumentRouter:
         self.resolver.datum_page(doc)
 
     def _on_stream_resource(self, doc: dict, arrival: float) -> None:
+        self._open_run_of(doc)
         self.resolver.stream_resource(doc)
 
     def _on_stream_datum(self, doc: dict, arrival: float) -> None:
@@ -280,10 +515,12 @@ class DocumentRouter:
             raise RejectedInput("stream_datum_before_descriptor", doc["descriptor"])
         run = self.runs[run_uid]
         run.last_seen = time.monotonic()
+        kind = self.resolver.stream_kind(doc)
         for seq, frame in self.resolver.stream_datum(doc):
             run.frames += 1
-            self.sink.submit(Frame(run_uid, int(seq), time.time(), self._checked(frame, run.streams[doc["descriptor"]]),
-                                   arrival, {}))
+            if kind == "frame":
+                frame = self._checked(frame, run.streams[doc["descriptor"]])
+            self.sink.submit(Frame(run_uid, int(seq), time.time(), frame, arrival, {}, kind))
 
     def _extract_frame(self, doc: dict, stream: StreamInfo) -> np.ndarray:
         value = doc["data"].get(stream.frame_field)
@@ -292,7 +529,10 @@ class DocumentRouter:
         if isinstance(value, str) or doc.get("filled", {}).get(stream.frame_field) is False:
             frame = self.resolver.fill_event(doc, stream.descriptor, stream.frame_field)
         else:
-            frame = np.asarray(value)
+            try:
+                frame = np.asarray(value)
+            except (ValueError, TypeError) as exc:      # ragged nested lists
+                raise RejectedInput("bad_frame", f"{type(exc).__name__}: {str(exc)[:120]}") from None
         return self._checked(frame, stream)
 
     def _extract_profile(self, doc: dict, fields: tuple[str, str, str | None]) -> np.ndarray:
@@ -327,17 +567,20 @@ class DocumentRouter:
     def expire(self, idle_s: float) -> list[str]:
         """Close runs idle for longer than `idle_s` (no stop document); returns their uids."""
         now = time.monotonic()
+        keys: dict[str, list[str]] = {}
         with self._lock:
             stale = [u for u, r in self.runs.items() if now - r.last_seen > idle_s]
             for uid in stale:
                 run = self.runs.pop(uid)
+                keys[uid] = run.keys
                 for d in run.streams:
                     self._descriptor_run.pop(d, None)
                 self.resolver.forget_run(uid)
         for uid in stale:
             log.warning("run %s: no stop document after %.0f s idle; closed as timed out", uid[:8], idle_s)
-            self.sink.stop_run(uid, {"run_start": uid, "exit_status": "abort", "reason": "timeout: no stop document",
-                                     "time": time.time(), "uid": "", "num_events": {}})
+            for key in keys[uid]:
+                self.sink.stop_run(key, {"run_start": uid, "exit_status": "abort", "reason": "timeout: no stop document",
+                                         "time": time.time(), "uid": "", "num_events": {}})
         return stale
 
 
@@ -354,8 +597,11 @@ class ZmqSubscriber:
         self.router = router
         self.metrics = metrics
         self.decoder = DocumentDecoder(serializer=config.serializer, allow_pickle=config.allow_pickle,
-                                       prefix=config.prefix.encode(), max_message_bytes=config.max_message_bytes)
+                                       prefix=config.prefix.encode(), max_message_bytes=config.max_message_bytes,
+                                       max_objects=config.max_objects, max_depth=config.max_depth)
         self.queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._queued_bytes = 0                  # bytes in `queue`, at most config.max_queue_bytes (or one message)
+        self._room = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.received = 0
@@ -383,6 +629,11 @@ class ZmqSubscriber:
                 continue
             message = self._socket.recv(copy=True)
             self.received += 1
+            if len(message) > self.config.max_message_bytes:    # refused before it takes queue memory
+                self.router.reject(RejectedInput("message_too_large",
+                                                 f"{len(message)} bytes > {self.config.max_message_bytes}"))
+                continue
+            self._reserve(len(message))
             item = (message, time.monotonic())
             while not self._stop.is_set():
                 try:
@@ -399,12 +650,34 @@ class ZmqSubscriber:
                 message, arrival = self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            try:
-                name, doc = self.decoder.decode(message)
-            except RejectedInput as exc:
-                self.router.reject(exc)
-                continue
-            self.router.route(name, doc, arrival)
+            self._release(len(message))
+            self.handle(message, arrival)
+
+    def handle(self, message: bytes, arrival: float | None = None) -> None:
+        """Decode and route one received message; every refusal is counted, none raises."""
+        try:
+            name, doc = self.decoder.decode(message)
+        except RejectedInput as exc:
+            self.router.reject(exc)
+            return
+        except Exception as exc:  # a decoder bug must not stop ingest; count and log it
+            log.exception("internal error decoding a message")
+            self.router.reject(RejectedInput("internal_error", f"{type(exc).__name__}: {exc}"))
+            return
+        self.router.route(name, doc, arrival)
+
+    def _reserve(self, nbytes: int) -> None:
+        """Wait until `nbytes` more fit in config.max_queue_bytes (an empty queue takes any message)."""
+        with self._room:
+            while (self._queued_bytes and self._queued_bytes + nbytes > self.config.max_queue_bytes
+                   and not self._stop.is_set()):
+                self._room.wait(0.1)
+            self._queued_bytes += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        with self._room:
+            self._queued_bytes -= nbytes
+            self._room.notify_all()
 
     def stop(self) -> None:
         self._stop.set()

@@ -29,6 +29,10 @@ class Metrics:
                                      ["kind"], registry=r)
         self.reseeds = Counter("scatterflow_fit_reseeds", "Fits re-seeded after divergence", registry=r)
         self.change_points = Counter("scatterflow_change_points", "Change points flagged in final fits", registry=r)
+        self.phase_frames = Counter("scatterflow_phase_frames", "Frames with a final phase label, by phase",
+                                    ["phase"], registry=r)
+        self.phase_transitions = Counter("scatterflow_phase_transitions", "Phase transitions confirmed, by phases",
+                                         ["from_phase", "to_phase"], registry=r)
         self.queue_depth = Gauge("scatterflow_queue_depth", "Items waiting, by queue", ["queue"], registry=r)
         self.runs_active = Gauge("scatterflow_runs_active", "Runs open", registry=r)
         self.latency = Histogram("scatterflow_latency_seconds",

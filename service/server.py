@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 from . import __version__
-from .config import Settings
+from .config import Settings, secret
 from .dispatch import Dispatcher
+from .errors import ConfigError
 from .images import read_image
 from .ingest import DocumentRouter, ZmqSubscriber
 from .metrics import Metrics
@@ -22,6 +23,7 @@ from .publish.state import RunStore
 from .worker import RunSetup
 
 log = logging.getLogger(__name__)
+STOPPED_REASON = "service stopped before the run ended"
 
 
 class Service:
@@ -41,8 +43,14 @@ class Service:
     # geometry for a run --------------------------------------------------------------------
     def setup_for_run(self, start: dict) -> RunSetup:
         from workers.geometry import Geometry
+
+        from .detectors import run_settings
         g = self.settings.geometry
-        if self.calibrated_geometry is not None:
+        run = run_settings(start, self.settings.reduction, self.settings.fit)   # modality, per-run/detector keys
+        if run.geometry is not None:                        # the detector's own PONI mapping (start document)
+            import pyFAI
+            geometry = Geometry.from_pyfai(pyFAI.load(run.geometry))
+        elif self.calibrated_geometry is not None:
             geometry = self.calibrated_geometry
         elif g.poni is not None:
             geometry = Geometry.from_poni(g.poni)
@@ -53,21 +61,55 @@ class Service:
             log.warning("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
                         start.get("uid", "?")[:8])
             geometry = None
-        mask = read_image(g.mask).astype(bool) if g.mask else None
+        mask = self._image_for(g.mask, geometry, "mask")
+        mask = mask.astype(bool) if mask is not None else None
         if mask is not None and geometry is not None:
             mask = mask | geometry.detector_mask()
         calibrant = start.get("calibrant")
         if calibrant is not None and not isinstance(calibrant, str):
             raise ValueError(f"start document 'calibrant' must be a calibrant name, got {calibrant!r}")
-        return RunSetup(geometry=geometry, mask=mask, calibrant=calibrant,
-                        dark=read_image(g.dark) if g.dark else None,
-                        flat=read_image(g.flat) if g.flat else None,
-                        reduction=self.settings.reduction.model_dump(),
-                        fit=self.settings.fit.model_dump())
+        return RunSetup(geometry=geometry, mask=mask, calibrant=calibrant, phases=self._phase_setup(),
+                        dark=self._image_for(g.dark, geometry, "dark"),
+                        flat=self._image_for(g.flat, geometry, "flat"),
+                        reduction=run.reduction, fit=run.fit)
+
+    @staticmethod
+    def _image_for(path, geometry, what: str):
+        """The configured mask/dark/flat image, or None when unset or when its shape is not the
+        detector's (another detector of a multi-detector run: logged, not applied)."""
+        if not path:
+            return None
+        image = read_image(path)
+        if geometry is not None and geometry.shape is not None and tuple(image.shape) != tuple(geometry.shape):
+            log.warning("geometry.%s %s has shape %s, the detector %s: not applied", what, path, image.shape,
+                        tuple(geometry.shape))
+            return None
+        return image
+
+    def _phase_setup(self) -> dict | None:
+        """{"spec", "checkpoint"} for the workers' phase trackers (checkpoint read once), or None."""
+        cfg = self.settings.phases
+        if not cfg.enabled:
+            return None
+        if not hasattr(self, "_phase_checkpoint"):
+            self._phase_checkpoint = None
+            if cfg.checkpoint is not None:
+                path = (Path(__file__).parent / "models" / "phase_classifier.pt" if cfg.checkpoint == "default"
+                        else Path(cfg.checkpoint))
+                if path.is_file():
+                    import torch
+                    self._phase_checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+                    log.info("phase classifier: %s", path)
+                elif cfg.checkpoint == "default":
+                    log.warning("no phase classifier at %s: phases from rules on the fitted parameters", path)
+                else:
+                    raise ConfigError(f"phases.checkpoint: no file {path}")
+        return {"spec": dict(cfg.spec), "checkpoint": self._phase_checkpoint}
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Service":
         s = self.settings
+        self._phase_setup()                  # a bad phases.checkpoint fails here, not per run
         tiled = self._start_tiled()
         results = None
         if s.results.address:
@@ -79,7 +121,10 @@ class Service:
                               on_calibration=self.calibrated)
         self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.setup_for_run)
         self.dispatcher.start()
+        # at close, reversed: open runs flushed and stopped, workers stopped, any run left marked interrupted
+        self._closers.append(lambda: self.hub.interrupt_open_runs(STOPPED_REASON))
         self._closers.append(self.dispatcher.close)
+        self._closers.append(self._stop_open_runs)
         self.router = DocumentRouter(self.dispatcher, self.metrics, s.ingest)
         self.subscriber = ZmqSubscriber(s.ingest, self.router, self.metrics)
         self.subscriber.start()
@@ -118,12 +163,12 @@ class Service:
             log.warning("Tiled publishing unavailable: %s", exc)
             return None
         if s.uri is None:
-            server = EmbeddedTiled(directory=s.directory, api_key=s.api_key)
+            server = EmbeddedTiled(directory=s.directory, api_key=secret(s.api_key))
             self._closers.append(server.close)
             self.tiled_uri, self.tiled_api_key = server.uri, server.api_key
             log.info("embedded Tiled at %s (data in %s)", server.uri, s.directory)
         else:
-            self.tiled_uri, self.tiled_api_key = s.uri, s.api_key
+            self.tiled_uri, self.tiled_api_key = s.uri, secret(s.api_key)
         publisher = TiledPublisher(self.tiled_uri, api_key=self.tiled_api_key,
                                    spool_dir=Path(s.directory) / "spool",
                                    flush_rows=s.flush_rows, flush_seconds=s.flush_seconds)
@@ -148,6 +193,18 @@ class Service:
         self.api_port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
         self._closers.append(self._stop_api)
         log.info("REST API on http://%s:%d/api/v1 (dashboard at /)", a.host, self.api_port)
+
+    def _stop_open_runs(self, timeout: float = 10.0) -> None:
+        """Runs without their stop document when the service stops (ingest closed already):
+        stopped through the workers, so their windows' final fits are published, with
+        exit_status "abort" and STOPPED_REASON; waits up to `timeout` s for every open run."""
+        for uid, run in list(self.router.runs.items()):
+            for key in run.keys:                            # one analysis per detector
+                self.dispatcher.stop_run(key, {"run_start": uid, "exit_status": "abort", "reason": STOPPED_REASON,
+                                               "time": time.time(), "uid": "", "num_events": {}})
+        deadline = time.monotonic() + timeout
+        while self.hub.open_runs() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _stop_api(self) -> None:
         self._uvicorn.should_exit = True

@@ -37,6 +37,7 @@ class RunSetup:
     reduction: dict = field(default_factory=dict)   # ReductionConfig as dict
     fit: dict = field(default_factory=dict)         # FitConfig as dict
     calibrant: str | None = None                    # a calibrant run: calibrate from its first frame
+    phases: dict | None = None                      # {"spec": dict, "checkpoint": state or None}; None: off
 
     def integrator_key(self, shape: tuple[int, ...]) -> str:
         reduction = sorted((k, v) for k, v in self.reduction.items() if k not in _NOT_INTEGRATOR)
@@ -75,7 +76,12 @@ class RunPipeline:
             raise ValueError(f"reduction.snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         self._first_frame_seen = False
         self._staging = None          # page-locked host buffer for GPU transfers
-        if setup.geometry is not None and setup.geometry.shape is not None:   # build now, not on the first frame
+        self.phases = self._phase_tracker(setup, device)
+        from .modalities import GRAZING, GrazingReduction
+        self.grazing = None           # GrazingReduction of a gisaxs/giwaxs run (service/modalities.py)
+        if setup.reduction.get("modality", "saxs") in GRAZING and setup.geometry is not None:
+            self.grazing = GrazingReduction(setup, device, integrators)
+        elif setup.geometry is not None and setup.geometry.shape is not None:   # build now, not on the first frame
             self._integrator(tuple(setup.geometry.shape))
 
     def _integrator(self, shape: tuple[int, ...]):
@@ -103,18 +109,24 @@ class RunPipeline:
             if not np.allclose(frames[:, 0], radial):
                 raise ValueError("profiles of one run must share their q grid")
             rows = self.fitter.update(radial, frames[:, 1], frames[:, 2], seq, times)
-            return {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
-                    "sigma": frames[:, 2].astype(np.float32), "rows": rows, "reseeds": int(self.fitter.reseeds)}
+            out = {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
+                   "sigma": frames[:, 2].astype(np.float32), "rows": rows, "reseeds": int(self.fitter.reseeds)}
+            return self._with_phases(out, seq, radial, frames[:, 1])
         if self.setup.geometry is None:
             raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
-        integrator = self._integrator(frames.shape[1:])
         batch = self._device_batch(frames)
-        result = integrator(batch)
+        if self.grazing is not None:             # per-modality profile, plus maps, extra profiles, scalars
+            integrator, result, extras = self.grazing(batch, seq)
+        else:
+            integrator, extras = self._integrator(frames.shape[1:]), {}
+            result = integrator(batch)
         rows = self.fitter.update(result.radial, result.intensity, result.sigma, seq, times)
         out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
                "intensity": result.intensity.float().cpu().numpy(),
                "sigma": result.sigma.float().cpu().numpy(), "rows": rows,
                "reseeds": int(self.fitter.reseeds)}
+        self._with_phases(out, seq, result.radial, result.intensity)
+        out.update(extras)
         snapshots = self._snapshots(integrator, batch, seq)
         if snapshots:
             out["snapshots"] = snapshots
@@ -122,6 +134,35 @@ class RunPipeline:
             self.calibration_done = True
             out["calibration"] = self._calibrate(frames[0])
         return out
+
+    @staticmethod
+    def _phase_tracker(setup: RunSetup, device: str):
+        """workers.phase.PhaseTracker for the run, or None (off, or the fit lacks the spec's peaks)."""
+        if not setup.phases:
+            return None
+        from workers.phase import PhaseTracker, phase_spec_from_dict
+        spec = phase_spec_from_dict(setup.phases.get("spec") or {})
+        try:
+            spec.check_peaks([p["name"] for p in setup.fit.get("peaks", [])])
+            return PhaseTracker(spec, setup.phases.get("checkpoint"), device=device)
+        except ValueError as exc:
+            log.warning("worker %d: no phase identification for this run: %s", os.getpid(), exc)
+            return None
+
+    def _with_phases(self, out: dict, seq, radial, intensity) -> dict:
+        """Add per-frame phase rows and confirmed transitions to a batch's result."""
+        if self.phases is not None:
+            out["phases"] = self.phases.update(out["rows"], seq_num=seq, radial=radial, intensity=intensity)
+            out["transitions"] = self.phases.pop_transitions()
+        return out
+
+    def finish(self) -> tuple[dict, dict]:
+        """Final rows of the frames still in the regularizer window, and their phases."""
+        rows = self.fitter.finish()
+        extras = {}
+        if self.phases is not None:
+            extras = {"phases": self.phases.finish(rows), "transitions": self.phases.pop_transitions()}
+        return rows, extras
 
     def _device_batch(self, frames: np.ndarray):
         """(B, H, W) frames as a tensor on the worker's device. On CPU a view of the (shared
@@ -214,8 +255,8 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 outbox.put(("reduced", uid, batch_id, seq, times, out))
             elif kind == "stop":
                 pipeline = runs.pop(uid, None)
-                rows = pipeline.fitter.finish() if pipeline is not None else None
-                outbox.put(("stopped", uid, rows, pipeline.fitter.reseeds if pipeline else 0))
+                rows, extras = pipeline.finish() if pipeline is not None else (None, {})
+                outbox.put(("stopped", uid, rows, pipeline.fitter.reseeds if pipeline else 0, extras))
         except Exception as exc:
             log.error("worker %d: %s for run %s failed: %s", index, kind, uid[:8], exc)
             detail = f"{type(exc).__name__}: {exc}"
@@ -225,4 +266,4 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
             elif kind == "start":
                 outbox.put(("setup_failed", uid, detail, traceback.format_exc(limit=3)))
             else:
-                outbox.put(("stopped", uid, None, 0))
+                outbox.put(("stopped", uid, None, 0, {}))

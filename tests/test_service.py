@@ -114,3 +114,97 @@ def test_killed_worker_is_restarted_and_its_frames_reprocessed(service_and_socke
     assert run.frames_received == 120 and not run.failed
     assert list(seq) == list(range(1, 121))                     # complete and in order, nothing lost
     assert np.all(np.abs(center - np.array([truth[s] for s in seq])) < 5 * err + 1e-3)
+
+
+# ------------------------------------------------------------------ reduced profiles in NXcanSAS files
+def write_nxcansas(path, q_nm, intensity, sigma, mask=None):
+    """An NXcanSAS file as the NeXus definition describes it: SASentry/SASdata with a
+    time-resolved I(Time, Q) in 1/cm, Idev its uncertainties, Q in 1/angstrom."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        f.attrs["default"] = "sasentry01"
+        e = f.create_group("sasentry01")
+        e.attrs.update({"canSAS_class": "SASentry", "NX_class": "NXentry", "version": "1.1"})
+        e["definition"] = "NXcanSAS"
+        d = e.create_group("sasdata01")
+        d.attrs.update({"canSAS_class": "SASdata", "NX_class": "NXdata", "signal": "I",
+                        "I_axes": "Time,Q", "Q_indices": 1})
+        d.create_dataset("Q", data=q_nm / 10.0).attrs["units"] = "1/angstrom"
+        i = d.create_dataset("I", data=intensity)
+        i.attrs.update({"units": "1/cm", "uncertainties": "Idev"})
+        d.create_dataset("Idev", data=sigma).attrs["units"] = "1/cm"
+        d.create_dataset("Time", data=np.arange(len(intensity), dtype=float)).attrs["units"] = "s"
+        if mask is not None:
+            d.create_dataset("Mask", data=mask)
+
+
+def nxcansas_profiles(n, rng):
+    cycle = AzoCycle(schedule=((0.0, "dark"), (5.0, "uv")))
+    q = np.linspace(1.5, 6.0, 450)
+    counts = np.stack([rng.poisson(20 * cycle.profile(q, float(i))).astype(float) for i in range(n)])
+    truth = {i + 1: float(cycle.truth(float(i))["lamellar"]["center"]) for i in range(n)}
+    return q, counts, np.sqrt(np.maximum(counts, 1)), truth
+
+
+def test_nxcansas_reader_units_mask_and_uncertainties(tmp_path):
+    from service.errors import RejectedInput
+    from service.resolve import FrameResolver
+    q = np.linspace(1.0, 5.0, 50)
+    intensity = np.vstack([np.arange(50.0) + 10, np.arange(50.0) + 20])
+    sigma = intensity * 0.1
+    mask = np.zeros(50, bool)
+    mask[:5] = True
+    write_nxcansas(tmp_path / "p.h5", q, intensity, sigma, mask)
+    r = FrameResolver(retries=0)
+    r.resource({"uid": "r1", "spec": "NXcanSAS", "root": str(tmp_path), "resource_path": "p.h5",
+                "resource_kwargs": {}, "run_start": "run"})
+    r.datum({"datum_id": "r1/1", "resource": "r1", "datum_kwargs": {"frame": 1}})
+    r.datum({"datum_id": "r1/9", "resource": "r1", "datum_kwargs": {"frame": 9}})
+    prof = r.fill_profile({"data": {"saxs": "r1/1"}}, "saxs")
+    assert prof.shape == (3, 45)
+    np.testing.assert_allclose(prof[0], q[5:], rtol=1e-12)           # 1/angstrom -> 1/nm, masked dropped
+    np.testing.assert_array_equal(prof[1], intensity[1, 5:])
+    np.testing.assert_array_equal(prof[2], sigma[1, 5:])
+    with pytest.raises(RejectedInput) as exc:
+        r.fill_profile({"data": {"saxs": "r1/9"}}, "saxs")           # row 9 of 2: never written
+    assert exc.value.reason == "file_unavailable"
+    r.close()
+
+
+@pytest.mark.parametrize("flavour", ["resource_datum", "stream"])
+def test_nxcansas_profiles_from_files_are_fitted(service_and_socket, tmp_path, flavour):
+    service, pub = service_and_socket
+    n = 30
+    q, counts, sigma, truth = nxcansas_profiles(n, np.random.default_rng(3))
+    path = tmp_path / "saxs.h5"
+    write_nxcansas(path, q, counts, sigma)
+    bundle = compose_run(metadata={"plan_name": "nxcansas"})
+    key = {"source": "reduction", "dtype": "array", "shape": [450],
+           "external": "STREAM:" if flavour == "stream" else "FILESTORE:"}
+    desc = bundle.compose_descriptor(name="primary", data_keys={"saxs": key})
+    send(pub, "start", bundle.start_doc)
+    send(pub, "descriptor", desc.descriptor_doc)
+    if flavour == "stream":
+        sres = bundle.compose_stream_resource(mimetype="application/x-nxcansas", uri=f"file://localhost{path}",
+                                              data_key="saxs", parameters={})
+        send(pub, "stream_resource", sres.stream_resource_doc)
+        for i in range(0, n, 10):
+            send(pub, "stream_datum", sres.compose_stream_datum(
+                indices={"start": i, "stop": i + 10}, seq_nums={"start": i + 1, "stop": i + 11},
+                descriptor=desc.descriptor_doc))
+    else:
+        res = bundle.compose_resource(spec="NXcanSAS", root=str(tmp_path), resource_path="saxs.h5",
+                                      resource_kwargs={})
+        send(pub, "resource", res.resource_doc)
+        for i in range(n):
+            datum = res.compose_datum(datum_kwargs={"frame": i})
+            send(pub, "datum", datum)
+            send(pub, "event", desc.compose_event(data={"saxs": datum["datum_id"]}, timestamps={"saxs": 0.0},
+                                                 seq_num=i + 1, filled={"saxs": False}))
+    send(pub, "stop", bundle.compose_stop())
+    run = wait_status(service, bundle.start_doc["uid"])
+    assert run.status == "complete" and run.frames_fitted == n and not run.failed
+    seq, center, err = final_lamellar(service, bundle.start_doc["uid"], final=False)
+    assert list(seq) == list(range(1, n + 1))
+    z = (center - np.array([truth[s] for s in seq])) / err
+    assert np.all(np.abs(z) < 4.5)

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="REST API port (a free one if taken)")
     p.add_argument("--config", help="YAML configuration overriding the demo defaults")
     p.add_argument("--exit", action="store_true", help="exit after the summary instead of serving the API")
+    p.add_argument("--experiment", choices=("saxs", "saxs+waxs", "gisaxs", "giwaxs"), default="saxs",
+                   help="saxs (default): one transmission detector; saxs+waxs: two detectors in one run; "
+                        "gisaxs, giwaxs: grazing incidence (service/commands/demo_experiments.py)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +55,9 @@ def start_proxy() -> tuple[int, int]:
 
 
 def run(args) -> int:
+    if getattr(args, "experiment", "saxs") != "saxs":
+        from .demo_experiments import run_experiment
+        return run_experiment(args)
     import msgpack
     import msgpack_numpy
     from bluesky import RunEngine
@@ -100,6 +106,7 @@ def run(args) -> int:
     run_uid = uids[-1]
     summary = summarize(service, run_uid)
     _print_summary(console, service, run_uid, summary, elapsed)
+    _print_phases(console, service, run_uid, det.simulator.cycle)
     plot = plot_trajectories(service, run_uid, workdir / f"trajectories-{run_uid[:8]}.png")
     console.print(f"trajectory plot: {plot}")
     if service.tiled_uri:
@@ -176,7 +183,7 @@ def _wait_finished(service, uid: str, timeout: float) -> None:
     log.warning("run %s still running after %.0f s", uid[:8], timeout)
 
 
-def summarize(service, uid: str) -> dict:
+def summarize(service, uid: str, truth_prefix: str = "det") -> dict:
     """Final fitted centres against the simulator's truth (carried in the events), per peak."""
     run = service.store.get(uid)
     cols, _ = service.store.peaks_since(uid, 0, final=True)
@@ -186,7 +193,7 @@ def summarize(service, uid: str) -> dict:
         seq = np.array([cols["seq_num"][i] for i in idx])
         center = np.array([cols["center"][i] for i in idx])
         err = np.array([cols["center_err"][i] for i in idx])
-        truth = np.array([run.scalars.get(int(s), {}).get(f"det_{peak}_center_truth", np.nan) for s in seq])
+        truth = np.array([run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_center_truth", np.nan) for s in seq])
         ok = np.isfinite(truth) & np.isfinite(center)
         d = center[ok] - truth[ok]
         out[peak] = {"frames": len(idx), "rmse": float(np.sqrt(np.mean(d ** 2))) if ok.any() else float("nan"),
@@ -216,7 +223,58 @@ def _print_summary(console, service, uid, summary, elapsed) -> None:
                   f"devices {st['devices']}")
 
 
-def plot_trajectories(service, uid: str, path: Path) -> Path:
+def phase_truth(cycle, run, seqs) -> tuple[dict[int, str], list[tuple[str, str, float]], float]:
+    """The simulator's phase per frame and its phase changes (from, to, t s since the run's
+    first frame, found on a 10 ms grid), with the frames' times from the events' time_offset."""
+    offsets = {int(s): run.scalars.get(int(s), {}).get("det_time_offset", np.nan) for s in seqs}
+    labels = {s: str(cycle.truth(float(t))["phase"]) for s, t in offsets.items() if np.isfinite(t)}
+    t_first = min(offsets.values()) if offsets else 0.0
+    grid = np.arange(t_first, max(offsets.values()) + 1e-9, 0.01) if offsets else np.zeros(0)
+    phase = cycle.truth(grid)["phase"] if len(grid) else np.zeros(0, str)
+    changes = [(str(phase[i - 1]), str(phase[i]), float(grid[i] - t_first))
+               for i in range(1, len(grid)) if phase[i] != phase[i - 1]]
+    return labels, changes, t_first
+
+
+def _print_phases(console, service, uid: str, cycle) -> None:
+    """Phase labels and transitions against the simulator's truth."""
+    from rich.table import Table
+    got = service.store.phases_since(uid, 0, final=True)
+    run = service.store.get(uid)
+    if got is None or not got[0]["seq_num"]:
+        console.print("phases: none (phase identification off, or the fit lacks the phases' peaks)")
+        return
+    cols, _, transitions = got
+    truth, changes, _ = phase_truth(cycle, run, cols["seq_num"])
+    right = [cols["phase"][i] == truth.get(int(s)) for i, s in enumerate(cols["seq_num"])]
+    console.print(f"phases: {sum(right)} of {len(right)} final frames labelled as the simulator's truth "
+                  f"({100 * np.mean(right):.0f} %)")
+    # event times (epoch) -> the simulator's clock (s since the first frame), frame by frame
+    pairs = sorted({(float(t), run.scalars.get(int(s), {}).get("det_time_offset", np.nan))
+                    for s, t in zip(cols["seq_num"], cols["time"]) if t is not None})
+    epoch = np.array([p[0] for p in pairs])
+    sim = np.array([p[1] for p in pairs]) - np.nanmin([p[1] for p in pairs])
+    step = float(np.median(np.diff(sim))) if len(sim) > 1 else 1.0
+    slope = float(np.median(np.diff(sim) / np.diff(epoch))) if len(sim) > 1 else 1.0
+    table = Table(title=f"run {uid[:8]}: phase transitions, found vs simulator truth (t from the first frame)")
+    for col in ("transition", "found t (s)", "± σ (s)", "frame", "change point", "truth t (s)", "error (frames)"):
+        table.add_column(col, justify="right")
+    unmatched = list(changes)
+    for t in transitions:
+        found = float(np.interp(t["time"], epoch, sim)) if t["time"] is not None else float("nan")
+        sigma = (t["time_sigma"] or float("nan")) * slope
+        match = next((c for c in unmatched if c[0] == t["from"] and c[1] == t["to"]), None)
+        if match is not None:
+            unmatched.remove(match)
+        table.add_row(f"{t['from']} -> {t['to']}", f"{found:.2f}", f"{sigma:.2f}", str(t["seq_num"]),
+                      "yes" if t["change_point"] else "no", f"{match[2]:.2f}" if match else "-",
+                      f"{(found - match[2]) / step:+.2f}" if match else "-")
+    for c in unmatched:
+        table.add_row(f"{c[0]} -> {c[1]}", "missed", "", "", "", f"{c[2]:.2f}", "")
+    console.print(table)
+
+
+def plot_trajectories(service, uid: str, path: Path, truth_prefix: str = "det") -> Path:
     """Fitted centre, FWHM and area per peak with ±1σ bands and the truth."""
     import matplotlib
     matplotlib.use("Agg")
@@ -236,7 +294,7 @@ def plot_trajectories(service, uid: str, path: Path) -> Path:
             ax.plot(seq, v, "-", color="C0", label="fit (final)")
             ax.fill_between(seq, v - e, v + e, color="C0", alpha=0.3)
             tkey = {"amplitude": "area"}.get(key, key)
-            truth = [run.scalars.get(int(s), {}).get(f"det_{peak}_{tkey}_truth", np.nan) for s in seq]
+            truth = [run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_{tkey}_truth", np.nan) for s in seq]
             ax.plot(seq, truth, "--", color="k", lw=1, label="truth")
             cps = [cols["seq_num"][k] for k in idx if cols["change_point"][k]]
             for c in cps:

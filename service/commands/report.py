@@ -27,12 +27,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_settings
+    from ..config import load_settings, secret
     from ..report import find_run, write_report
 
     settings = load_settings(args.config)
     uri = args.tiled_uri or (None if args.tiled_directory else settings.tiled.uri)
-    api_key = args.api_key if args.api_key is not None else settings.tiled.api_key
+    api_key = args.api_key if args.api_key is not None else secret(settings.tiled.api_key)
     server = None
     if uri is None:
         from ..publish.tiled_server import EmbeddedTiled

@@ -75,6 +75,25 @@ def _data_keys(peak_names) -> dict:
     return keys
 
 
+def _num(v) -> float:
+    return float(v) if v is not None else float("nan")
+
+
+_SRC = {"source": "scatterflow"}
+PHASE_KEYS = {"phase": {"dtype": "string", "shape": [], **_SRC},
+              **{k: {"dtype": "number", "dtype_numpy": "<f8", "shape": [], **_SRC}
+                 for k in ("probability", "crystallinity", "crystallinity_sigma", "source_time")},
+              "source_seq_num": {"dtype": "integer", "dtype_numpy": "<i8", "shape": [], **_SRC},
+              "final": {"dtype": "boolean", "dtype_numpy": "|b1", "shape": [], **_SRC}}
+TRANSITION_KEYS = {"from_phase": {"dtype": "string", "shape": [], **_SRC},
+                   "to_phase": {"dtype": "string", "shape": [], **_SRC},
+                   "source_seq_num": {"dtype": "integer", "dtype_numpy": "<i8", "shape": [], **_SRC},
+                   "source_time": {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "units": "s", **_SRC},
+                   "time_sigma": {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "units": "s", **_SRC},
+                   "frame_sigma": {"dtype": "number", "dtype_numpy": "<f8", "shape": [], **_SRC},
+                   "change_point": {"dtype": "boolean", "dtype_numpy": "|b1", "shape": [], **_SRC}}
+
+
 def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[dict]:
     """Group PeakRows (one row per frame, peak, result) into event data, one per
     (seq_num, final) in order of first appearance; missing peaks are NaN. Plain Python
@@ -115,6 +134,7 @@ class _AnalysisRun:
         self.compose_event = compose_event
         self.peak_names = tuple(peak_names)
         self.events = 0
+        self.streams: dict = {}         # other streams (phases, phase_transitions): name -> compose_event
 
 
 class ResultsPublisher:
@@ -220,6 +240,48 @@ class ResultsPublisher:
             run.events += len(events)
             self.events += len(events)
             return len(events)
+
+    def publish_phases(self, uid: str, rows: dict | None, transitions: list) -> int:
+        """Phase labels (stream ``phases``: one event per frame and provisional/final result)
+        and confirmed transitions (stream ``phase_transitions``) of source run ``uid``;
+        returns the number of events sent. Descriptors are sent with the first events."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                raise ValueError(f"no analysis run started for source run {uid!r}")
+            now = ttime.time()
+            events = []
+            if rows is not None and len(rows["seq_num"]):
+                compose = self._stream(run, "phases", PHASE_KEYS)
+                for i in range(len(rows["seq_num"])):
+                    data = {"phase": str(rows["phase"][i]), "probability": _num(rows["probability"][i]),
+                            "crystallinity": _num(rows["crystallinity"][i]),
+                            "crystallinity_sigma": _num(rows["crystallinity_sigma"][i]),
+                            "source_seq_num": int(rows["seq_num"][i]), "source_time": _num(rows["time"][i]),
+                            "final": bool(rows["final"][i])}
+                    events.append((compose, data))
+            if transitions:
+                compose = self._stream(run, "phase_transitions", TRANSITION_KEYS)
+                for t in transitions:
+                    data = {"from_phase": str(t["from"]), "to_phase": str(t["to"]),
+                            "source_seq_num": int(t["seq_num"]), "source_time": _num(t["time"]),
+                            "time_sigma": _num(t["time_sigma"]), "frame_sigma": _num(t["frame_sigma"]),
+                            "change_point": bool(t["change_point"])}
+                    events.append((compose, data))
+            for compose, data in events:
+                self._send("event", compose(data=data, timestamps={k: now for k in data}, time=now,
+                                            validate=self.validate_events))
+            run.events += len(events)
+            self.events += len(events)
+            return len(events)
+
+    def _stream(self, run: "_AnalysisRun", name: str, keys: dict):
+        """compose_event of the analysis run's stream ``name``, its descriptor sent on first use."""
+        if name not in run.streams:
+            desc = run.bundle.compose_descriptor(name=name, data_keys=keys)
+            self._send("descriptor", desc.descriptor_doc)
+            run.streams[name] = desc.compose_event
+        return run.streams[name]
 
     def stop_run(self, uid: str, exit_status: str = "success", reason: str = "") -> None:
         """Close the analysis run of ``uid`` (exit_status: success, abort or fail)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+PHASE_COLUMNS = ("seq_num", "time", "phase", "probability", "crystallinity", "crystallinity_sigma", "final")
 PEAK_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
                 "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point", "final")
 
@@ -33,8 +34,14 @@ class RunRecord:
     profiles: deque = field(default_factory=lambda: deque(maxlen=2000))   # (seq, time, I, sigma)
     peaks: dict = field(default_factory=lambda: {c: [] for c in PEAK_COLUMNS})
     scalars: dict = field(default_factory=dict)      # seq_num -> the event's scalar fields
+    phases: dict = field(default_factory=lambda: {c: [] for c in PHASE_COLUMNS})
+    transitions: list = field(default_factory=list)  # confirmed phase transitions (dicts), time order
     frame: np.ndarray | None = None                  # latest raw 2D frame (rows, cols), detector counts
     frame_seq: int | None = None                     # its seq_num
+    info: dict = field(default_factory=dict)         # modality; source_run, detector (service/detectors.py)
+    qmap: tuple | None = None                        # latest (seq_num, q_xy (Nxy,), q_z (Nz,), (Nz, Nxy) f32)
+    extra_profiles: dict = field(default_factory=dict)   # name -> latest (seq_num, radial, unit, I, sigma)
+    series: dict = field(default_factory=dict)       # scalar name -> {"seq_num": [...], "value": [...]}
 
     def summary(self) -> dict:
         return {"uid": self.uid, "status": self.status, "reason": self.reason,
@@ -42,7 +49,7 @@ class RunRecord:
                 "created": self.created, "stopped": self.stopped,
                 "frames_received": self.frames_received, "frames_fitted": self.frames_fitted,
                 "frames_final": self.frames_final, "frames_failed": dict(self.failed),
-                "peak_rows": len(self.peaks["seq_num"]), "unit": self.unit}
+                "peak_rows": len(self.peaks["seq_num"]), "unit": self.unit, **self.info}
 
 
 class RunStore:
@@ -125,6 +132,78 @@ class RunStore:
                 run.peaks[c].extend(values.tolist())
             run.frames_final = len({s for s, f in zip(run.peaks["seq_num"], run.peaks["final"]) if f})
 
+    def add_phases(self, uid: str, rows: dict, transitions: list) -> None:
+        """Per-frame phase rows (PHASE_COLUMNS) and newly confirmed transitions of run `uid`."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return
+            if rows and len(rows["seq_num"]):
+                for c in PHASE_COLUMNS:
+                    values = np.asarray(rows[c])
+                    if values.dtype.kind == "f":
+                        values = np.where(np.isfinite(values), values, None)
+                    run.phases[c].extend(values.tolist())
+            run.transitions.extend(_jsonable(t) for t in transitions)
+
+    def phases_since(self, uid: str, since: int = 0, final: bool | None = None) -> tuple[dict, int, list] | None:
+        """Columnar phase rows from row index `since`, next `since`, and all transitions so far."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return None
+            n = len(run.phases["seq_num"])
+            cols = {c: run.phases[c][since:n] for c in PHASE_COLUMNS}
+            transitions = list(run.transitions)
+        if final is not None:
+            keep = [i for i, f in enumerate(cols["final"]) if f == final]
+            cols = {c: [v[i] for i in keep] for c, v in cols.items()}
+        return cols, n, transitions
+
+    def set_info(self, uid: str, info: dict) -> None:
+        """Keys added to the run's summary (modality; source_run and detector of a detector)."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is not None:
+                run.info = dict(info)
+
+    def add_extras(self, uid: str, seq, times, maps: dict | None, profiles: dict, scalars: dict) -> None:
+        """A batch's modality extras (service/modalities.py): the latest q-map and extra
+        profiles are kept, scalar series whole (NaN as None)."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return
+            if maps and maps["images"]:
+                s, image = maps["images"][-1]
+                run.qmap = (int(s), maps["q_xy"], maps["q_z"], image)
+            for name, p in profiles.items():
+                if len(seq) and len(p["intensity"]):
+                    run.extra_profiles[name] = (int(seq[-1]), p["radial"], p["unit"], p["intensity"][-1], p["sigma"][-1])
+            for name, values in scalars.items():
+                col = run.series.setdefault(name, {"seq_num": [], "value": []})
+                col["seq_num"].extend(int(x) for x in seq)
+                col["value"].extend(float(v) if np.isfinite(v) else None for v in np.asarray(values, float))
+
+    def latest_qmap(self, uid: str) -> tuple | None:
+        """(seq_num, q_xy, q_z, map (Nz, Nxy)) of the run's latest q-map, or None."""
+        with self._lock:
+            run = self._runs.get(uid)
+            return None if run is None else run.qmap
+
+    def extras(self, uid: str) -> dict | None:
+        """Latest extra profiles and the scalar series of run `uid` (None: no such run)."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return None
+            profiles = {name: {"seq_num": s, "radial": np.asarray(r).tolist(), "unit": u,
+                               "intensity": np.asarray(i).tolist(), "sigma": np.asarray(e).tolist()}
+                        for name, (s, r, u, i, e) in run.extra_profiles.items()}
+            series = {name: {k: list(v) for k, v in col.items()} for name, col in run.series.items()}
+            qmap = None if run.qmap is None else {"seq_num": run.qmap[0]}
+        return {"profiles": profiles, "scalars": series, "qmap": qmap}
+
     def add_failed(self, uid: str, n: int, reason: str) -> None:
         with self._lock:
             run = self._runs.get(uid)
@@ -149,3 +228,12 @@ class RunStore:
             keep = [i for i, f in enumerate(cols["final"]) if f == final]
             cols = {c: [v[i] for i in keep] for c, v in cols.items()}
         return cols, n
+
+
+def _jsonable(event: dict) -> dict:
+    """A transition event with JSON-safe values (NaN -> None, numpy scalars -> Python)."""
+    out = {}
+    for k, v in event.items():
+        v = v.item() if isinstance(v, np.generic) else v
+        out[k] = None if isinstance(v, float) and not np.isfinite(v) else v
+    return out

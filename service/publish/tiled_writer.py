@@ -15,6 +15,19 @@ Layout (DESIGN.md "Tiled layout")::
         snapshots    (k, h, w) f32    corrected 2D frames (raw - dark) / (flat·Ω·P), block-
                                       averaged, NaN = masked; only if the run sends any
         snapshot_frames table         seq_num int64, time float64: one row per snapshot
+        phases       table            per frame: phase label, probability, crystallinity index
+                                      (PHASE_COLUMNS of workers/phase.py), provisional then final
+        phase_transitions table       from, to, seq_num, time, time_sigma, frame_sigma, change_point
+        <other>      table            any table a feature adds with `add_table` (created on first append)
+        qmap         (k, Nz, Nxy) f32 grazing-incidence (q_xy, q_z) maps, NaN = no pixel (missing
+                                      wedge, off detector); axes q_xy (Nxy,), q_z (Nz,) 1/nm;
+                                      frames in qmap_frames (service/modalities.py)
+        <profile>    (frames, N) f32  extra profiles of a modality (in_plane, vertical_cut), with
+                                      <profile>_sigma, <profile>_radial (N,), <profile>_frames
+        scalars      table            seq_num, time and per-frame scalars (hermans_orientation)
+
+    A run with several detectors has one container per detector, ``scatterflow/<uid>.<detector>``,
+    with metadata ``source_run`` (the run's uid) and ``detector`` (service/detectors.py).
 
 Writes are batched by size (``flush_rows`` frames or peak rows) and by time
 (``flush_seconds`` after the first buffered item) and at stop: Tiled serves about 20 write
@@ -31,6 +44,11 @@ are already there. When Tiled stays unreachable, writes go to ``spool_dir`` as n
 every ``probe_seconds`` drains the spool in order once Tiled answers again. Spool files
 left by a previous process are drained first.
 
+Runs a previous process left "running" (killed, or stopped before the run's stop document)
+are marked "interrupted" when a publisher starts: each run's metadata names its ``writer``
+(host and spool directory); once the spool a new publisher on the same directory found is
+drained into Tiled, it sets status "interrupted" on that writer's running runs (except its own).
+
 Note: the tiled client retries each request itself (env ``TILED_RETRY_ATTEMPTS``,
 default 10, within ``TILED_RETRY_TIMEOUT``, default 45 s) before this module sees the
 failure; lower them where a faster switch to the spool matters.
@@ -45,6 +63,7 @@ import logging
 import os
 import pathlib
 import queue
+import socket
 import tempfile
 import threading
 import time
@@ -72,6 +91,7 @@ SNAPSHOT_SCHEMA = FRAME_SCHEMA          # snapshot_frames: one row per snapshot
 _SNAPSHOT_BATCH = 16    # flush a run holding this many snapshots (~256 KB each) whatever else
 EXIT_STATUS_TO_STATUS = {"success": "complete", "abort": "interrupted", "fail": "interrupted"}
 ROOT_KEY = "scatterflow"
+RESTART_REASON = "service restarted before the run ended; results up to then are kept"
 _BACKLOG_FACTOR = 8     # with a queue backlog, batches grow up to this many flush_rows
 
 
@@ -193,6 +213,50 @@ def _load_op(path: pathlib.Path) -> _Op:
     return _Op(header["kind"], header["uid"], header["meta"], arrays=arrays)
 
 
+_MERGEABLE = ("profiles", "table")
+
+
+def _merge(a: _Op, b: _Op) -> _Op | None:
+    """One op writing what `a` then `b` write, when `b` continues `a` (same run, kind and
+    table, `b` at the offset where `a` ends); None otherwise."""
+    if a.kind != b.kind or a.uid != b.uid or a.kind not in _MERGEABLE:
+        return None
+    if a.kind == "table":
+        if (a.meta["key"] != b.meta["key"] or b.meta["offset"] != a.meta["offset"] + a.table.num_rows
+                or not a.table.schema.equals(b.table.schema)):
+            return None
+        return _Op("table", a.uid, dict(a.meta), table=pa.concat_tables([a.table, b.table]))
+    if (set(a.arrays) != set(b.arrays) or b.meta != {**a.meta, "offset": b.meta["offset"]}
+            or b.meta["offset"] != a.meta["offset"] + len(a.arrays["seq_num"])
+            or not np.array_equal(a.arrays["q"], b.arrays["q"])):
+        return None
+    arrays = {k: v if k == "q" else np.concatenate([v, b.arrays[k]]) for k, v in a.arrays.items()}
+    return _Op("profiles", a.uid, dict(a.meta), arrays=arrays)
+
+
+def _coalesce(items: list[tuple[pathlib.Path, _Op]]) -> list[tuple[_Op, list[pathlib.Path]]]:
+    """Spooled ops (in spool order) as fewer ops, each with the files it replaces: writes that
+    continue an earlier one to the same array or table are merged into it. Order is kept per
+    array or table; any other op (start, stop, snapshots, ...) is a barrier: what came before
+    it is written before it. Replaying a merged op stays idempotent (positions are explicit)."""
+    out: list[tuple[_Op, list[pathlib.Path]]] = []
+    open_groups: dict[tuple, int] = {}          # (uid, kind, table key) -> index in out
+    for path, op in items:
+        if op.kind not in _MERGEABLE:
+            open_groups.clear()
+            out.append((op, [path]))
+            continue
+        target = (op.uid, op.kind, op.meta.get("key"))
+        i = open_groups.get(target)
+        merged = _merge(out[i][0], op) if i is not None else None
+        if merged is not None:
+            out[i] = (merged, out[i][1] + [path])
+        else:
+            open_groups[target] = len(out)
+            out.append((op, [path]))
+    return out
+
+
 # --- per-run buffers, owned by the writer thread ---------------------------------------
 
 @dataclass
@@ -204,6 +268,9 @@ class _RunBuffer:
     profiles: list = field(default_factory=list)   # list of (seq, time, q, I, s, unit)
     peaks: list = field(default_factory=list)      # list of pa.Table
     snapshots: list = field(default_factory=list)  # list of (seq, time, image (h, w) f32)
+    tables: dict = field(default_factory=dict)     # key -> list of pa.Table (add_table)
+    stacks: dict = field(default_factory=dict)     # name -> list of add_stack payloads
+    stack_rows: dict = field(default_factory=dict)  # name -> rows handed to ops so far (next offset)
     n_snapshots: int = 0            # snapshots handed to ops so far (next snapshot offset)
     buffered_frames: int = 0
     buffered_rows: int = 0
@@ -223,7 +290,8 @@ class TiledPublisher:
     flush_rows : flush a run when this many frames or peak rows are buffered (>= 1);
         while calls wait in the queue, batches grow up to 8x this before flushing.
     flush_seconds : flush a run this long after its first buffered item (> 0).
-    queue_size : bound of the caller -> writer queue, in calls; full means the caller blocks.
+    queue_size : bound of the caller -> writer queue, in calls; full means the caller blocks
+        (1024: a minute of calls at 5 frames/s, while tiled's client retries a first write).
     max_retries : retries of a failed write (after tiled's own) before spooling it.
     retry_backoff : first retry delay in s, doubled per retry.
     probe_seconds : interval of health probes while spooling, s.
@@ -232,11 +300,13 @@ class TiledPublisher:
     ``snapshots_written``,
     ``requests`` (write/read calls made), ``failures`` (failed attempts), ``spooled``
     (writes that went to the spool), ``spool_pending`` (files waiting), ``blocked``
-    (caller waits on a full queue), ``errors`` (writes refused for good and dropped).
+    (caller waits on a full queue), ``errors`` (writes refused for good and dropped),
+    ``interrupted`` (runs of an earlier process marked "interrupted"). ``writer``: this
+    publisher's identity in run metadata, ``host:spool directory``.
     """
 
     def __init__(self, client_or_uri, api_key: str | None = None, *, spool_dir=None,
-                 flush_rows: int = 200, flush_seconds: float = 0.5, queue_size: int = 256,
+                 flush_rows: int = 200, flush_seconds: float = 0.5, queue_size: int = 1024,
                  max_retries: int = 2, retry_backoff: float = 0.25,
                  probe_seconds: float = 1.0):
         if not isinstance(flush_rows, int) or flush_rows < 1:
@@ -260,11 +330,12 @@ class TiledPublisher:
         self.probe_seconds = float(probe_seconds)
         self.spool_dir = pathlib.Path(spool_dir or tempfile.mkdtemp(prefix="scatterflow-spool-"))
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = f"{socket.gethostname()}:{self.spool_dir.resolve()}"
         existing = self._spool_files()      # left by an earlier process: drained first
         start = 1 + max((int(p.name.split("-", 1)[0]) for p in existing), default=-1)
         self._spool_counter = itertools.count(start)
         self.frames_written = self.rows_written = self.requests = self.snapshots_written = 0
-        self.failures = self.spooled = self.blocked = self.errors = 0
+        self.failures = self.spooled = self.blocked = self.errors = self.interrupted = 0
         self.spool_pending = len(existing)
         self._next_probe = 0.0
         self._probe_wait = self.probe_seconds
@@ -272,17 +343,22 @@ class TiledPublisher:
         self._nodes: dict[str, dict] = {}             # writer thread only: node cache
         self._caller_bins: dict[str, int] = {}        # caller side checks
         self._caller_snap_shape: dict[str, tuple] = {}
+        self._caller_stacks: dict[tuple, dict] = {}   # (uid, name) -> row shapes (add_stack)
         self._open: set[str] = set()
         self._rechecks: dict[tuple, int] = {}         # row-count mismatches per append
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
+        self._recover_due = True        # runs an earlier process left open: marked once the old spool is in
+        self._last_drain = 0.0          # time.monotonic() of the last drain step
+        self._spool_only = False        # closing with writes left: spool them, no more Tiled requests
         self._thread = threading.Thread(target=self._loop, name="tiled-writer", daemon=True)
         self._thread.start()
 
     # --- caller API (any thread; never does HTTP) ------------------------------------
 
-    def start_run(self, uid: str, start_doc: dict, config: dict) -> None:
-        """Begin run ``uid``: container ``scatterflow/<uid>`` with status "running"."""
+    def start_run(self, uid: str, start_doc: dict, config: dict, metadata: dict | None = None) -> None:
+        """Begin run ``uid``: container ``scatterflow/<uid>`` with status "running";
+        ``metadata`` (JSON-able) adds keys to the container's metadata (source_run, detector, ...)."""
         if not isinstance(uid, str) or not uid or "/" in uid:
             raise ValueError(f"run uid must be a non-empty string without '/', got {uid!r}")
         if uid in self._open:
@@ -290,7 +366,7 @@ class TiledPublisher:
         self._open.add(uid)
         meta = {"start": jsonable(start_doc), "configuration": jsonable(config),
                 "software": software_versions(), "status": "running",
-                "exit_status": None, "reason": ""}
+                "exit_status": None, "reason": "", "writer": self.writer, **jsonable(metadata or {})}
         self._put(("start", uid, meta))
 
     def add_profiles(self, uid: str, seq_num, time, q, intensity, sigma, unit: str) -> None:
@@ -319,6 +395,42 @@ class TiledPublisher:
         if table.num_rows:
             self._put(("peaks", uid, table))
 
+    def add_table(self, uid: str, key: str, rows: dict[str, Any]) -> None:
+        """Queue rows (dict of equal-length columns) for the table ``key`` of run ``uid``,
+        created with the first rows' schema on the first append (later rows must match it)."""
+        if key in ("peaks", "change_points", "frames", "snapshot_frames") or not key.isidentifier():
+            raise ValueError(f"table key must be an identifier other than the built-in tables, got {key!r}")
+        self._check_open(uid)
+        table = pa.table({c: np.asarray(v) for c, v in rows.items()})
+        if table.num_rows:
+            self._put(("table", uid, (key, table)))
+
+    def add_stack(self, uid: str, name: str, seq_num, time, arrays: dict, axes: dict | None = None,
+                  metadata: dict | None = None) -> None:
+        """Queue B rows of arrays that grow with frames: ``arrays`` {key: (B, ...)} appended
+        (float32) along axis 0 to the arrays ``key`` of run ``uid``, created with the first rows
+        and ``metadata`` (JSON-able); seq_num (B,) and time (B,) s appended to the table
+        ``<name>_frames``; ``axes`` {key: (n,)} (bin centres, float64) written with the first
+        rows. Keys and row shapes of a ``name`` must stay the same. Copies the data."""
+        taken = ("q", "profiles", "sigma", "snapshots", "peaks", "change_points", "frames", "snapshot_frames")
+        keys = [name, f"{name}_frames", *arrays, *(axes or {})]
+        if not arrays or any(not str(k).isidentifier() or k in taken for k in keys):
+            raise ValueError(f"stack {name!r}: keys must be identifiers other than {taken}, got {keys}")
+        self._check_open(uid)
+        seq = np.array(seq_num, dtype=np.int64).reshape(-1)
+        t = np.array(time, dtype=np.float64).reshape(-1)
+        data = {k: np.array(v, dtype=np.float32, ndmin=1) for k, v in arrays.items()}
+        shapes = {k: v.shape[1:] for k, v in data.items()}
+        if t.shape != seq.shape or any(v.shape[0] != len(seq) for v in data.values()):
+            raise ValueError(f"stack {name!r}: {len(seq)} seq_nums, time {t.shape}, arrays "
+                             f"{ {k: v.shape for k, v in data.items()} }")
+        known = self._caller_stacks.setdefault((uid, name), shapes)
+        if known != shapes:
+            raise ValueError(f"stack {name!r} of run {uid!r} has rows {known}, got {shapes}")
+        ax = {k: np.array(v, dtype=np.float64).reshape(-1) for k, v in (axes or {}).items()}
+        if len(seq):
+            self._put(("stack", uid, (name, seq, t, data, ax, jsonable(metadata or {}))))
+
     def add_snapshot(self, uid: str, seq_num: int, image, time: float = float("nan")) -> None:
         """Queue one 2D snapshot of frame ``seq_num`` (``time`` in s, NaN if unknown):
         ``image`` (h, w), stored float32 (NaN = masked), the same shape for every snapshot of
@@ -342,6 +454,8 @@ class TiledPublisher:
         self._open.discard(uid)
         self._caller_bins.pop(uid, None)
         self._caller_snap_shape.pop(uid, None)
+        for key in [k for k in self._caller_stacks if k[0] == uid]:
+            del self._caller_stacks[key]
         self._put(("stop", uid, {"status": EXIT_STATUS_TO_STATUS[exit_status],
                                  "exit_status": exit_status, "reason": str(reason)}))
 
@@ -363,15 +477,18 @@ class TiledPublisher:
         return True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush all runs, try to drain the spool for up to ``timeout`` s, stop the thread."""
+        """Flush all runs, try to drain the spool for up to ``timeout`` s, stop the thread.
+        What is not in Tiled by then (Tiled unreachable, or slower than the results came) goes
+        to the spool, which the next publisher on ``spool_dir`` drains: nothing is dropped."""
         if self._closed:
             return
-        self.drain(timeout)
+        if not self.drain(timeout):
+            self._spool_only = True         # the writer thread spools the rest, without Tiled
         self._closed = True
         self._put(("close", None, None))
-        self._thread.join(timeout)
+        self._thread.join(max(timeout, 5.0) if self._spool_only else timeout)    # spooling takes ms per write
         if self.spool_pending:
-            log.warning("Tiled unreachable: %d writes remain spooled in %s",
+            log.warning("Tiled unreachable or slow: %d writes remain spooled in %s (written by the next start)",
                         self.spool_pending, self.spool_dir)
 
     def __enter__(self):
@@ -402,14 +519,22 @@ class TiledPublisher:
             except queue.Empty:
                 item = None
             try:
+                if self._recover_due and not self.spool_pending:
+                    self._recover_due = False
+                    self._submit(_Op("recover", "", {"writer": self.writer}))
                 if item is not None and item[0] == "close":
                     self._flush_all()
-                    self._try_drain(force=True)
+                    if not self._spool_only:
+                        self._try_drain(force=True)
                     return
                 if item is not None:
                     self._handle(item)
                 self._flush_due()
-                if self.spool_pending:
+                # a drain step takes seconds: between steps, take the calls waiting (cheap) so
+                # that callers never block on a full queue while the spool drains
+                if self.spool_pending and not self._spool_only and (
+                        self._queue.empty() or time.monotonic() - self._last_drain > 5.0):
+                    self._last_drain = time.monotonic()
                     self._try_drain()
             except Exception:  # never let the writer thread die
                 log.exception("Tiled writer: unexpected error")
@@ -450,13 +575,19 @@ class TiledPublisher:
             buf.buffered_frames += len(payload[0])
         elif kind == "snapshot":
             buf.snapshots.append(payload)
+        elif kind == "stack":
+            buf.stacks.setdefault(payload[0], []).append(payload)
+        elif kind == "table":
+            buf.tables.setdefault(payload[0], []).append(payload[1])
+            buf.buffered_rows += payload[1].num_rows
         else:
             buf.peaks.append(payload)
             buf.buffered_rows += payload.num_rows
         if buf.first_buffered is None:
             buf.first_buffered = time.monotonic()
         if (self._buffered(buf) >= _BACKLOG_FACTOR * self.flush_rows
-                or len(buf.snapshots) >= _SNAPSHOT_BATCH):
+                or len(buf.snapshots) >= _SNAPSHOT_BATCH
+                or any(len(v) >= _SNAPSHOT_BATCH for v in buf.stacks.values())):
             self._flush_run(buf)
 
     @staticmethod
@@ -506,7 +637,21 @@ class TiledPublisher:
                     meta = {"key": key, "offset": buf.table_rows[key]}
                     buf.table_rows[key] += rows.num_rows
                     self._submit(_Op("table", buf.uid, meta, table=rows))
-        buf.profiles, buf.peaks, buf.snapshots = [], [], []
+        for key, tables in buf.tables.items():
+            table = pa.concat_tables(tables)
+            meta = {"key": key, "offset": buf.table_rows.get(key, 0), "create": True}
+            buf.table_rows[key] = meta["offset"] + table.num_rows
+            self._submit(_Op("table", buf.uid, meta, table=table))
+        for name, items in buf.stacks.items():
+            offset = buf.stack_rows.get(name, 0)
+            arrays = {"seq_num": np.concatenate([p[1] for p in items]),
+                      "time": np.concatenate([p[2] for p in items]),
+                      **{f"d_{k}": np.concatenate([p[3][k] for p in items]) for k in items[0][3]},
+                      **{f"a_{k}": v for k, v in items[0][4].items()}}
+            buf.stack_rows[name] = offset + len(arrays["seq_num"])
+            self._submit(_Op("stack", buf.uid, {"name": name, "offset": offset, "metadata": items[0][5]},
+                             arrays=arrays))
+        buf.profiles, buf.peaks, buf.snapshots, buf.tables, buf.stacks = [], [], [], {}, {}
         buf.buffered_frames = buf.buffered_rows = 0
         buf.first_buffered = None
 
@@ -514,7 +659,7 @@ class TiledPublisher:
 
     def _submit(self, op: _Op) -> None:
         """Write now, or spool it if Tiled is unreachable or earlier writes wait there."""
-        if self.spool_pending:
+        if self.spool_pending or self._spool_only:
             self._spool(op)
             return
         for attempt in range(self.max_retries + 1):
@@ -555,8 +700,11 @@ class TiledPublisher:
                  if p.suffix in (".npz", ".parquet") and p.name.split("-", 1)[0].isdigit()]
         return sorted(files, key=lambda p: int(p.name.split("-", 1)[0]))
 
-    def _try_drain(self, force: bool = False, max_files: int = 8) -> None:
-        """Replay up to ``max_files`` spooled writes in order if Tiled answers (all if force)."""
+    def _try_drain(self, force: bool = False, max_files: int = 64, step_seconds: float = 1.0) -> None:
+        """Replay spooled writes in order if Tiled answers: up to ``max_files``, stopping after
+        ``step_seconds`` so that the writer thread gets back to its callers (all, ``max_files``
+        at a time, if force). Consecutive writes to one array or table are merged into one
+        (`_coalesce`): the spool drains faster than flushes add to it once Tiled is back."""
         if not force and time.monotonic() < self._next_probe:
             return
         if not self._healthy():
@@ -564,18 +712,23 @@ class TiledPublisher:
             self._next_probe = time.monotonic() + self._probe_wait
             return
         self._probe_wait = self.probe_seconds
-        for n, path in enumerate(self._spool_files()):
-            if n >= max_files and not force:
+        files = self._spool_files()
+        deadline = time.monotonic() + step_seconds
+        for first in range(0, len(files), max_files):
+            if first and not force:
                 break
-            op = _load_op(path)
-            try:
-                self._execute(op, check=True)
-            except Exception as exc:
-                if self._failed(op, exc):
-                    self._next_probe = time.monotonic() + self._probe_wait
+            for op, paths in _coalesce([(path, _load_op(path)) for path in files[first:first + max_files]]):
+                if not force and time.monotonic() > deadline:
                     return
-            path.unlink()
-            self.spool_pending -= 1
+                try:
+                    self._execute(op, check=True)
+                except Exception as exc:
+                    if self._failed(op, exc):
+                        self._next_probe = time.monotonic() + self._probe_wait
+                        return
+                for path in paths:
+                    path.unlink()
+                    self.spool_pending -= 1
 
     def _healthy(self) -> bool:
         """Cheap liveness probe (GET /healthz, 1 s timeout, no tiled retries)."""
@@ -617,6 +770,13 @@ class TiledPublisher:
             nodes[key] = nodes["run"][key]
         return nodes[key]
 
+    def _ensure_table(self, uid: str, key: str, schema: pa.Schema) -> None:
+        """The appendable table ``key`` of run ``uid``, created with ``schema`` if missing."""
+        nodes = self._run_node(uid)
+        if key not in nodes:
+            nodes[key], _ = self._create(lambda: nodes["run"].create_appendable_table(schema, key=key),
+                                         lambda: nodes["run"][key])
+
     def _execute(self, op: _Op, check: bool) -> None:
         """One op; ``check``: it may have been (partly) applied before, stay idempotent."""
         log.debug("execute %s %s %s check=%s", op.kind, op.uid, op.meta.get("offset"), check)
@@ -624,9 +784,13 @@ class TiledPublisher:
             self._exec_start(op)
         elif op.kind == "profiles":
             self._exec_profiles(op, check)
+        elif op.kind == "stack":
+            self._exec_stack(op, check)
         elif op.kind == "snapshots":
             self._exec_snapshots(op, check)
         elif op.kind == "table":
+            if op.meta.get("create"):
+                self._ensure_table(op.uid, op.meta["key"], op.table.schema)
             self._exec_table(op.uid, op.meta["key"], op.meta["offset"], op.table, check)
             if op.meta["key"] == "peaks":
                 self.rows_written += op.table.num_rows
@@ -634,8 +798,32 @@ class TiledPublisher:
             self.requests += 1
             self._run_node(op.uid)["run"].update_metadata(metadata=op.meta["metadata"])
             self._nodes.pop(op.uid, None)
+        elif op.kind == "recover":
+            self._exec_recover(op.meta["writer"])
         else:
             raise TiledWriteError(f"unknown op kind {op.kind!r}")
+
+    def _exec_recover(self, writer: str) -> None:
+        """Mark "interrupted" the runs of ``writer`` still "running": an earlier process on
+        this spool directory ended without their stop (its spooled writes are already in)."""
+        from tiled.queries import Key
+
+        root = self._root()
+        self.requests += 1
+        try:
+            top = root[ROOT_KEY]
+        except KeyError:
+            return
+        self.requests += 1
+        uids = list(top.search(Key("status") == "running").search(Key("writer") == writer))
+        for uid in uids:          # listed first: updating changes what the search matches
+            if uid in self._runs:     # open in this process (started while the old spool drained)
+                continue
+            self.requests += 2
+            top[uid].update_metadata(metadata={"status": "interrupted", "exit_status": "abort",
+                                               "reason": RESTART_REASON})
+            self.interrupted += 1
+            log.warning("Tiled: run %s was left running by an earlier process; marked interrupted", uid)
 
     def _create(self, make, fetch):
         """``make()``; on 409 (exists, e.g. a retried request had succeeded) ``fetch()``."""
@@ -726,18 +914,49 @@ class TiledPublisher:
         self._exec_table(op.uid, "snapshot_frames", offset, rows, check)
         self.snapshots_written += len(a["seq_num"])
 
+    def _exec_stack(self, op: _Op, check: bool) -> None:
+        """add_stack rows at their offset: arrays ``d_<key>`` created at offset 0 (with the axes
+        ``a_<key>`` and the table ``<name>_frames``), later patched with extend (a patch at an
+        offset overwrites: retries are safe); then their rows in ``<name>_frames``."""
+        a, offset, name = op.arrays, int(op.meta["offset"]), op.meta["name"]
+        nodes = self._run_node(op.uid)
+        run = nodes["run"]
+        for key, data in ((k[2:], v) for k, v in a.items() if k.startswith("d_")):
+            if offset == 0:
+                node, new = self._create(lambda: run.write_array(data, key=key, metadata=op.meta["metadata"]),
+                                         lambda: run[key])
+                nodes[key] = node
+                if not new:
+                    self.requests += 1
+                    node.patch(data, offset=0, extend=True)
+            else:
+                self.requests += 1
+                self._child(op.uid, key).patch(data, offset=offset, extend=True)
+        frames_key = f"{name}_frames"
+        if offset == 0:
+            for key, axis in ((k[2:], v) for k, v in a.items() if k.startswith("a_")):
+                nodes[key], _ = self._create(lambda: run.write_array(axis, key=key), lambda: run[key])
+            nodes[frames_key], _ = self._create(
+                lambda: run.create_appendable_table(FRAME_SCHEMA, key=frames_key), lambda: run[frames_key])
+        rows = pa.table({"seq_num": a["seq_num"], "time": a["time"]}, schema=FRAME_SCHEMA)
+        self._exec_table(op.uid, frames_key, offset, rows, check)
+
     def _exec_table(self, uid: str, key: str, offset: int, table: pa.Table,
                     check: bool) -> None:
         node = self._child(uid, key)
+        where = (uid, key, offset)
         if check:
             self.requests += 1
             held = node.read(columns=["seq_num"])["seq_num"].to_numpy()
             n = len(held)
-            if n == offset + table.num_rows and np.array_equal(
-                    held[offset:], table["seq_num"].to_numpy()):
-                return                       # an earlier attempt got through
-            if n != offset:
-                where = (uid, key, offset)
+            # rows of this write already there: all (an earlier attempt got through), or the
+            # first ones (a merged replay after a crash: `_coalesce`); append only the rest
+            there = min(max(n - offset, 0), table.num_rows)
+            if n >= offset and np.array_equal(held[offset:offset + there], table["seq_num"].to_numpy()[:there]):
+                if there == table.num_rows:
+                    return
+                table, offset = table.slice(there), offset + there
+            else:
                 self._rechecks[where] = tries = self._rechecks.get(where, 0) + 1
                 msg = (f"{key} of run {uid} has {n} rows, expected {offset} before "
                        f"appending {table.num_rows} (check {tries}/{_MAX_RECHECKS})")
@@ -746,4 +965,4 @@ class TiledPublisher:
                 raise TiledWriteError(msg)
         self.requests += 1
         node.append_partition(0, table)
-        self._rechecks.pop((uid, key, offset), None)
+        self._rechecks.pop(where, None)

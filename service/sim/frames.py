@@ -35,6 +35,11 @@ from service.sim.azopolymer import AzoCycle, flatten_truth
 DEFAULT_GEOMETRY: dict[str, Any] = dict(
     dist=0.2, poni1=0.0530, poni2=0.0415, rot1=0.002, rot2=-0.001, rot3=0.0,
     wavelength=1.0e-10, detector="Pilatus300k")
+#: SAXS+WAXS demo (two detectors in one run): the same detector at 0.6 m (SAXS, full lamellar
+#: ring at 3.2 1/nm, q up to ~4.4 1/nm along the short side) and at 0.12 m (WAXS, full π-π ring
+#: at 17.5 1/nm, q up to ~20.7 1/nm along the short side).
+SAXS_GEOMETRY: dict[str, Any] = {**DEFAULT_GEOMETRY, "dist": 0.6}
+WAXS_GEOMETRY: dict[str, Any] = {**DEFAULT_GEOMETRY, "dist": 0.12}
 
 
 def default_geometry():

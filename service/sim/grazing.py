@@ -150,7 +150,8 @@ class GrazingFrameSimulator:
         self.flux, self.exposure = float(flux), float(exposure)
         self.rng = np.random.default_rng(seed)
 
-        ai = self.grazing.geometry.to_pyfai()
+        ai = self.ai = self.grazing.geometry.to_pyfai()        # pyFAI integrator (plans: start["geometry"])
+        self.polarization_factor = polarization_factor
         self.shape: tuple[int, int] = tuple(self.grazing.shape)
         self.pixels = reference_gi_pixels(ai, self.grazing.incident_angle, self.grazing.tilt_angle)
         omega = np.asarray(ai.solidAngleArray(self.shape), dtype=float)

@@ -38,8 +38,12 @@ def _checked_schedule(schedule, n_frames: int) -> dict[int, str]:
 
 
 def operando_cycle(det, light, *, n_frames: int | None = None, schedule=None,
-                   md: dict[str, Any] | None = None, delay: float = 0.0):
+                   md: dict[str, Any] | None = None, delay: float = 0.0, extra_detectors=()):
     """Count ``n_frames`` frames of ``det`` while switching ``light`` per ``schedule``.
+
+    ``extra_detectors``: more detectors read in the same events (e.g. WAXS beside SAXS), each
+    on its own clock advancing by the same frame interval; ``geometry`` and the hints below
+    describe ``det`` (per-detector settings go in ``md``, service/detectors.py).
 
     ``schedule``: (frame index, "uv" | "visible" | "dark") pairs, light set just before that
     frame is triggered; default :func:`default_frame_schedule` for the detector's frame
@@ -64,7 +68,7 @@ def operando_cycle(det, light, *, n_frames: int | None = None, schedule=None,
 
     sim = det.simulator
     _md = {
-        "detectors": [det.name],
+        "detectors": [d.name for d in (det, *extra_detectors)],
         "motors": [],
         "plan_name": "operando_cycle",
         "plan_args": {"detectors": [repr(det)], "light": repr(light), "n_frames": n_frames,
@@ -97,13 +101,13 @@ def operando_cycle(det, light, *, n_frames: int | None = None, schedule=None,
     }
     _md.update(md or {})
 
-    @bpp.stage_decorator([det, light])
+    @bpp.stage_decorator([det, *extra_detectors, light])
     @bpp.run_decorator(md=_md)
     def inner():
         for i in range(n_frames):
             if i in changes:
                 yield from bps.mv(light, changes[i])
-            yield from bps.trigger_and_read([det, light])
+            yield from bps.trigger_and_read([det, *extra_detectors, light])
             if delay:
                 yield from bps.sleep(delay)
 

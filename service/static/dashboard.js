@@ -21,6 +21,7 @@
     xmode: "frame", dirty: false, es: null, connected: false,
     statusHist: [],            // [t, frames_fitted] for the rate
     frame: {seq: null, shown: null, loading: false, last: 0},
+    qmap: {seq: null, shown: null, loading: false, last: 0},   // grazing runs only
     messages: 0,
   };
 
@@ -216,6 +217,26 @@
     next.src = withKey(`api/v1/runs/${encodeURIComponent(uid)}/frame.png?seq=${seq}`);
   }
 
+  // q-map of grazing-incidence runs: the panel shows once the run has one
+  function loadQmap() {
+    const f = S.qmap;
+    if (f.loading || f.seq === null || f.seq === f.shown || !S.uid) return;
+    if (Date.now() - f.last < 2000) { setTimeout(loadQmap, 2000 - (Date.now() - f.last)); return; }
+    f.loading = true; f.last = Date.now();
+    const seq = f.seq, uid = S.uid, next = new Image();
+    next.onload = () => {
+      f.loading = false;
+      if (uid !== S.uid) return;
+      next.id = "qmap-img"; next.alt = $("qmap-img").alt;
+      $("qmap-img").replaceWith(next);
+      $("qmap-panel").hidden = false;
+      f.shown = seq; $("qmap-seq").textContent = `frame ${seq}`;
+      loadQmap();
+    };
+    next.onerror = () => { f.loading = false; setTimeout(loadQmap, 3000); };
+    next.src = withKey(`api/v1/runs/${encodeURIComponent(uid)}/qmap.png?seq=${seq}`);
+  }
+
   // ---------------------------------------------------------------------------- health
   function drawHealth(msg) {
     const st = msg.status || {}, m = msg.metrics || {}, lat = m.latency || {};
@@ -268,6 +289,8 @@
     S.frame = {seq: null, shown: null, loading: false, last: 0};
     $("frame-img").removeAttribute("src");
     $("frame-seq").textContent = "(none yet)";
+    S.qmap = {seq: null, shown: null, loading: false, last: 0};
+    $("qmap-panel").hidden = true;
   }
 
   function drawRuns(runs) {
@@ -302,6 +325,7 @@
     on("peaks", (m) => { if (m.uid === S.uid) addPeakRows(m.columns); });
     on("profile", (m) => { if (m.uid === S.uid) { drawProfile(m); } });
     on("frame", (m) => { if (m.uid === S.uid) { S.frame.seq = m.seq_num; loadFrame(); } });
+    on("qmap", (m) => { if (m.uid === S.uid) { S.qmap.seq = m.seq_num; loadQmap(); } });
     on("status", drawHealth);
   }
 
@@ -342,7 +366,7 @@
       return {uid: S.uid, peaks: S.cards.size, provisional, final, changePoints,
               profileSeq: S.profile ? S.profile.seq_num : null,
               profileBins: S.profileChart ? S.profileChart.data[0].length : 0,
-              frameShown: S.frame.shown, connected: S.connected, messages: S.messages};
+              frameShown: S.frame.shown, qmapShown: S.qmap.shown, connected: S.connected, messages: S.messages};
     },
   };
   connect();

@@ -1,0 +1,189 @@
+"""Detectors of a run and the per-run settings of each: which analyses a start document opens.
+
+A run has one analysis, keyed by its uid, unless it has several detectors: then each detector
+``name`` gets its own analysis (worker pipeline, fitter, REST record, Tiled container), keyed
+``f"{uid}.{name}"``. A run has several detectors when
+
+* its start document names two or more detector entries in ``start["scatterflow"]`` (below), or
+  else
+* ``ingest.detector_fields`` lists two or more event fields.
+
+A detector ``name`` takes its frames from the descriptor's 2D field ``name`` or, failing that,
+the only 2D field whose name starts with ``name + "_"`` (ophyd: device ``saxs`` -> ``saxs_image``).
+
+Start document keys read here (all optional; angles in rad)::
+
+    start["scatterflow"] = {
+        "modality": "saxs" | "waxs" | "gisaxs" | "giwaxs",     # the run's reduction
+        "incident_angle": 0.0035, "tilt_angle": 0.0, "critical_angle": 0.0018,
+        "sample_orientation": 1,
+        "reduction": {...},          # ReductionConfig keys, replacing the configured ones
+        "fit": {...},                # FitConfig keys (peaks, q_range, ...), replacing the configured ones
+        "<name>": {"geometry": {...PONI mapping, pyFAI get_config()...},   # a detector entry:
+                   "modality": ..., "incident_angle": ..., "reduction": {...}, "fit": {...}},
+    }
+
+A detector entry is a mapping holding any of ``geometry``, ``reduction``, ``fit`` or the run
+keys; its keys win over the run-level ones, which win over the configuration. Other keys of
+``start["scatterflow"]`` (hints such as ``peaks`` or ``unit``) are not read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import FitConfig, ReductionConfig
+
+log = logging.getLogger(__name__)
+
+DETECTOR_DOC_KEY = "scatterflow_detector"     # added to a detector's copy of the start document
+RUN_KEYS = ("modality", "incident_angle", "tilt_angle", "critical_angle", "sample_orientation")
+ENTRY_KEYS = frozenset(("geometry", "reduction", "fit", *RUN_KEYS))
+MODALITIES = ("saxs", "waxs", "gisaxs", "giwaxs")
+GRAZING = ("gisaxs", "giwaxs")
+
+
+def _hints(start: dict) -> dict:
+    hints = start.get("scatterflow")
+    return hints if isinstance(hints, dict) else {}
+
+
+def detector_entries(start: dict) -> dict[str, dict]:
+    """The detector entries of ``start["scatterflow"]``: {name: entry}, in document order."""
+    return {str(k): v for k, v in _hints(start).items()
+            if isinstance(v, dict) and ENTRY_KEYS.intersection(v)}
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and "/" not in name and not name.isspace()
+
+
+def run_detectors(start: dict, detector_fields=()) -> dict[str, str]:
+    """{detector name: analysis key} of a multi-detector run, or {} for a single-detector run."""
+    entries = list(detector_entries(start))
+    names = entries if len(entries) >= 2 else list(detector_fields or ()) if len(detector_fields or ()) >= 2 else []
+    bad = [n for n in names if not _valid_name(n)]
+    if bad:
+        log.warning("run %s: detector names %s skipped (empty or containing '/')", str(start.get("uid"))[:8], bad)
+    uid = start["uid"]
+    return {n: f"{uid}.{n}" for n in names if _valid_name(n)}
+
+
+def detector_start(start: dict, name: str, key: str) -> dict:
+    """The start document a detector's analysis gets: the run's, plus ``DETECTOR_DOC_KEY``
+    {source_run, detector, key}."""
+    return {**start, DETECTOR_DOC_KEY: {"source_run": start["uid"], "detector": name, "key": key}}
+
+
+def match_field(name: str, fields) -> str | None:
+    """The field holding detector ``name``'s frames among ``fields`` (names of 2D fields)."""
+    fields = list(fields)
+    if name in fields:
+        return name
+    prefixed = [f for f in fields if f.startswith(name + "_")]
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
+@dataclass
+class RunSettings:
+    """What one analysis uses: ReductionConfig and FitConfig as dicts, the detector's PONI
+    mapping from the start document (None: the service's geometry rules), and the detector
+    (``DETECTOR_DOC_KEY`` of the start document; None for a single-detector run)."""
+    reduction: dict
+    fit: dict
+    geometry: dict | None = None
+    detector: dict | None = None
+
+
+def _merged(model, base, override: Any, where: str):
+    if override is None:
+        return base
+    if not isinstance(override, dict):
+        raise ValueError(f"{where} must be a mapping, got {override!r}")
+    try:
+        return model.model_validate({**base.model_dump(), **override})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+def run_settings(start: dict, reduction: ReductionConfig, fit: FitConfig) -> RunSettings:
+    """The settings of the analysis of ``start`` (a detector's copy for a multi-detector run):
+    configuration < run-level keys of ``start["scatterflow"]`` < the detector's entry.
+    ValueError (naming the key) for bad values or a grazing modality without its angles."""
+    hints = _hints(start)
+    detector = start.get(DETECTOR_DOC_KEY)
+    entries = detector_entries(start)
+    if isinstance(detector, dict):
+        entry = entries.get(detector.get("detector"), {})
+    else:
+        detector = None
+        entry = next(iter(entries.values())) if len(entries) == 1 else {}   # one entry: the run's detector
+    for layer, where in ((hints, "start.scatterflow"), (entry, "start.scatterflow detector")):
+        extra = {k: layer[k] for k in RUN_KEYS if k in layer}
+        if isinstance(extra.get("modality"), str):
+            extra["modality"] = extra["modality"].lower()
+        reduction = _merged(ReductionConfig, reduction, layer.get("reduction"), f"{where}.reduction")
+        reduction = _merged(ReductionConfig, reduction, extra or None, where)
+        fit = _merged(FitConfig, fit, layer.get("fit"), f"{where}.fit")
+    geometry = entry.get("geometry")
+    if geometry is not None and not isinstance(geometry, dict):
+        raise ValueError(f"detector geometry must be a PONI mapping, got {geometry!r}")
+    red = reduction.model_dump()
+    check_modality(red, fit.model_dump())
+    return RunSettings(reduction=red, fit=fit.model_dump(), geometry=geometry, detector=detector)
+
+
+def check_modality(reduction: dict, fit: dict) -> None:
+    """What a grazing-incidence reduction needs (ValueError naming the key otherwise)."""
+    modality = reduction.get("modality", "saxs")
+    if modality not in GRAZING:
+        return
+    if reduction.get("incident_angle") is None:
+        raise ValueError(f"modality {modality!r} needs reduction.incident_angle (rad), "
+                         "or start['scatterflow']['incident_angle']")
+    if reduction.get("method") not in ("no", "bbox"):
+        raise ValueError(f"modality {modality!r} supports reduction.method 'no' or 'bbox', got {reduction.get('method')!r}")
+    if reduction.get("unit") != "q_nm^-1":
+        raise ValueError(f"modality {modality!r} works in q_nm^-1, got reduction.unit {reduction.get('unit')!r}")
+    if reduction.get("azimuth_range") is not None:
+        raise ValueError(f"reduction.azimuth_range applies to saxs/waxs only, got {reduction['azimuth_range']!r}")
+    if modality == "gisaxs":
+        ac = reduction.get("critical_angle")
+        if ac is None:
+            raise ValueError("modality 'gisaxs' needs reduction.critical_angle (rad) for the Yoneda cut")
+        hw = reduction.get("yoneda_half_width")
+        if hw is not None and not hw < ac:
+            raise ValueError(f"reduction.yoneda_half_width must be < critical_angle {ac}, got {hw!r}")
+        rod_band(reduction, fit)
+
+
+def rod_band(reduction: dict, fit: dict) -> tuple[float, float]:
+    """q_xy band (1/nm) of the GISAXS vertical cut: ``reduction.rod_q_xy_band``, else the
+    first fitted peak's centre ± its FWHM."""
+    band = reduction.get("rod_q_xy_band")
+    if band is None:
+        peaks = fit.get("peaks") or []
+        if not peaks:
+            raise ValueError("reduction.rod_q_xy_band is unset and the fit has no peak to centre it on")
+        c, w = float(peaks[0]["center"]), float(peaks[0]["fwhm"])
+        band = (c - w, c + w)
+    lo, hi = (float(v) for v in band)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"rod q_xy band must satisfy 0 < lo < hi (1/nm), got {tuple(band)!r}")
+    return lo, hi
+
+
+def analysis_info(start: dict, setup) -> dict:
+    """What the REST record and the Tiled container of an analysis say of it: ``modality``
+    (None without a setup) and, for a detector of a multi-detector run, ``source_run`` and
+    ``detector``."""
+    info = {"modality": None if setup is None else setup.reduction.get("modality", "saxs")}
+    det = start.get(DETECTOR_DOC_KEY)
+    if isinstance(det, dict):
+        info.update(source_run=det.get("source_run"), detector=det.get("detector"))
+    return info

@@ -1,0 +1,172 @@
+"""Security: the REST API is read-only and behind its key, exposure without a key is a one-line
+configuration error, and keys never reach logs, status, run metadata or the spool."""
+import logging
+import secrets
+import time
+
+import httpx
+import numpy as np
+import pytest
+from event_model import compose_run
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from service.api import build_app
+from service.config import is_loopback, load_settings
+from service.errors import ConfigError
+from service.metrics import Metrics
+from service.publish.state import PEAK_COLUMNS, RunStore
+
+KEY = "sf" + secrets.token_hex(16)
+
+
+def populated_app(api_key):
+    """The app over a store with one run holding a profile, peak rows and a frame, so that every
+    route can answer 200."""
+    store, metrics = RunStore(), Metrics()
+    store.start_run("u1", {"uid": "u1", "plan_name": "count"})
+    store.add_profiles("u1", [1], [0.0], np.linspace(1, 2, 5), "q_nm^-1", np.ones((1, 5)), np.ones((1, 5)))
+    n = 2
+    store.add_peaks("u1", {"seq_num": np.array([1, 1]), "time": np.zeros(n), "peak": np.array(["a", "b"]),
+                           **{c: np.ones(n) for c in PEAK_COLUMNS[3:11]}, "converged": np.ones(n, bool),
+                           "change_point": np.zeros(n, bool), "final": np.zeros(n, bool)})
+    store.set_latest_frame("u1", 1, np.arange(64, dtype=np.float32).reshape(8, 8))
+    app = build_app(store, metrics, lambda: {"ok": True}, api_key=api_key, stream_interval_s=0.01,
+                    stream_max_s=0.05)
+    return app, TestClient(app)
+
+
+def concrete_paths(app):
+    """Every API route with its path parameters filled in (uid -> the stored run)."""
+    return [r.path.replace("{uid}", "u1") for r in app.routes if isinstance(r, APIRoute)]
+
+
+def test_every_route_is_read_only():
+    app, client = populated_app(KEY)
+    routes = [r for r in app.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 10
+    for r in routes:
+        assert r.methods <= {"GET", "HEAD"}, (r.path, r.methods)
+    auth = {"X-API-Key": KEY}
+    for path in [*concrete_paths(app), "/static/dashboard.js"]:
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            assert client.request(method, path, headers=auth).status_code == 405, (method, path)
+
+
+@pytest.mark.parametrize("header", [{}, {"X-API-Key": "wrong"}, {"Authorization": f"Bearer {KEY}x"},
+                                    {"Authorization": f"Basic {KEY}"}, {"X-API-Key": KEY[:-1]}])
+def test_every_route_refuses_a_missing_or_wrong_key(header):
+    app, client = populated_app(SecretStr(KEY))        # as the configuration hands it over
+    for path in concrete_paths(app):
+        r = client.get(path, headers=header)
+        assert r.status_code == 401, (path, header, r.status_code)
+        assert KEY not in r.text
+
+
+@pytest.mark.parametrize("how", ["x-api-key", "bearer", "query"])
+def test_every_route_answers_with_the_key(how):
+    app, client = populated_app(KEY)
+    headers = {"x-api-key": {"X-API-Key": KEY}, "bearer": {"Authorization": f"Bearer {KEY}"}, "query": {}}[how]
+    params = {"api_key": KEY} if how == "query" else {}
+    core = {"/api/v1/health", "/api/v1/status", "/api/v1/runs", "/api/v1/runs/u1", "/api/v1/runs/u1/peaks",
+            "/api/v1/runs/u1/profiles", "/api/v1/runs/u1/latest", "/api/v1/runs/u1/frame.png",
+            "/api/v1/metrics/summary", "/api/v1/events", "/metrics", "/"}
+    paths = concrete_paths(app)
+    assert core <= set(paths)
+    for path in paths:          # routes added later may answer 404 when the stored run lacks their data
+        r = client.get(path, headers=headers, params=params)
+        assert r.status_code == 200 if path in core else r.status_code in (200, 404), (path, how, r.status_code)
+    assert client.get("/static/dashboard.js").status_code == 200      # the dashboard's code is public
+
+
+def test_no_key_configured_means_open_on_loopback():
+    app, client = populated_app(None)
+    assert client.get("/api/v1/health").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    _, client = populated_app(SecretStr(""))           # an empty key is no key
+    assert client.get("/api/v1/runs").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "beamline-ws.example.org", "", "127.0.0.1.nip.io"])
+def test_exposed_api_without_key_is_a_one_line_config_error(tmp_path, monkeypatch, host):
+    monkeypatch.delenv("SCATTERFLOW_API__API_KEY", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"api: {{host: '{host}', port: 8000}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and "api.api_key" in msg and repr(host) in msg
+    with pytest.raises(ConfigError):
+        load_settings(cfg, api={"host": host, "api_key": ""})       # empty is not a key
+    monkeypatch.setenv("SCATTERFLOW_API__API_KEY", KEY)              # the environment provides it
+    s = load_settings(cfg)
+    assert s.api.api_key.get_secret_value() == KEY
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "LOCALHOST", "::1", "[::1]"])
+def test_loopback_hosts_need_no_key(host):
+    assert is_loopback(host)
+    assert load_settings(None, api={"host": host}).api.api_key is None
+
+
+def test_key_masked_in_settings_and_config_errors(tmp_path):
+    s = load_settings(None, api={"host": "0.0.0.0", "api_key": KEY})
+    for text in (repr(s), str(s), s.model_dump_json(), repr(s.api), str(s.model_dump(mode="json"))):
+        assert KEY not in text
+    cfg = tmp_path / "c.yaml"                     # an error elsewhere in the section does not echo the key
+    cfg.write_text(f"api: {{host: 0.0.0.0, api_key: {KEY}, port: not-a-port}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert KEY not in str(info.value) and "api.port" in str(info.value)
+
+
+def test_tiled_key_masked_in_settings():
+    s = load_settings(None, tiled={"api_key": KEY})
+    assert KEY not in repr(s)
+
+
+def test_service_never_logs_or_serves_its_keys(free_port, tmp_path, caplog, capfd, monkeypatch):
+    """The real service (ingest, dispatcher with a worker process, hub, Tiled publisher, REST)
+    started with both keys, a run routed through it: neither key appears in the log (all
+    loggers at DEBUG), stdout/stderr, /api/v1/status, the run metadata sent to Tiled and the
+    results stream, or the Tiled spool on disk (Tiled is unreachable, so writes are spooled)."""
+    from service.server import Service
+    tiled_key = "tk" + secrets.token_hex(16)
+    caplog.set_level(logging.DEBUG)
+    import tiled.client.utils                                 # spool at once: no Tiled server is listening
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+    settings = load_settings(None, ingest={"address": f"tcp://127.0.0.1:{free_port()}"}, results={"address": None},
+                             api={"port": free_port(), "api_key": KEY},
+                             tiled={"uri": f"http://127.0.0.1:{free_port()}/api/v1", "api_key": tiled_key,
+                                    "directory": str(tmp_path / "tiled"), "flush_seconds": 0.05},
+                             workers={"count": 1, "device": "cpu"})
+    service = Service(settings).start()
+    try:
+        bundle = compose_run(metadata={"plan_name": "count", "sample": "film"})
+        service.router.route("start", bundle.start_doc)
+        service.router.route("stop", bundle.compose_stop())
+        base = f"http://127.0.0.1:{service.api_port}"
+        status = httpx.get(f"{base}/api/v1/status", headers={"X-API-Key": KEY}, timeout=10)
+        runs = httpx.get(f"{base}/api/v1/runs", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert status.status_code == 200 and runs.status_code == 200
+        assert httpx.get(f"{base}/api/v1/status", timeout=10).status_code == 401
+        deadline = time.monotonic() + 10
+        spool = tmp_path / "tiled" / "spool"
+        while time.monotonic() < deadline and not any(spool.glob("*")):
+            time.sleep(0.1)
+        config_sent = str(service.hub.config)
+    finally:
+        if getattr(service, "tiled", None) is not None:
+            service.tiled.close(timeout=0.5)                  # the spool stays; no 30 s drain attempt
+        service.close()
+    out, err = capfd.readouterr()
+    spooled = b"".join(p.read_bytes() for p in spool.rglob("*") if p.is_file())
+    assert spooled, "nothing was spooled: the metadata path was not exercised"
+    assert "tiled" in config_sent and "api" in config_sent
+    for key in (KEY, tiled_key):
+        assert key not in caplog.text
+        assert key not in out and key not in err
+        assert key not in status.text and key not in runs.text
+        assert key not in config_sent
+        assert key.encode() not in spooled
