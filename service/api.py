@@ -120,6 +120,14 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
         cols, next_since, transitions = store.phases_since(uid, since, final)
         return {"columns": cols, "next_since": next_since, "transitions": transitions}
 
+    @app.get("/api/v1/runs/{uid}/inversion", dependencies=deps)
+    def inversion(uid: str, since: int = Query(0, ge=0, description="row index to start from")) -> dict:
+        """Structural parameters per frame (inversion.enabled): radius (nm), pd, volfraction, i0,
+        background, each with _err (LM standard error) and _encoder (the encoder's value), chi2."""
+        run_or_404(uid)
+        cols, next_since = store.inversion_since(uid, since)
+        return {"columns": cols, "next_since": next_since}
+
     @app.get("/api/v1/runs/{uid}/profiles", dependencies=deps)
     def profiles(uid: str, since_seq: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=5000)) -> dict:
         r = run_or_404(uid)

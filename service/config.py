@@ -189,6 +189,20 @@ class PhasesConfig(_Section):
     checkpoint: str | None = "default"
 
 
+class InversionConfig(_Section):
+    """Fast structural inversion of each reduced SAXS profile (workers/inversion): the encoder of
+    `checkpoint` ("default": service/models/saxs_encoder.pt, Schulz hard spheres; or a path
+    `scatterflow train saxs` wrote) gives radius (nm), polydispersity, volume fraction, i0 and
+    background; `refine` adds bounded LM in the same forward model with standard errors.
+    `q_range` (1/nm) limits the points used. With `fit.peaks: []` peak fitting is off and runs
+    are reduced and inverted only."""
+    enabled: bool = False
+    checkpoint: str = "default"
+    refine: bool = True
+    max_iter: int = Field(40, ge=1)
+    q_range: tuple[float, float] | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCATTERFLOW_", env_nested_delimiter="__",
                                       extra="forbid")
@@ -201,6 +215,7 @@ class Settings(BaseSettings):
     api: ApiConfig = ApiConfig()
     results: ResultsConfig = ResultsConfig()
     phases: PhasesConfig = PhasesConfig()
+    inversion: InversionConfig = InversionConfig()
     run_timeout_s: float = Field(600.0, gt=0)   # a run with no stop document is closed after this idle time
 
     @field_validator("api")

@@ -102,6 +102,10 @@ def _without_repeats(seq, frames: list, out: dict, again: set) -> tuple[list, di
                                  for k, p in out["extra_profiles"].items()}
     if out.get("scalars"):
         out["scalars"] = {k: np.asarray(v)[keep] for k, v in out["scalars"].items()}
+    if out.get("inversion") is not None:                    # per-frame rows, no final flag
+        rows = out["inversion"]
+        out["inversion"] = {k: np.asarray(v)[~np.isin(np.asarray(rows["seq_num"]), again_list)]
+                            for k, v in rows.items()}
     for key in ("rows", "phases"):                          # columnar rows with seq_num and final
         rows = out.get(key)
         if rows is not None and len(rows["seq_num"]):
@@ -339,8 +343,12 @@ class Dispatcher:
                     if again:
                         frames, out = _without_repeats(seq, frames, out, again)
                         rows = out.get("rows")
-                if slot is not None and rows is not None and len(rows["seq_num"]):
-                    for s in set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist()):
+                if slot is not None:
+                    if rows is None:                        # no peak fit: a reduced frame is final
+                        done = set(np.asarray(seq).tolist())
+                    else:
+                        done = set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist())
+                    for s in done:
                         slot.unfinal.pop(int(s), None)
                         slot.reduced.discard(int(s))
             self.metrics.frames_fitted.inc(len(seq) - len(again))

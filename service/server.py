@@ -69,6 +69,7 @@ class Service:
         if calibrant is not None and not isinstance(calibrant, str):
             raise ValueError(f"start document 'calibrant' must be a calibrant name, got {calibrant!r}")
         return RunSetup(geometry=geometry, mask=mask, calibrant=calibrant, phases=self._phase_setup(),
+                        inversion=self._inversion_setup(),
                         dark=self._image_for(g.dark, geometry, "dark"),
                         flat=self._image_for(g.flat, geometry, "flat"),
                         reduction=run.reduction, fit=run.fit)
@@ -106,10 +107,31 @@ class Service:
                     raise ConfigError(f"phases.checkpoint: no file {path}")
         return {"spec": dict(cfg.spec), "checkpoint": self._phase_checkpoint}
 
+    def _inversion_setup(self) -> dict | None:
+        """{"state", "refine", "max_iter", "q_range"} for the workers' SAXS inverters (checkpoint
+        read once), or None when inversion is off."""
+        cfg = self.settings.inversion
+        if not cfg.enabled:
+            return None
+        if not hasattr(self, "_inversion_state"):
+            path = (Path(__file__).parent / "models" / "saxs_encoder.pt" if cfg.checkpoint == "default"
+                    else Path(cfg.checkpoint))
+            if not path.is_file():
+                raise ConfigError(f"inversion.checkpoint: no file {path}")
+            import torch
+            self._inversion_state = torch.load(path, map_location="cpu", weights_only=True)
+            if self._inversion_state.get("model") != "sphere_hs":
+                raise ConfigError(f"inversion.checkpoint: {path} is a {self._inversion_state.get('model')!r} "
+                                  "encoder; per-frame inversion takes SAXS profiles (sphere_hs)")
+            log.info("SAXS inversion encoder: %s", path)
+        return {"state": self._inversion_state, "refine": cfg.refine, "max_iter": cfg.max_iter,
+                "q_range": cfg.q_range}
+
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Service":
         s = self.settings
         self._phase_setup()                  # a bad phases.checkpoint fails here, not per run
+        self._inversion_setup()              # so does a bad inversion.checkpoint
         tiled = self._start_tiled()
         results = None
         if s.results.address:

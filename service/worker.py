@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class RunSetup:
     fit: dict = field(default_factory=dict)         # FitConfig as dict
     calibrant: str | None = None                    # a calibrant run: calibrate from its first frame
     phases: dict | None = None                      # {"spec": dict, "checkpoint": state or None}; None: off
+    inversion: dict | None = None                   # {"state", "refine", "max_iter", "q_range"}; None: off
 
     def integrator_key(self, shape: tuple[int, ...]) -> str:
         reduction = sorted((k, v) for k, v in self.reduction.items() if k not in _NOT_INTEGRATOR)
@@ -68,8 +70,14 @@ class RunPipeline:
         self.setup = setup
         self.device = device
         self.integrators = integrators
-        model, regularizer = model_spec_from_dict(setup.fit)
-        self.fitter = TrajectoryFitter(model, regularizer, device=device)
+        self.fitter = None            # no peaks configured: reduce (and invert) only
+        if setup.fit.get("peaks"):
+            model, regularizer = model_spec_from_dict(setup.fit)
+            self.fitter = TrajectoryFitter(model, regularizer, device=device)
+        self.inverter = None          # workers.inversion.SaxsInverter when inversion is on
+        if setup.inversion:
+            from workers.inversion.refine import SaxsInverter
+            self.inverter = SaxsInverter(setup.inversion["state"], device=device)
         self.calibration_done = False
         self.snapshot_every = int(setup.reduction.get("snapshot_every", 25) or 0)
         if self.snapshot_every < 0:
@@ -108,9 +116,10 @@ class RunPipeline:
             radial = frames[0, 0]
             if not np.allclose(frames[:, 0], radial):
                 raise ValueError("profiles of one run must share their q grid")
-            rows = self.fitter.update(radial, frames[:, 1], frames[:, 2], seq, times)
             out = {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
-                   "sigma": frames[:, 2].astype(np.float32), "rows": rows, "reseeds": int(self.fitter.reseeds)}
+                   "sigma": frames[:, 2].astype(np.float32),
+                   "rows": self._fit(radial, frames[:, 1], frames[:, 2], seq, times), "reseeds": self.reseeds}
+            self._with_inversion(out, seq, times, radial, frames[:, 1], frames[:, 2])
             return self._with_phases(out, seq, radial, frames[:, 1])
         if self.setup.geometry is None:
             raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
@@ -120,11 +129,12 @@ class RunPipeline:
         else:
             integrator, extras = self._integrator(frames.shape[1:]), {}
             result = integrator(batch)
-        rows = self.fitter.update(result.radial, result.intensity, result.sigma, seq, times)
+        rows = self._fit(result.radial, result.intensity, result.sigma, seq, times)
         out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
                "intensity": result.intensity.float().cpu().numpy(),
-               "sigma": result.sigma.float().cpu().numpy(), "rows": rows,
-               "reseeds": int(self.fitter.reseeds)}
+               "sigma": result.sigma.float().cpu().numpy(), "rows": rows, "reseeds": self.reseeds}
+        if result.unit.startswith("q_nm"):
+            self._with_inversion(out, seq, times, result.radial, result.intensity, result.sigma)
         self._with_phases(out, seq, result.radial, result.intensity)
         out.update(extras)
         snapshots = self._snapshots(integrator, batch, seq)
@@ -135,6 +145,33 @@ class RunPipeline:
             out["calibration"] = self._calibrate(frames[0])
         return out
 
+    def _fit(self, radial, intensity, sigma, seq, times) -> dict | None:
+        """Peak rows of the batch (provisional, and final for frames leaving the window), or
+        None when the run fits no peaks."""
+        return None if self.fitter is None else self.fitter.update(radial, intensity, sigma, seq, times)
+
+    @property
+    def reseeds(self) -> int:
+        return 0 if self.fitter is None else int(self.fitter.reseeds)
+
+    def _with_inversion(self, out: dict, seq, times, radial, intensity, sigma) -> None:
+        """Per-frame structural parameters (workers.inversion.refine.inversion_rows) of the
+        batch's profiles (q in 1/nm) in out["inversion"]; points outside q_range get no weight."""
+        if self.inverter is None:
+            return
+        import torch
+        from workers.inversion.refine import inversion_rows
+        q = torch.as_tensor(radial, dtype=torch.float64).detach().cpu()
+        y = torch.as_tensor(intensity, dtype=torch.float64).detach().cpu().clone()
+        s = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu().clone()
+        q_range = self.setup.inversion.get("q_range")
+        if q_range is not None:
+            outside = (q < q_range[0]) | (q > q_range[1])
+            y[:, outside], s[:, outside] = math.nan, math.nan
+        res = self.inverter(q, y, s, refine_fit=bool(self.setup.inversion.get("refine", True)),
+                            max_iter=int(self.setup.inversion.get("max_iter", 40)))
+        out["inversion"] = inversion_rows(res, np.asarray(seq), np.asarray(times))
+
     @staticmethod
     def _phase_tracker(setup: RunSetup, device: str):
         """workers.phase.PhaseTracker for the run, or None (off, or the fit lacks the spec's peaks)."""
@@ -143,6 +180,8 @@ class RunPipeline:
         from workers.phase import PhaseTracker, phase_spec_from_dict
         spec = phase_spec_from_dict(setup.phases.get("spec") or {})
         try:
+            if not setup.fit.get("peaks"):
+                raise ValueError("no peaks are fitted")
             spec.check_peaks([p["name"] for p in setup.fit.get("peaks", [])])
             return PhaseTracker(spec, setup.phases.get("checkpoint"), device=device)
         except ValueError as exc:
@@ -151,14 +190,14 @@ class RunPipeline:
 
     def _with_phases(self, out: dict, seq, radial, intensity) -> dict:
         """Add per-frame phase rows and confirmed transitions to a batch's result."""
-        if self.phases is not None:
+        if self.phases is not None and out["rows"] is not None:
             out["phases"] = self.phases.update(out["rows"], seq_num=seq, radial=radial, intensity=intensity)
             out["transitions"] = self.phases.pop_transitions()
         return out
 
     def finish(self) -> tuple[dict, dict]:
         """Final rows of the frames still in the regularizer window, and their phases."""
-        rows = self.fitter.finish()
+        rows = None if self.fitter is None else self.fitter.finish()
         extras = {}
         if self.phases is not None:
             extras = {"phases": self.phases.finish(rows), "transitions": self.phases.pop_transitions()}
@@ -256,7 +295,7 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
             elif kind == "stop":
                 pipeline = runs.pop(uid, None)
                 rows, extras = pipeline.finish() if pipeline is not None else (None, {})
-                outbox.put(("stopped", uid, rows, pipeline.fitter.reseeds if pipeline else 0, extras))
+                outbox.put(("stopped", uid, rows, pipeline.reseeds if pipeline else 0, extras))
         except Exception as exc:
             log.error("worker %d: %s for run %s failed: %s", index, kind, uid[:8], exc)
             detail = f"{type(exc).__name__}: {exc}"

@@ -336,3 +336,17 @@ def test_tracker_rejects_mismatched_checkpoint_and_missing_peaks(runs):
     spec.check_peaks(["lamellar", "halo", "pi_pi"])
     with pytest.raises(ValueError, match="pi_pi"):
         spec.check_peaks(["lamellar", "halo"])
+
+
+def test_train_command_writes_a_checkpoint_the_tracker_loads(tmp_path):
+    """`scatterflow train phase` end to end on a tiny simulated set: a checkpoint with the demo's
+    phases and the frame count asked for, readable with weights_only, accepted by PhaseTracker."""
+    from service.cli import main
+    out = tmp_path / "phase.pt"
+    assert main(["train", "phase", "--cycles", "5", "--frames", "20", "--epochs", "10", "-o", str(out),
+                 "--quiet"]) == 0
+    ckpt = load_phase_checkpoint(out)
+    assert tuple(ckpt["meta"]["phases"]) == PHASES and ckpt["meta"]["train_frames"] == 100
+    assert 0.0 <= ckpt["meta"]["held_out_accuracy"] <= 1.0 and out.with_suffix(".png").stat().st_size > 1000
+    PhaseTracker(default_phase_spec(), ckpt)
+    assert main(["train", "phase", "--cycles", "1", "-o", str(out)]) == 2

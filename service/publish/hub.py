@@ -71,6 +71,9 @@ class PublishHub:
         times = np.array([f.time for f in frames])
         self.store.add_profiles(uid, seq, times, out["radial"], out["unit"], out["intensity"], out["sigma"])
         self._publish_rows(uid, out["rows"], now)
+        if out["rows"] is None:                 # no peak fit: a reduced frame is final
+            self._frames_final(uid, seq.tolist(), now)
+        self._publish_inversion(uid, out.get("inversion"))
         self._publish_phases(uid, out.get("phases"), out.get("transitions"))
         if self.tiled is not None:
             self._safe("tiled profiles", self.tiled.add_profiles, uid, seq, times, out["radial"],
@@ -110,20 +113,33 @@ class PublishHub:
         if not rows or len(rows["seq_num"]) == 0:
             return
         final = np.asarray(rows["final"], dtype=bool)
-        arrivals = self._arrivals.get(uid, {})
-        final_seqs = set(np.asarray(rows["seq_num"])[final].tolist())
-        for s in final_seqs:
-            a = arrivals.pop(int(s), None)
-            if a is not None:
-                self.metrics.latency.labels("final").observe(now - a)
-                self.latencies["final"].append(now - a)
-        self.metrics.frames_final.inc(len(final_seqs))
+        self._frames_final(uid, set(np.asarray(rows["seq_num"])[final].tolist()), now)
         self.metrics.change_points.inc(int(np.sum(np.asarray(rows["change_point"], bool) & final)))
         self.store.add_peaks(uid, rows)
         if self.tiled is not None:
             self._safe("tiled peaks", self.tiled.add_peaks, uid, rows)
         if self.results is not None:
             self._safe("results rows", self.results.publish_rows, uid, rows)
+
+    def _frames_final(self, uid: str, seqs, now: float) -> None:
+        """Count frames whose final result leaves now, with their arrival-to-final latency."""
+        arrivals = self._arrivals.get(uid, {})
+        for s in seqs:
+            a = arrivals.pop(int(s), None)
+            if a is not None:
+                self.metrics.latency.labels("final").observe(now - a)
+                self.latencies["final"].append(now - a)
+        self.metrics.frames_final.inc(len(seqs))
+
+    def _publish_inversion(self, uid: str, rows: dict | None) -> None:
+        """Structural parameters per frame: state (REST), Tiled table ``inversion``, results stream."""
+        if rows is None or not len(rows["seq_num"]):
+            return
+        self.store.add_inversion(uid, rows)
+        if self.tiled is not None:
+            self._safe("tiled inversion", self.tiled.add_table, uid, "inversion", rows)
+        if self.results is not None:
+            self._safe("results inversion", self.results.publish_stream, uid, "inversion", rows)
 
     def open_runs(self) -> list[str]:
         """Uids of the runs started and not stopped yet."""

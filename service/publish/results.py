@@ -94,6 +94,18 @@ TRANSITION_KEYS = {"from_phase": {"dtype": "string", "shape": [], **_SRC},
                    "change_point": {"dtype": "boolean", "dtype_numpy": "|b1", "shape": [], **_SRC}}
 
 
+def _data_key(values: np.ndarray) -> dict:
+    """event-model data key of a column of scalars."""
+    kind = values.dtype.kind
+    if kind == "b":
+        return {"dtype": "boolean", "dtype_numpy": "|b1", "shape": [], **_SRC}
+    if kind in "iu":
+        return {"dtype": "integer", "dtype_numpy": "<i8", "shape": [], **_SRC}
+    if kind == "f":
+        return {"dtype": "number", "dtype_numpy": "<f8", "shape": [], **_SRC}
+    return {"dtype": "string", "shape": [], **_SRC}
+
+
 def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[dict]:
     """Group PeakRows (one row per frame, peak, result) into event data, one per
     (seq_num, final) in order of first appearance; missing peaks are NaN. Plain Python
@@ -201,8 +213,8 @@ class ResultsPublisher:
         from .tiled_writer import jsonable, software_versions
 
         peak_names = tuple(str(p) for p in peak_names)
-        if not peak_names or len(set(peak_names)) != len(peak_names):
-            raise ValueError(f"peak_names must be unique and non-empty, got {peak_names}")
+        if len(set(peak_names)) != len(peak_names):
+            raise ValueError(f"peak_names must be unique, got {peak_names}")
         metadata = {
             "source_run_uid": uid, "analysis": "scatterflow",
             "plan_name": "scatterflow_analysis", "plan_type": "analysis",
@@ -215,12 +227,15 @@ class ResultsPublisher:
             if uid in self._runs:
                 raise ValueError(f"analysis run for source run {uid!r} already started")
             bundle = compose_run(metadata=metadata)
-            desc = bundle.compose_descriptor(
-                name="primary", data_keys=_data_keys(peak_names),
-                hints={"scatterflow": {"fields": [f"{p}_center" for p in peak_names]}})
-            self._runs[uid] = _AnalysisRun(bundle, desc.compose_event, peak_names)
             self._send("start", bundle.start_doc)
-            self._send("descriptor", desc.descriptor_doc)
+            compose_event = None            # no peaks fitted: no primary stream (other streams only)
+            if peak_names:
+                desc = bundle.compose_descriptor(
+                    name="primary", data_keys=_data_keys(peak_names),
+                    hints={"scatterflow": {"fields": [f"{p}_center" for p in peak_names]}})
+                self._send("descriptor", desc.descriptor_doc)
+                compose_event = desc.compose_event
+            self._runs[uid] = _AnalysisRun(bundle, compose_event, peak_names)
             return bundle.start_doc["uid"]
 
     def publish_rows(self, uid: str, rows: dict[str, np.ndarray]) -> int:
@@ -274,6 +289,27 @@ class ResultsPublisher:
             run.events += len(events)
             self.events += len(events)
             return len(events)
+
+    def publish_stream(self, uid: str, name: str, rows: dict) -> int:
+        """Columnar rows (equal-length columns; numbers, bools or strings) as events of the
+        stream ``name`` of source run ``uid``'s analysis run, one per row; returns events sent.
+        Data keys follow the first rows' columns (``seq_num`` becomes ``source_seq_num``)."""
+        n = len(rows["seq_num"])
+        cols = {("source_seq_num" if c == "seq_num" else "source_time" if c == "time" else c): np.asarray(v)
+                for c, v in rows.items()}
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                raise ValueError(f"no analysis run started for source run {uid!r}")
+            compose = self._stream(run, name, {c: _data_key(v) for c, v in cols.items()})
+            now = ttime.time()
+            for i in range(n):
+                data = {c: v[i].item() if v.dtype.kind != "U" else str(v[i]) for c, v in cols.items()}
+                self._send("event", compose(data=data, timestamps={k: now for k in data}, time=now,
+                                            validate=self.validate_events))
+            run.events += n
+            self.events += n
+            return n
 
     def _stream(self, run: "_AnalysisRun", name: str, keys: dict):
         """compose_event of the analysis run's stream ``name``, its descriptor sent on first use."""

@@ -38,6 +38,7 @@ class RunRecord:
     transitions: list = field(default_factory=list)  # confirmed phase transitions (dicts), time order
     frame: np.ndarray | None = None                  # latest raw 2D frame (rows, cols), detector counts
     frame_seq: int | None = None                     # its seq_num
+    inversion: dict = field(default_factory=dict)    # column -> list: structural parameters per frame
     info: dict = field(default_factory=dict)         # modality; source_run, detector (service/detectors.py)
     qmap: tuple | None = None                        # latest (seq_num, q_xy (Nxy,), q_z (Nz,), (Nz, Nxy) f32)
     extra_profiles: dict = field(default_factory=dict)   # name -> latest (seq_num, radial, unit, I, sigma)
@@ -145,6 +146,27 @@ class RunStore:
                         values = np.where(np.isfinite(values), values, None)
                     run.phases[c].extend(values.tolist())
             run.transitions.extend(_jsonable(t) for t in transitions)
+
+    def add_inversion(self, uid: str, rows: dict) -> None:
+        """Per-frame inversion rows (workers.inversion.refine.inversion_rows; NaN as None)."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None or not len(rows["seq_num"]):
+                return
+            for c, values in rows.items():
+                values = np.asarray(values)
+                if values.dtype.kind == "f":
+                    values = np.where(np.isfinite(values), values, None)
+                run.inversion.setdefault(c, []).extend(values.tolist())
+
+    def inversion_since(self, uid: str, since: int = 0) -> tuple[dict, int] | None:
+        """Columnar inversion rows from row index `since`, and the next `since`."""
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                return None
+            n = len(run.inversion.get("seq_num", ()))
+            return {c: v[since:n] for c, v in run.inversion.items()}, n
 
     def phases_since(self, uid: str, since: int = 0, final: bool | None = None) -> tuple[dict, int, list] | None:
         """Columnar phase rows from row index `since`, next `since`, and all transitions so far."""

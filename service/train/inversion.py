@@ -580,7 +580,7 @@ def _finish(kind, args, state, train, test, bounds, log, title) -> int:
     return 0
 
 
-def main(argv=None) -> int:        # python -m service.train.inversion saxs (until `scatterflow train` dispatches)
+def main(argv=None) -> int:        # python -m service.train.inversion saxs; the same as `scatterflow train saxs`
     parser = argparse.ArgumentParser(prog="scatterflow train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

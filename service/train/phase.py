@@ -377,7 +377,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:        # python -m service.train.phase (until `scatterflow train` dispatches here)
+def main(argv=None) -> int:        # python -m service.train.phase; the same as `scatterflow train phase`
     parser = argparse.ArgumentParser(prog="scatterflow train phase", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
