@@ -68,10 +68,11 @@ def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: st
 
     if warmup:
         go_warm.wait()
-        done.put((_publish_run(send, pool, warmup, 0.0, mode, h5_path, poni, "bench-warmup")[0], 0.0))
+        done.put((_publish_run(send, pool, warmup, 0.0, mode, h5_path, poni, "bench-warmup")[0], 0.0, 0.0))
     go.wait()
+    cpu0 = time.process_time()
     uid, seconds = _publish_run(send, pool, n_frames, rate, mode, h5_path, poni, "bench")
-    done.put((uid, seconds))
+    done.put((uid, seconds, time.process_time() - cpu0))
     time.sleep(0.5)
     sock.close(linger=2000)
 
@@ -131,14 +132,51 @@ class BenchResult:
     rejected: float
     latency_provisional: tuple[float, float]
     latency_final: tuple[float, float]
-    cpu_seconds: float
+    cpu_seconds: float        # service process + worker processes
     baseline_fps: float | None
     devices: tuple[str, ...] = ()
     cores: int = 1
+    cpu_split: dict = None    # CPU seconds of the measured run: service, workers, sender, proxy
+    batches: float = 0.0      # batches the workers reduced
+    stage_seconds: dict = None   # worker wall seconds by stage (integrate, fit, phases, ...)
+    thread_seconds: dict = None  # service process CPU seconds by thread name
+
+    @property
+    def mean_batch(self) -> float:
+        return self.fitted / self.batches if self.batches else float("nan")
 
     @property
     def fps(self) -> float:
         return self.fitted / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _worker_figures(registry) -> dict[str, float]:
+    """Batches reduced and worker seconds by stage, from the service's metrics so far."""
+    out = {}
+    for fam in registry.collect():
+        for smp in fam.samples:
+            if smp.name == "scatterflow_batch_frames_count":
+                out["batches"] = smp.value
+            elif smp.name == "scatterflow_worker_seconds_total":
+                out[smp.labels["stage"]] = smp.value
+    return out
+
+
+def _thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of each thread of this (the service) process, by thread name; threads not
+    started from Python (the Tiled server's, zmq's I/O) count as "other"."""
+    import threading
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "other").split("(")[0].rstrip()   # "Thread-3 (serve)" -> "Thread-3"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -199,15 +237,21 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         time.sleep(1.5)                                   # slow joiners: sender -> proxy -> service
         if warmup:
             go_warm.set()
-            warm_uid, _ = done.get(timeout=600)
+            warm_uid, _, _ = done.get(timeout=600)
             _wait_finished(service, warm_uid, 600)
             service.hub.latencies["provisional"].clear()
             service.hub.latencies["final"].clear()
-        cpu0 = _cpu_seconds([os.getpid(), *[w.process.pid for w in service.dispatcher._workers]])
+        pids = {"service": [os.getpid()], "workers": [w.process.pid for w in service.dispatcher._workers],
+                "proxy": [proxy.pid]}
+        cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        work0 = _worker_figures(service.metrics.registry)
+        threads0 = _thread_cpu_seconds()
         go.set()
-        uid, send_seconds = done.get(timeout=frames / max(rate, 1) * 10 + 600)
+        uid, send_seconds, sender_cpu = done.get(timeout=frames / max(rate, 1) * 10 + 600)
         run = _wait_finished(service, uid, 600, progress)
-        cpu1 = _cpu_seconds([os.getpid(), *[w.process.pid for w in service.dispatcher._workers]])
+        cpu_split = {k: _cpu_seconds(v) - cpu0[k] for k, v in pids.items()} | {"sender": sender_cpu}
+        work = {k: v - work0.get(k, 0.0) for k, v in _worker_figures(service.metrics.registry).items()}
+        threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu_seconds().items()}
         hub = service.hub
         prov = np.array(hub.latencies["provisional"])
         fin = np.array(hub.latencies["final"])
@@ -226,8 +270,9 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             failed=metric("scatterflow_frames_failed_total"), rejected=status["rejected"],
             latency_provisional=tuple(np.percentile(prov, [50, 99])) if len(prov) else (np.nan, np.nan),
             latency_final=tuple(np.percentile(fin, [50, 99])) if len(fin) else (np.nan, np.nan),
-            cpu_seconds=cpu1 - cpu0, baseline_fps=None, devices=tuple(service.dispatcher.devices),
-            cores=os.cpu_count() or 1)
+            cpu_seconds=cpu_split["service"] + cpu_split["workers"], baseline_fps=None,
+            devices=tuple(service.dispatcher.devices), cores=os.cpu_count() or 1, cpu_split=cpu_split,
+            batches=work.pop("batches", 0.0), stage_seconds=work, thread_seconds=threads)
     finally:
         service.close()
         proxy.terminate()

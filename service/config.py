@@ -131,10 +131,11 @@ class FitConfig(_Section):
 class WorkersConfig(_Section):
     count: int = Field(1, ge=1, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch: int | Literal["auto"] = "auto"   # frames per batch; auto: by latency budget
+    batch: int | Literal["auto"] = "auto"   # frames per batch; auto: by load (service/dispatch.py)
     max_batch: int = Field(64, ge=1)
+    max_batch_pixels: int = Field(32_000_000, ge=1)   # and at most this many pixels per batch
     threads: int | None = Field(None, ge=1)  # torch threads per CPU worker; None: cores / (count + 1)
-    latency_budget_s: float = Field(0.05, gt=0)
+    latency_budget_s: float = Field(0.05, gt=0)   # fixed batch: send a partial one after this
     queue_batches: int = Field(8, ge=1)     # bounded queue per worker, in batches
     backpressure: Literal["block", "drop_oldest"] = "block"
     shared_memory: bool = True              # frames to workers through /dev/shm, not pickled (service/frame_slots.py)

@@ -1,8 +1,10 @@
 """Dispatch: frames to worker processes in batches, results back to the publishers.
 
 One run sticks to one worker (the regularizer's window lives there). Batches are sized by the
-latency budget: a batch leaves at once when its worker is idle, otherwise frames accumulate up
-to `max_batch` or `latency_budget_s`. Queues are bounded: `block` back-pressure (lossless) by
+load (`batch: auto`): a batch leaves at once when its worker has room (one batch in work, one
+queued); while it is busy, frames accumulate up to `max_batch`, so a worker that falls behind
+gets larger, cheaper-per-frame batches instead of a queue of small ones. With a fixed `batch`,
+a batch leaves when it is full or its oldest frame is `latency_budget_s` old. Queues are bounded: `block` back-pressure (lossless) by
 default, `drop_oldest` (counted) when configured. A dead worker is restarted and its
 unacknowledged batches are sent again, so every accepted frame is published or counted failed.
 
@@ -228,7 +230,7 @@ class Dispatcher:
             slot = self._runs.get(uid)
             if slot is None:
                 return
-            self._flush(slot)
+            self._flush(slot, self._batch_limit(slot))
             slot.stop = stop
             if uid in self._setups:
                 self._workers[slot.worker].inbox.put(("stop", uid))
@@ -243,12 +245,24 @@ class Dispatcher:
         n = len(slot.pending)
         if n == 0:
             return
-        fixed = self.cfg.batch if isinstance(self.cfg.batch, int) else None
-        limit = fixed or self.cfg.max_batch
-        age = time.monotonic() - slot.oldest
-        idle = fixed is None and len(worker.inflight) < 2
-        if n >= limit or idle or age >= self.cfg.latency_budget_s:
+        limit = self._batch_limit(slot)
+        if not isinstance(self.cfg.batch, int):
+            # auto: a batch leaves as soon as its worker has room (one batch in work, one queued);
+            # while the worker is busy frames gather, so batches grow with the load and the
+            # per-batch cost of the sparse products and fits is shared by more frames
+            if n >= limit or len(worker.inflight) < 2:
+                self._flush(slot, limit)
+            return
+        if n >= limit or time.monotonic() - slot.oldest >= self.cfg.latency_budget_s:
             self._flush(slot, limit)
+
+    def _batch_limit(self, slot: _RunSlot) -> int:
+        """Most frames per batch: `batch` when fixed, else `max_batch`, and at most
+        `max_batch_pixels` pixels (a 4 Mpx detector gets smaller batches than a 1 Mpx one)."""
+        limit = self.cfg.batch if isinstance(self.cfg.batch, int) else self.cfg.max_batch
+        if slot.pending and slot.pending[0].kind == "frame":
+            limit = min(limit, max(1, self.cfg.max_batch_pixels // max(1, slot.pending[0].data.size)))
+        return limit
 
     def _flush(self, slot: _RunSlot, limit: int | None = None) -> None:
         worker = self._workers[slot.worker]
@@ -352,6 +366,9 @@ class Dispatcher:
                         slot.unfinal.pop(int(s), None)
                         slot.reduced.discard(int(s))
             self.metrics.frames_fitted.inc(len(seq) - len(again))
+            self.metrics.batch_frames.observe(len(seq))
+            for stage, seconds in out.pop("seconds", {}).items():
+                self.metrics.worker_seconds.labels(stage).inc(seconds)
             self.sink.frames_reduced(uid, frames, out)
         elif kind == "failed":
             _, uid, batch_id, seq, reason, detail = msg

@@ -38,6 +38,10 @@ class Metrics:
         self.latency = Histogram("scatterflow_latency_seconds",
                                  "Frame arrival to published fit, by stage (provisional, final)",
                                  ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_frames = Histogram("scatterflow_batch_frames", "Frames per batch reduced by a worker",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.worker_seconds = Counter("scatterflow_worker_seconds", "Worker wall time, by stage "
+                                      "(integrate, fit, phases, inversion, snapshots)", ["stage"], registry=r)
         self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
         self.tiled_failures = Gauge("scatterflow_tiled_failures", "Tiled write failures (retried or spooled)",
                                     registry=r)

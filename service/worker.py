@@ -10,10 +10,12 @@ queue and answers on a shared one. All numerics live in `workers/`; this module 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,33 +113,49 @@ class RunPipeline:
         return self.integrators[key]
 
     def process(self, seq: np.ndarray, times: np.ndarray, frames: np.ndarray, kind: str = "frame") -> dict:
-        import torch
+        """One batch reduced and fitted: profiles, peak rows and the extras the run asks for,
+        with out["seconds"] the wall time of each stage (for the metrics and `scatterflow bench`)."""
+        clock = _StageClock()
+        out = self._process(seq, times, frames, kind, clock)
+        out["seconds"] = clock.seconds
+        return out
+
+    def _process(self, seq, times, frames, kind: str, clock: "_StageClock") -> dict:
         if kind == "profile":                        # already reduced: (B, 3, N) q, I, sigma
             radial = frames[0, 0]
             if not np.allclose(frames[:, 0], radial):
                 raise ValueError("profiles of one run must share their q grid")
+            with clock("fit"):
+                rows = self._fit(radial, frames[:, 1], frames[:, 2], seq, times)
             out = {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
-                   "sigma": frames[:, 2].astype(np.float32),
-                   "rows": self._fit(radial, frames[:, 1], frames[:, 2], seq, times), "reseeds": self.reseeds}
-            self._with_inversion(out, seq, times, radial, frames[:, 1], frames[:, 2])
-            return self._with_phases(out, seq, radial, frames[:, 1])
+                   "sigma": frames[:, 2].astype(np.float32), "rows": rows, "reseeds": self.reseeds}
+            with clock("inversion"):
+                self._with_inversion(out, seq, times, radial, frames[:, 1], frames[:, 2])
+            with clock("phases"):
+                return self._with_phases(out, seq, radial, frames[:, 1])
         if self.setup.geometry is None:
             raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
-        batch = self._device_batch(frames)
-        if self.grazing is not None:             # per-modality profile, plus maps, extra profiles, scalars
-            integrator, result, extras = self.grazing(batch, seq)
-        else:
-            integrator, extras = self._integrator(frames.shape[1:]), {}
-            result = integrator(batch)
-        rows = self._fit(result.radial, result.intensity, result.sigma, seq, times)
-        out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
-               "intensity": result.intensity.float().cpu().numpy(),
-               "sigma": result.sigma.float().cpu().numpy(), "rows": rows, "reseeds": self.reseeds}
+        with clock("integrate"):
+            batch = self._device_batch(frames)
+            if self.grazing is not None:             # per-modality profile, plus maps, extra profiles, scalars
+                integrator, result, extras = self.grazing(batch, seq)
+            else:
+                integrator, extras = self._integrator(frames.shape[1:]), {}
+                result = integrator(batch)
+            out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
+                   "intensity": result.intensity.float().cpu().numpy(),
+                   "sigma": result.sigma.float().cpu().numpy()}
+        with clock("fit"):
+            out["rows"] = self._fit(result.radial, result.intensity, result.sigma, seq, times)
+            out["reseeds"] = self.reseeds
         if result.unit.startswith("q_nm"):
-            self._with_inversion(out, seq, times, result.radial, result.intensity, result.sigma)
-        self._with_phases(out, seq, result.radial, result.intensity)
+            with clock("inversion"):
+                self._with_inversion(out, seq, times, result.radial, result.intensity, result.sigma)
+        with clock("phases"):
+            self._with_phases(out, seq, result.radial, result.intensity)
         out.update(extras)
-        snapshots = self._snapshots(integrator, batch, seq)
+        with clock("snapshots"):
+            snapshots = self._snapshots(integrator, batch, seq)
         if snapshots:
             out["snapshots"] = snapshots
         if self.setup.calibrant and not self.calibration_done:
@@ -259,6 +277,21 @@ class RunPipeline:
             log.exception("worker %d: snapshot of frame(s) %s failed", os.getpid(), seq[idx].tolist())
             return []
         return [(int(seq[i]), images[k]) for k, i in enumerate(idx)]
+
+
+class _StageClock:
+    """Wall seconds per named stage of one batch: ``with clock("fit"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
 def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None) -> None:

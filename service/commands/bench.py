@@ -48,6 +48,14 @@ def run(args) -> int:
             ("lost upstream / dropped / failed / rejected", f"{r.lost:.0f} / {r.dropped:.0f} / {r.failed:.0f} / {r.rejected:.0f}"),
             ("CPU (service + workers)", f"{r.cpu_seconds:.1f} s, {1e3 * r.cpu_seconds / max(r.fitted, 1):.1f} ms/frame, "
                                         f"{100 * r.cpu_seconds / max(r.seconds, 1e-9) / r.cores:.0f} % of {r.cores} cores"),
+            ("CPU ms/frame: service / workers / sender / proxy",
+             " / ".join(f"{1e3 * r.cpu_split[k] / max(r.fitted, 1):.1f}" for k in ("service", "workers", "sender", "proxy"))),
+            ("batches: count, mean frames per batch", f"{r.batches:.0f}, {r.mean_batch:.1f}"),
+            ("worker wall ms/frame by stage", ", ".join(f"{k} {1e3 * v / max(r.fitted, 1):.1f}"
+                                                        for k, v in sorted(r.stage_seconds.items()))),
+            ("service CPU ms/frame by thread", ", ".join(
+                f"{k} {1e3 * v / max(r.fitted, 1):.1f}" for k, v in sorted(r.thread_seconds.items(), key=lambda kv: -kv[1])
+                if 1e3 * v / max(r.fitted, 1) >= 0.5)),
             ("worker devices", ", ".join(r.devices))]
     if r.baseline_fps:
         rows.append(("baseline pyFAI integrate1d + lmfit, per frame", f"{r.baseline_fps:.1f} frames/s"))
