@@ -169,26 +169,23 @@ def _thread_cpu_seconds() -> dict[str, float]:
     names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[str, float] = {}
     for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
         name = names.get(int(tid), "other").split("(")[0].rstrip()   # "Thread-3 (serve)" -> "Thread-3"
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + _stat_cpu_seconds(f"/proc/self/task/{tid}/stat")
     return out
 
 
+def _stat_cpu_seconds(path: str) -> float:
+    """utime + stime of a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat file (0 if gone)."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            pass
-    return total
+    return sum(_stat_cpu_seconds(f"/proc/{pid}/stat") for pid in pids)
 
 
 def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.0, mode: str = "inline",

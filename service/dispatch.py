@@ -4,9 +4,10 @@ One run sticks to one worker (the regularizer's window lives there). Batches are
 load (`batch: auto`): a batch leaves at once when its worker has room (one batch in work, one
 queued); while it is busy, frames accumulate up to `max_batch`, so a worker that falls behind
 gets larger, cheaper-per-frame batches instead of a queue of small ones. With a fixed `batch`,
-a batch leaves when it is full or its oldest frame is `latency_budget_s` old. Queues are bounded: `block` back-pressure (lossless) by
-default, `drop_oldest` (counted) when configured. A dead worker is restarted and its
-unacknowledged batches are sent again, so every accepted frame is published or counted failed.
+a batch leaves when it is full or its oldest frame is `latency_budget_s` old. Queues are
+bounded: `block` back-pressure (lossless) by default, `drop_oldest` (counted) when configured.
+A dead worker is restarted and its unacknowledged batches are sent again, so every accepted
+frame is published or counted failed.
 
 The interface (`start_run`, `submit`, `stop_run`, `close`) is what a distributed engine would
 implement later.
@@ -264,10 +265,10 @@ class Dispatcher:
             limit = min(limit, max(1, self.cfg.max_batch_pixels // max(1, slot.pending[0].data.size)))
         return limit
 
-    def _flush(self, slot: _RunSlot, limit: int | None = None) -> None:
+    def _flush(self, slot: _RunSlot, limit: int) -> None:
         worker = self._workers[slot.worker]
         while slot.pending:
-            take = len(slot.pending) if limit is None else min(limit, len(slot.pending))
+            take = min(limit, len(slot.pending))
             kind = slot.pending[0].kind
             take = next((i for i in range(take) if slot.pending[i].kind != kind), take)
             frames = [slot.pending.popleft() for _ in range(take)]

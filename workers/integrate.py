@@ -394,7 +394,7 @@ class _Arena:
     sizes: a (P, B) workspace is a contiguous view of the first P·B elements. Fresh 1 Mpx
     allocations cost more in page faults than the arithmetic (measured 8 ms vs 1.2 ms per op per
     frame on 2 CPU cores); one set of buffers per batch size made a stream whose batch sizes
-    vary (the dispatcher's load-sized batches) 4x slower per frame (42 vs 10 ms, Eiger 1M)."""
+    vary (the dispatcher's load-sized batches) 3.6x slower per frame (42 vs 12 ms, Eiger 1M)."""
 
     def __init__(self, npix: int, capacity: int, device, dtype):
         self.npix, self.capacity = npix, capacity
