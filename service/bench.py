@@ -56,6 +56,9 @@ def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: st
     import msgpack
     import msgpack_numpy
     import zmq
+
+    from .memory import reuse_freed_buffers
+    reuse_freed_buffers()
     pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
     pool = np.load(frames_path, mmap_mode="r")
     sock = zmq.Context.instance().socket(zmq.PUB)
@@ -195,6 +198,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     from .config import load_settings
     from .server import Service
     from .sim import poni_dict
+    from .memory import reuse_environment
     if mode not in ("inline", "hdf5"):
         raise ValueError(f"mode must be 'inline' or 'hdf5', got {mode!r}")
     if detector not in DETECTORS:
@@ -213,7 +217,8 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             f.create_dataset("/entry/data/data", data=pool, chunks=(1, *pool.shape[1:]))
     in_port, out_port = free_port(), free_port()
     proxy = subprocess.Popen([str(Path(sys.executable).parent / "bluesky-0MQ-proxy"), str(in_port), str(out_port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, **reuse_environment()})
     settings = load_settings(None, **{
         "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
         "geometry": {"mask": str(work / "mask.npy")},

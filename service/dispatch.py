@@ -258,12 +258,16 @@ class Dispatcher:
             self._flush(slot, limit)
 
     def _batch_limit(self, slot: _RunSlot) -> int:
-        """Most frames per batch: `batch` when fixed, else `max_batch`, and at most
-        `max_batch_pixels` pixels (a 4 Mpx detector gets smaller batches than a 1 Mpx one)."""
-        limit = self.cfg.batch if isinstance(self.cfg.batch, int) else self.cfg.max_batch
+        """Most frames per batch for the frames pending in `slot` (see `_frames_per_batch`)."""
         if slot.pending and slot.pending[0].kind == "frame":
-            limit = min(limit, max(1, self.cfg.max_batch_pixels // max(1, slot.pending[0].data.size)))
-        return limit
+            return self._frames_per_batch(slot.pending[0].data.size)
+        return self.cfg.batch if isinstance(self.cfg.batch, int) else self.cfg.max_batch
+
+    def _frames_per_batch(self, pixels: int) -> int:
+        """Most frames of `pixels` pixels per batch: `batch` when fixed, else `max_batch`, and
+        at most `max_batch_pixels` pixels (a 4 Mpx detector gets smaller batches than a 1 Mpx one)."""
+        limit = self.cfg.batch if isinstance(self.cfg.batch, int) else self.cfg.max_batch
+        return min(limit, max(1, self.cfg.max_batch_pixels // max(1, pixels)))
 
     def _flush(self, slot: _RunSlot, limit: int) -> None:
         worker = self._workers[slot.worker]
@@ -281,7 +285,8 @@ class Dispatcher:
 
     def _send(self, worker: _Worker, slot: _RunSlot, frames: list) -> bool:
         batch_id = next(self._batch_ids)
-        ref = worker.slots.put([f.data for f in frames]) if frames[0].kind == "frame" else None
+        ref = (worker.slots.put([f.data for f in frames], capacity=self._frames_per_batch(frames[0].data.size))
+               if frames[0].kind == "frame" else None)
         data = ref if ref is not None else np.stack([f.data for f in frames])
         msg = ("frames", slot.uid, batch_id,
                np.array([f.seq_num for f in frames], dtype=np.int64),

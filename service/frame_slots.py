@@ -61,8 +61,11 @@ class SlotPool:
         self._slots = [_Slot(i) for i in range(n_slots)]
         self.fallbacks = 0            # batches sent through the queue because every slot was busy
 
-    def put(self, arrays: list[np.ndarray]) -> SlotRef | None:
-        """Copy equal-shape ``arrays`` into a free slot as one (B, ...) batch; None if all busy."""
+    def put(self, arrays: list[np.ndarray], capacity: int = 1) -> SlotRef | None:
+        """Copy equal-shape ``arrays`` into a free slot as one (B, ...) batch; None if all busy.
+        A slot that must grow is sized for at least `capacity` such arrays (the largest batch
+        expected), so that batches of varying size do not keep growing it: each new slot file
+        costs a page fault per 4 KiB on first write."""
         slot = next((s for s in self._slots if not s.busy), None)
         if slot is None:
             self.fallbacks += 1
@@ -71,7 +74,7 @@ class SlotPool:
         shape = (len(arrays), *arrays[0].shape)
         nbytes = int(np.prod(shape)) * dtype.itemsize
         if nbytes > slot.nbytes:
-            self._grow(slot, nbytes)
+            self._grow(slot, max(nbytes, nbytes // len(arrays) * capacity))
         view = np.ndarray(shape, dtype=dtype, buffer=slot.map)
         for i, a in enumerate(arrays):
             view[i] = a

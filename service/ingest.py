@@ -39,10 +39,11 @@ DOCUMENT_NAMES = frozenset(n.name for n in DocumentNames)
 ARRAY_KINDS = frozenset("biufcSU")      # numpy dtype kinds accepted from the wire: no object, void or datetime
 REJECT_LOG_INTERVAL_S = 10.0            # at most one log line per refusal reason this often
 MAX_SEQ_GAP = 1_000_000                 # a seq_num further ahead is refused, not counted as that many lost
+MAX_NAME_BYTES = max(len(n) for n in DOCUMENT_NAMES)
 
 
 # --------------------------------------------------------------------------- decoding
-def check_msgpack_structure(payload: bytes, *, max_objects: int, max_depth: int) -> None:
+def check_msgpack_structure(payload: bytes | memoryview, *, max_objects: int, max_depth: int) -> None:
     """Walk the msgpack headers of `payload` without building objects; RejectedInput
     "too_complex" when it holds more than `max_objects` objects or nests deeper than
     `max_depth` containers.
@@ -180,13 +181,19 @@ class DocumentDecoder:
         self.max_depth = max_depth
         self._hook = functools.partial(decode_numpy, allow_pickle=allow_pickle)
 
-    def decode(self, message: bytes) -> tuple[str, dict]:
-        if len(message) > self.max_message_bytes:
-            raise RejectedInput("message_too_large", f"{len(message)} bytes > {self.max_message_bytes}")
-        parts = message.split(b" ", 2)
-        if len(parts) != 3:
+    def decode(self, message) -> tuple[str, dict]:
+        """`message`: bytes, or any buffer (a zmq.Frame received with ``copy=False``, a
+        memoryview): the payload is read in place, so a frame's pixels are copied once, by
+        msgpack, not by the socket and the framing split as well."""
+        buf = message.buffer if hasattr(message, "buffer") else memoryview(message)
+        if buf.nbytes > self.max_message_bytes:
+            raise RejectedInput("message_too_large", f"{buf.nbytes} bytes > {self.max_message_bytes}")
+        head = bytes(buf[:len(self.prefix) + MAX_NAME_BYTES + 2])     # 'prefix name ' without the payload
+        first = head.find(b" ")
+        second = head.find(b" ", first + 1) if first >= 0 else -1
+        if second < 0:
             raise RejectedInput("bad_framing", "expected 'prefix name payload'")
-        prefix, raw_name, payload = parts
+        prefix, raw_name, payload = head[:first], head[first + 1:second], buf[second + 1:]
         if prefix != self.prefix:
             raise RejectedInput("wrong_prefix", repr(prefix[:32]))
         try:
@@ -200,7 +207,7 @@ class DocumentDecoder:
             raise RejectedInput("malformed_document", f"payload is {type(doc).__name__}, not a mapping")
         return name, doc
 
-    def _deserialize(self, payload: bytes) -> Any:
+    def _deserialize(self, payload: memoryview) -> Any:
         looks_pickled = payload[:1] == b"\x80"          # pickle protocol >= 2 opcode PROTO
         if looks_pickled:
             if not self.allow_pickle:
@@ -627,7 +634,7 @@ class ZmqSubscriber:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            message = self._socket.recv(copy=True)
+            message = self._socket.recv(copy=False)    # zmq.Frame: decoded in place (DocumentDecoder)
             self.received += 1
             if len(message) > self.config.max_message_bytes:    # refused before it takes queue memory
                 self.router.reject(RejectedInput("message_too_large",
@@ -653,7 +660,7 @@ class ZmqSubscriber:
             self._release(len(message))
             self.handle(message, arrival)
 
-    def handle(self, message: bytes, arrival: float | None = None) -> None:
+    def handle(self, message, arrival: float | None = None) -> None:
         """Decode and route one received message; every refusal is counted, none raises."""
         try:
             name, doc = self.decoder.decode(message)

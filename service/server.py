@@ -17,6 +17,7 @@ from .dispatch import Dispatcher
 from .errors import ConfigError
 from .images import read_image
 from .ingest import DocumentRouter, ZmqSubscriber
+from .memory import reuse_freed_buffers
 from .metrics import Metrics
 from .publish.hub import PublishHub
 from .publish.state import RunStore
@@ -130,6 +131,7 @@ class Service:
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Service":
         s = self.settings
+        reuse_freed_buffers()                # frames must not cost page faults (service/memory.py)
         self._phase_setup()                  # a bad phases.checkpoint fails here, not per run
         self._inversion_setup()              # so does a bad inversion.checkpoint
         tiled = self._start_tiled()

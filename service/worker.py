@@ -297,6 +297,9 @@ class _StageClock:
 def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None) -> None:
     """Entry point of a worker process (spawned)."""
     import torch
+
+    from .memory import reuse_freed_buffers
+    reuse_freed_buffers()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
     device = resolve_device(device_name)
     if threads and device == "cpu":

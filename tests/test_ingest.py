@@ -61,8 +61,22 @@ def test_decoder_roundtrip_msgpack_numpy():
     assert doc["data"]["det_image"].dtype == np.int32
 
 
+def test_decoder_reads_a_zmq_frame_in_place():
+    """A message received with copy=False (zmq.Frame) decodes as its bytes do, and the payload
+    is not copied by the framing split: the frame array is msgpack's copy, not a view of it."""
+    import zmq
+    start, desc, events, stop = make_run(shape=(64, 48))
+    message = frame_message("event", events[2])
+    for received in (zmq.Frame(message), memoryview(message), bytearray(message)):
+        name, doc = DocumentDecoder().decode(received)
+        assert name == "event" and doc["seq_num"] == 3
+        np.testing.assert_array_equal(doc["data"]["det_image"], np.full((64, 48), 2))
+
+
 @pytest.mark.parametrize("message,reason", [
     (b"\x00\xff garbage", "bad_framing"),
+    (b" start", "bad_framing"),
+    (b"start" * 40, "bad_framing"),
     (b" start \xc1\xc1\xc1", "undecodable"),
     (b" nonsense " + pack({"a": 1}), "unknown_document"),
     (b" start " + pack([1, 2, 3]), "malformed_document"),
