@@ -186,3 +186,23 @@ def test_cuda_matches_cpu():
     assert gpu.params.device.type == "cuda" and bool(gpu.converged.all())
     assert ((gpu.params.cpu() - cpu.params).abs() / cpu.stderr).max() < 1e-3
     assert torch.allclose(gpu.stderr.cpu(), cpu.stderr, rtol=1e-3)
+
+
+def test_inverse_of_a_nan_matrix_is_nan_with_two_threads():
+    """torch.linalg.inv_ex raises (MKL, > 1 thread) on a NaN in a 240 x 240 matrix, the size of a
+    window fit's Hessian; spd_inverse returns NaN for that matrix and the others' inverses."""
+    from workers.fit import spd_inverse
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(1)
+        m = rng.normal(size=(5, 240, 240))
+        a = torch.as_tensor(m @ m.transpose(0, 2, 1) + 240 * np.eye(240))
+        a[3, 2, 2] = math.nan
+        a[1, 5, 5] = -1.0e6                          # not positive definite
+        inv, bad = spd_inverse(a)
+    finally:
+        torch.set_num_threads(threads)
+    assert bad.tolist() == [False, True, False, True, False]
+    assert torch.isnan(inv[3]).all() and torch.isnan(inv[1]).all()
+    np.testing.assert_allclose(inv[0].numpy(), np.linalg.inv(a[0].numpy()), rtol=1e-10, atol=1e-14)

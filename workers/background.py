@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from workers.fit import fit_batch
+from workers.fit import fit_batch, spd_inverse
 from workers.profiles import BackgroundSpec, ModelSpec, PeakModel
 
 __all__ = ["Subtracted", "subtract_measured", "snip", "lls", "lls_inverse", "BackgroundFit",
@@ -243,7 +243,7 @@ def _poly_fit(basis, y, w):
     """Weighted least squares per frame: basis (N, P), y, w (B, N) -> coefficients (B, P), cov (B, P, P)."""
     a = torch.einsum("np,bn,nq->bpq", basis, w, basis)
     g = torch.einsum("np,bn->bp", basis, w * y)
-    cov, _ = torch.linalg.inv_ex(a)
+    cov, _ = spd_inverse(a)
     return (cov @ g[..., None])[..., 0], cov
 
 

@@ -51,7 +51,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import torch
 
-from workers.fit import BoundTransform, _Problem, fit_batch
+from workers.fit import BoundTransform, _Problem, fit_batch, spd_inverse
 from workers.profiles import (SHAPE_PARAMS, BackgroundSpec, BoundModel, ModelSpec, PeakModel,  # noqa: F401
                               PeakSpec, validate_model_spec)
 
@@ -305,9 +305,9 @@ def _sandwich(p, a_ext, chi2_red, scale, m, R, ffree, s2, penalty, delta, eps):
     t1 = tt + P
     for ps, v in zip([tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt], [c, c, -c, -c]):
         Hf.index_add_(1, ps.reshape(-1), v.reshape(Bw, -1))
-    Hi, info = torch.linalg.inv_ex(Hf.reshape(Bw, WP, WP))
+    Hi, bad = spd_inverse(Hf.reshape(Bw, WP, WP))
     C = Hi @ M.reshape(Bw, WP, WP) @ Hi
-    C = torch.where((info != 0)[:, None, None], torch.full_like(C, math.nan), C)
+    C = torch.where(bad[:, None, None], torch.full_like(C, math.nan), C)
     C = C.reshape(Bw, W, P, W, P)[:, blk, :, blk, :].transpose(0, 1)
     return C * fmask
 
