@@ -15,6 +15,8 @@ import hashlib
 import logging
 import math
 import os
+import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -49,6 +51,20 @@ class RunSetup:
         for arr in (self.mask, self.dark, self.flat):
             h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
+
+
+@dataclass
+class Reduced:
+    """A batch between `RunPipeline.reduce` and `RunPipeline.complete`: its partial result and
+    the profiles (radial (N,), intensity and sigma (B, N), tensors or arrays) to fit."""
+    seq: np.ndarray
+    times: np.ndarray
+    out: dict
+    radial: Any
+    intensity: Any
+    sigma: Any
+    unit: str
+    clock: "_StageClock"
 
 
 class NoGeometry(ValueError):
@@ -115,24 +131,20 @@ class RunPipeline:
     def process(self, seq: np.ndarray, times: np.ndarray, frames: np.ndarray, kind: str = "frame") -> dict:
         """One batch reduced and fitted: profiles, peak rows and the extras the run asks for,
         with out["seconds"] the wall time of each stage (for the metrics and `scatterflow bench`)."""
-        clock = _StageClock()
-        out = self._process(seq, times, frames, kind, clock)
-        out["seconds"] = clock.seconds
-        return out
+        return self.complete(self.reduce(seq, times, frames, kind))
 
-    def _process(self, seq, times, frames, kind: str, clock: "_StageClock") -> dict:
+    def reduce(self, seq, times, frames, kind: str = "frame") -> "Reduced":
+        """Stage 1 of a batch, everything that reads the frames: integration, modality maps,
+        snapshots, calibration. `frames` (shared memory) are not used after it returns."""
+        clock = _StageClock()
         if kind == "profile":                        # already reduced: (B, 3, N) q, I, sigma
             radial = frames[0, 0]
             if not np.allclose(frames[:, 0], radial):
                 raise ValueError("profiles of one run must share their q grid")
-            with clock("fit"):
-                rows = self._fit(radial, frames[:, 1], frames[:, 2], seq, times)
-            out = {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
-                   "sigma": frames[:, 2].astype(np.float32), "rows": rows, "reseeds": self.reseeds}
-            with clock("inversion"):
-                self._with_inversion(out, seq, times, radial, frames[:, 1], frames[:, 2])
-            with clock("phases"):
-                return self._with_phases(out, seq, radial, frames[:, 1])
+            intensity, sigma = np.array(frames[:, 1]), np.array(frames[:, 2])
+            out = {"radial": radial.copy(), "unit": "q_nm^-1", "intensity": intensity.astype(np.float32),
+                   "sigma": sigma.astype(np.float32)}
+            return Reduced(seq, times, out, radial, intensity, sigma, "q_nm^-1", clock)
         if self.setup.geometry is None:
             raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
         with clock("integrate"):
@@ -145,14 +157,6 @@ class RunPipeline:
             out = {"radial": result.radial.cpu().numpy(), "unit": result.unit,
                    "intensity": result.intensity.float().cpu().numpy(),
                    "sigma": result.sigma.float().cpu().numpy()}
-        with clock("fit"):
-            out["rows"] = self._fit(result.radial, result.intensity, result.sigma, seq, times)
-            out["reseeds"] = self.reseeds
-        if result.unit.startswith("q_nm"):
-            with clock("inversion"):
-                self._with_inversion(out, seq, times, result.radial, result.intensity, result.sigma)
-        with clock("phases"):
-            self._with_phases(out, seq, result.radial, result.intensity)
         out.update(extras)
         with clock("snapshots"):
             snapshots = self._snapshots(integrator, batch, seq)
@@ -160,7 +164,22 @@ class RunPipeline:
             out["snapshots"] = snapshots
         if self.setup.calibrant and not self.calibration_done:
             self.calibration_done = True
-            out["calibration"] = self._calibrate(frames[0])
+            out["calibration"] = self._calibrate(np.array(frames[0]))
+        return Reduced(seq, times, out, result.radial, result.intensity, result.sigma, result.unit, clock)
+
+    def complete(self, r: "Reduced") -> dict:
+        """Stage 2 of a batch, from its profiles only: peak fits, inversion, phases. Sequential
+        per run (the fitter's window), so it may run on another thread than `reduce`."""
+        out, clock = r.out, r.clock
+        with clock("fit"):
+            out["rows"] = self._fit(r.radial, r.intensity, r.sigma, r.seq, r.times)
+            out["reseeds"] = self.reseeds
+        if r.unit.startswith("q_nm"):
+            with clock("inversion"):
+                self._with_inversion(out, r.seq, r.times, r.radial, r.intensity, r.sigma)
+        with clock("phases"):
+            self._with_phases(out, r.seq, r.radial, r.intensity)
+        out["seconds"] = clock.seconds
         return out
 
     def _fit(self, radial, intensity, sigma, seq, times) -> dict | None:
@@ -309,6 +328,12 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
     slots = SlotReader()
     import workers.integrate  # noqa: F401  (import pyFAI and friends before the first run, not during it)
     import workers.temporal  # noqa: F401
+    # Two stages on two threads, so that a batch's fits overlap the next batch's integration
+    # (torch releases the GIL in its kernels): reduce() here, complete() on the "fit" thread, in
+    # batch order through a queue of one. The shared-memory frames are read by reduce() only.
+    fits: queue.Queue = queue.Queue(maxsize=1)
+    fitter = threading.Thread(target=_fit_stage, args=(index, fits, outbox), name="fit", daemon=True)
+    fitter.start()
     outbox.put(("ready", index, device, os.getpid()))
     while True:
         msg = inbox.get()
@@ -326,19 +351,39 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 if pipeline is None:
                     outbox.put(("failed", uid, batch_id, seq, "no_setup", "run setup failed or missing"))
                     continue
-                out = pipeline.process(seq, times, frames, frame_kind)
-                outbox.put(("reduced", uid, batch_id, seq, times, out))
+                fits.put(("frames", uid, batch_id, pipeline, pipeline.reduce(seq, times, frames, frame_kind)))
             elif kind == "stop":
-                pipeline = runs.pop(uid, None)
-                rows, extras = pipeline.finish() if pipeline is not None else (None, {})
-                outbox.put(("stopped", uid, rows, pipeline.reseeds if pipeline else 0, extras))
+                fits.put(("stop", uid, None, runs.pop(uid, None), None))
         except Exception as exc:
             log.error("worker %d: %s for run %s failed: %s", index, kind, uid[:8], exc)
             detail = f"{type(exc).__name__}: {exc}"
             if kind == "frames":
                 reason = "no_geometry" if isinstance(exc, NoGeometry) else "reduction_error"
-                outbox.put(("failed", uid, msg[2], msg[3], reason, detail))
+                fits.put(("failed", uid, msg[2], None, (msg[3], reason, detail)))   # in order with the fits
             elif kind == "start":
                 outbox.put(("setup_failed", uid, detail, traceback.format_exc(limit=3)))
+    fits.put(None)
+    fitter.join()
+
+
+def _fit_stage(index: int, fits: queue.Queue, outbox) -> None:
+    """The worker's second stage: complete() each reduced batch, finish a stopped run, answer."""
+    while True:
+        item = fits.get()
+        if item is None:
+            return
+        kind, uid, batch_id, pipeline, payload = item
+        try:
+            if kind == "frames":
+                outbox.put(("reduced", uid, batch_id, payload.seq, payload.times, pipeline.complete(payload)))
+            elif kind == "failed":
+                outbox.put(("failed", uid, batch_id, *payload))
+            elif kind == "stop":
+                rows, extras = pipeline.finish() if pipeline is not None else (None, {})
+                outbox.put(("stopped", uid, rows, pipeline.reseeds if pipeline else 0, extras))
+        except Exception as exc:
+            log.error("worker %d: %s for run %s failed: %s", index, kind, uid[:8], exc)
+            if kind == "frames":
+                outbox.put(("failed", uid, batch_id, payload.seq, "reduction_error", f"{type(exc).__name__}: {exc}"))
             else:
                 outbox.put(("stopped", uid, None, 0, {}))

@@ -182,3 +182,9 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports():
             for group in re.findall(r"by \(([^)]*)\)", target["expr"]):
                 assert {g.strip() for g in group.split(",")} <= labels, target["expr"]
     assert len(exprs) >= 10
+
+
+def test_proxy_reuses_frame_buffers_as_the_service_does(compose):
+    """The proxy copies every frame too: same glibc malloc settings as service/memory.py."""
+    from service.memory import reuse_environment
+    assert compose["services"]["proxy"]["environment"] == reuse_environment()
