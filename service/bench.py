@@ -23,6 +23,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+STALL_S = 30.0      # a measured run that makes no progress for this long has lost its stop document
+
 DETECTORS = {   # name: (distance m) chosen so that q spans ~1.5-20 1/nm at 1 Å
     "Pilatus300k": 0.20, "Eiger1M": 0.16, "Eiger4M": 0.33,
 }
@@ -143,6 +145,7 @@ class BenchResult:
     batches: float = 0.0      # batches the workers reduced
     stage_seconds: dict = None   # worker wall seconds by stage (integrate, fit, phases, ...)
     thread_seconds: dict = None  # service process CPU seconds by thread name
+    stopped: bool = True      # False: the run's stop document never arrived (lost in 0MQ, see `lost`)
 
     @property
     def mean_batch(self) -> float:
@@ -250,7 +253,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         threads0 = _thread_cpu_seconds()
         go.set()
         uid, send_seconds, sender_cpu = done.get(timeout=frames / max(rate, 1) * 10 + 600)
-        run = _wait_finished(service, uid, 600, progress)
+        run = _wait_finished(service, uid, 600, progress, stall_s=STALL_S)
         cpu_split = {k: _cpu_seconds(v) - cpu0[k] for k, v in pids.items()} | {"sender": sender_cpu}
         work = {k: v - work0.get(k, 0.0) for k, v in _worker_figures(service.metrics.registry).items()}
         threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu_seconds().items()}
@@ -268,7 +271,11 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             detector=detector, pixels=int(pool.shape[1] * pool.shape[2]), mode=mode, frames=frames,
             rate_requested=rate, send_seconds=send_seconds, fitted=run.frames_fitted if run else 0,
             final=run.frames_final if run else 0, seconds=seconds,
-            lost=metric("scatterflow_lost_upstream_total"), dropped=metric("scatterflow_frames_dropped_total"),
+            # gaps in seq_num are counted by ingest; frames lost after the last one that arrived too
+            lost=metric("scatterflow_lost_upstream_total") + max(0, frames - (run.frames_fitted if run else 0)
+                                                                 - metric("scatterflow_frames_failed_total")),
+            stopped=run is not None and run.status != "running",
+            dropped=metric("scatterflow_frames_dropped_total"),
             failed=metric("scatterflow_frames_failed_total"), rejected=status["rejected"],
             latency_provisional=tuple(np.percentile(prov, [50, 99])) if len(prov) else (np.nan, np.nan),
             latency_final=tuple(np.percentile(fin, [50, 99])) if len(fin) else (np.nan, np.nan),
@@ -285,14 +292,23 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     return result
 
 
-def _wait_finished(service, uid: str, timeout: float, progress=None):
-    """The run's store entry once it is no longer running (or at the timeout)."""
+def _wait_finished(service, uid: str, timeout: float, progress=None, stall_s: float | None = None):
+    """The run's store entry once it is no longer running, at the timeout, or when nothing was
+    fitted or finalised for `stall_s` seconds (frames and the stop document lost upstream: 0MQ
+    PUB/SUB drops at its high-water marks when the sender outruns the service for long)."""
     deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
     while time.monotonic() < deadline:
         run = service.store.get(uid)
         if progress is not None and run is not None:
             progress(run.frames_fitted, run.frames_final)
         if run is not None and run.status != "running":
+            break
+        state = None if run is None else (run.frames_fitted, run.frames_final)
+        if state != last:
+            last, since = state, time.monotonic()
+        elif stall_s is not None and time.monotonic() - since > stall_s:
+            log.warning("bench: no progress for %.0f s; the stop document was lost upstream", stall_s)
             break
         time.sleep(0.2)
     return service.store.get(uid)

@@ -7,6 +7,10 @@ queue and answers on a shared one. All numerics live in `workers/`; this module 
   ("frames", uid, batch_id, seq, time, frames)   -> integrate batch, fit, answer ("reduced", ...)
   ("stop", uid)                                  -> flush the regularizer window, answer ("stopped", ...)
   None                                           -> exit
+
+A batch goes through two stages on two threads, `RunPipeline.reduce` (integration: reads the
+frames) then `RunPipeline.complete` (fits: reads the profiles), so the fits of one batch overlap
+the integration of the next; answers keep batch order.
 """
 from __future__ import annotations
 

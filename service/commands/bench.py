@@ -45,7 +45,8 @@ def run(args) -> int:
             ("sustained rate", f"{r.fps:.1f} frames/s, {r.fps * r.pixels / 1e9:.3f} Gpixel/s"),
             ("latency to provisional fit p50 / p99", f"{r.latency_provisional[0] * 1e3:.0f} / {r.latency_provisional[1] * 1e3:.0f} ms"),
             ("latency to final fit p50 / p99", f"{r.latency_final[0] * 1e3:.0f} / {r.latency_final[1] * 1e3:.0f} ms"),
-            ("lost upstream / dropped / failed / rejected", f"{r.lost:.0f} / {r.dropped:.0f} / {r.failed:.0f} / {r.rejected:.0f}"),
+            ("lost upstream / dropped / failed / rejected", f"{r.lost:.0f} / {r.dropped:.0f} / {r.failed:.0f} / {r.rejected:.0f}"
+             + ("" if r.stopped else ", stop document lost")),
             ("CPU (service + workers)", f"{r.cpu_seconds:.1f} s, {1e3 * r.cpu_seconds / max(r.fitted, 1):.1f} ms/frame, "
                                         f"{100 * r.cpu_seconds / max(r.seconds, 1e-9) / r.cores:.0f} % of {r.cores} cores"),
             ("CPU ms/frame: service / workers / sender / proxy",
