@@ -145,10 +145,9 @@ class RunPipeline:
             radial = frames[0, 0]
             if not np.allclose(frames[:, 0], radial):
                 raise ValueError("profiles of one run must share their q grid")
-            intensity, sigma = np.array(frames[:, 1]), np.array(frames[:, 2])
-            out = {"radial": radial.copy(), "unit": "q_nm^-1", "intensity": intensity.astype(np.float32),
-                   "sigma": sigma.astype(np.float32)}
-            return Reduced(seq, times, out, radial, intensity, sigma, "q_nm^-1", clock)
+            out = {"radial": radial, "unit": "q_nm^-1", "intensity": frames[:, 1].astype(np.float32),
+                   "sigma": frames[:, 2].astype(np.float32)}      # profiles come pickled, not in shared memory
+            return Reduced(seq, times, out, radial, frames[:, 1], frames[:, 2], "q_nm^-1", clock)
         if self.setup.geometry is None:
             raise NoGeometry("no geometry for this run (set geometry.poni, or 'geometry' in the start document)")
         with clock("integrate"):
@@ -168,7 +167,7 @@ class RunPipeline:
             out["snapshots"] = snapshots
         if self.setup.calibrant and not self.calibration_done:
             self.calibration_done = True
-            out["calibration"] = self._calibrate(np.array(frames[0]))
+            out["calibration"] = self._calibrate(frames[0])
         return Reduced(seq, times, out, result.radial, result.intensity, result.sigma, result.unit, clock)
 
     def complete(self, r: "Reduced") -> dict:

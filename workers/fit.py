@@ -161,10 +161,8 @@ def _covariance(a: torch.Tensor, free: torch.Tensor, chi2_red: torch.Tensor) -> 
     """(J^T W J)^-1 * chi2_red from external A (B, P, P); fixed parameters get 0 rows/columns."""
     ff = free.to(a.dtype)
     a = a * ff[:, None] * ff[None, :] + torch.diag_embed(1.0 - ff)
-    cov, bad = spd_inverse(a)
+    cov, _ = spd_inverse(a)                     # NaN where A is singular or not finite
     cov = cov * ff[:, None] * ff[None, :]
-    bad = bad[:, None, None] | ~torch.isfinite(cov)
-    cov = torch.where(bad, torch.full_like(cov, math.nan), cov)
     return cov * chi2_red[:, None, None]
 
 

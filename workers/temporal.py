@@ -196,21 +196,18 @@ def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float,
     t1 = tt + P
     pos = [tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt]
     blk = torch.arange(W, device=y.device)
-    problems = {}                                                # windows still iterating -> their _Problem
+    subset: list = [None, None]                                  # (windows still iterating, their _Problem)
 
-    def evaluate(t, sel=None):
+    def evaluate(t, sel=None, rows=None):
         """Penalised cost, H, gradient, data cost and external A of the windows `sel` (all if
-        None) at internal t of those windows' frames."""
+        None; `rows`: their frames) at internal t of those frames."""
         if sel is None:
             pr, mm, sc = prob, m, scale
         else:
-            key = tuple(sel.tolist())
-            if key not in problems:
-                rows = (sel[:, None] * W + blk).reshape(-1)
-                problems.clear()
-                problems[key] = _Problem(bound, bound.x, y_flat[rows], sigma_flat[rows], bound.lower,
-                                         bound.upper, bound.free, "analytic")
-            pr, mm, sc = problems[key], m[sel], scale[sel]
+            if subset[0] is None or not torch.equal(subset[0], sel):   # the set only shrinks: few rebuilds
+                subset[:] = sel, _Problem(bound, bound.x, y_flat[rows], sigma_flat[rows], bound.lower,
+                                          bound.upper, bound.free, "analytic")
+            pr, mm, sc = subset[1], m[sel], scale[sel]
         nb = mm.shape[0]
         cost_d, a, g, a_ext = pr.normal(t)
         p, d = tr.to_external(t)
@@ -260,7 +257,7 @@ def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float,
             if sel.numel() == 0:
                 break
             rows = (sel[:, None] * W + blk).reshape(-1)
-            c_s, H_s, g_s, cd_s, ae_s = evaluate(t_new[rows], sel)
+            c_s, H_s, g_s, cd_s, ae_s = evaluate(t_new[rows], sel, rows)
             c_new, H_new, g_new = cost.clone(), H.clone(), g.clone()
             cd_new, ae_new = cost_d.clone(), a_ext.clone()
             c_new[sel], H_new[sel], g_new[sel], cd_new[rows], ae_new[rows] = c_s, H_s, g_s, cd_s, ae_s
@@ -305,9 +302,8 @@ def _sandwich(p, a_ext, chi2_red, scale, m, R, ffree, s2, penalty, delta, eps):
     t1 = tt + P
     for ps, v in zip([tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt], [c, c, -c, -c]):
         Hf.index_add_(1, ps.reshape(-1), v.reshape(Bw, -1))
-    Hi, bad = spd_inverse(Hf.reshape(Bw, WP, WP))
+    Hi, _ = spd_inverse(Hf.reshape(Bw, WP, WP))      # NaN where H is singular: C is NaN there
     C = Hi @ M.reshape(Bw, WP, WP) @ Hi
-    C = torch.where(bad[:, None, None], torch.full_like(C, math.nan), C)
     C = C.reshape(Bw, W, P, W, P)[:, blk, :, blk, :].transpose(0, 1)
     return C * fmask
 
