@@ -137,6 +137,37 @@ def test_batched_matches_per_frame_reference_float64(method):
         np.testing.assert_allclose(single.intensity[0].numpy(), ri, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.float32])
+def test_one_pass_validity_check_matches_reference(dtype):
+    """The CPU min/max shortcut (gap dummies only -> no per-pixel masks, signal = raw) must give
+    the per-frame float64 reference, and one dummy or NaN in a counted pixel of one frame must
+    send the batch down the per-pixel path, still matching the reference."""
+    geo = PIL
+    rng = np.random.default_rng(8)
+    frames = np.stack([_frame(geo, rng, dtype=dtype, level=lv) for lv in (3.0, 30.0, 300.0)])
+    gap = np.uint32(2**32 - 1) if dtype == np.uint32 else -1
+    frames[:, geo.detector_mask()] = gap                        # static gaps: every frame
+    integ = build_integrator_1d(geo, npt=100, method="bbox", dtype=torch.float64,
+                                **({"dummy": -1.0, "delta_dummy": 0.5} if dtype != np.uint32 else {}))
+    bad = frames.copy()
+    bad[1, 40, 50:53] = gap if dtype != np.float32 else np.nan  # counted pixels, one frame
+    for batch, shortcut in ((frames, True), (bad, False)):
+        src = batch.copy()
+        _, _, _, valid = integ._preprocessed(torch.from_numpy(batch))
+        assert (valid is None) == shortcut
+        res = integ(torch.from_numpy(batch))
+        np.testing.assert_array_equal(batch, src)               # input frames untouched
+        for k in range(batch.shape[0]):
+            ri, rs = integrate_reference(integ, batch[k])
+            np.testing.assert_allclose(res.intensity[k].numpy(), ri, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(res.sigma[k].numpy(), rs, rtol=1e-10, atol=1e-12)
+    img = integ.corrected(frames)[2].numpy()
+    mask = geo.detector_mask()
+    assert np.isnan(img[mask]).all()
+    norm = integ.norm.numpy().reshape(geo.shape)
+    np.testing.assert_allclose(img[~mask], frames[2][~mask] / norm[~mask], rtol=1e-12)
+
+
 def test_float32_uint16_input_close_to_float64():
     geo = GEN
     frame = _frame(geo, np.random.default_rng(6), dtype=np.uint16)

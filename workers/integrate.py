@@ -406,9 +406,28 @@ class _Arena:
         self.tmp = torch.empty(n, device=device, dtype=torch.bool)
 
 
+def _no_invalid_pixel(r: torch.Tensor, dummy: tuple[float, float] | None,
+                      spare: torch.Tensor, ref: int) -> bool:
+    """CPU: True when no pixel with matrix entries is NaN or a dummy, by one min/max pass.
+
+    r: (P, B) or (P,) frames, overwritten on the ``spare`` pixels (masked and without matrix
+    entries: no sum reads them, ``corrected`` blanks them) by pixel ``ref`` (one with entries),
+    so that min/max are over the pixels that count. Sufficient test: all of them lie on one
+    side of the dummy interval [dummy − δ, dummy + δ]; NaN makes min/max NaN and the test fail. False means: use the
+    exact per-pixel masks (``preprocess``), which give the same sums when it is True.
+    """
+    if spare.numel():
+        r[spare] = r[ref].clone()
+    lo, hi = (float(v) for v in torch.aminmax(r))
+    if dummy is None:
+        return lo == lo
+    value, delta = dummy
+    return lo > value + delta or hi < value - delta
+
+
 def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | None,
                dummy: tuple[float, float] | None, ws: _Workspace, check_nan: bool,
-               masked: torch.Tensor | None = None):
+               masked: torch.Tensor | None = None, spare: tuple[torch.Tensor, int] | None = None):
     """Signal, Poisson variance and normalisation per pixel (pyFAI ``engines/preproc.py``).
 
     raw: (P, B) counts; norm: (P, 1) flat·Ω·P (0 on masked pixels); dark: (P, 1) or None.
@@ -418,6 +437,10 @@ def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | No
     valid None means all pixels valid (then Σ c·norm is the static one). ``masked``: (P, 1) bool,
     pixels masked statically (no matrix entries, norm 0); their dummies (detector gaps read -1
     or 2³²−1 in every frame) are ignored, so frames with gaps still take the fast path.
+    ``spare``: (index of masked pixels without matrix entries, a pixel with entries); on CPU a
+    batch whose counted pixels are all valid is then recognised by one min/max pass
+    (`_no_invalid_pixel`, 0.3 instead of 4.5 ms/frame for Eiger 1M) and its signal is ``raw``
+    itself when there is no dark (no copy).
     """
     b = raw.shape[1]
     # B = 1: work on 1-D views; TensorIterator is ~8x slower on (P, 1) than on (P,) on CPU
@@ -425,6 +448,9 @@ def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | No
     r, nrm = view(raw), view(norm)
     dk = None if dark is None else view(dark)
     valid = None
+    if (dummy is not None or check_nan) and spare is not None and r.device.type == "cpu" \
+            and _no_invalid_pixel(r, dummy, *spare):
+        dummy, check_nan = None, False
     if dummy is not None:
         value, delta = dummy
         if delta > 0:   # |raw - dummy| > delta, NaN compares False
@@ -445,6 +471,8 @@ def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | No
     signal = ws.x[:, :b]
     if dk is not None:
         torch.sub(r, dk, out=view(signal))
+    elif valid is None:
+        signal = raw
     else:
         view(signal).copy_(r)
     variance = ws.var
@@ -545,6 +573,10 @@ class _Integrator:
         self.engine = CsrEngine(mat, norm, device, dtype)
         self.norm = torch.as_tensor(norm, dtype=dtype).to(device).reshape(-1, 1)      # (P, 1)
         self.masked = self.norm == 0                                                    # (P, 1) bool
+        # pixels no sum reads and `corrected` blanks: masked and without matrix entries
+        counted = np.bincount(mat.indices, minlength=mat.shape[1]) > 0
+        spare = np.flatnonzero(~counted & (np.asarray(norm).ravel() == 0))
+        self.spare = (torch.as_tensor(spare).to(device), int(np.argmax(counted)))
         self.dark = None if dark is None else torch.as_tensor(dark, dtype=dtype).to(device).reshape(-1, 1)
         self._dummy = (dummy, delta_dummy, detector_dummy)
         self._arena: _Arena | None = None
@@ -575,7 +607,7 @@ class _Integrator:
         check_nan = frames.dtype.is_floating_point
         sig, var, valid = preprocess(ws.raw, norm=self.norm, dark=self.dark,
                                      dummy=self.dummy_for(frames.dtype), ws=ws, check_nan=check_nan,
-                                     masked=self.masked)
+                                     masked=self.masked, spare=self.spare)
         return ws, sig, var, valid
 
     def _sums(self, frames):
