@@ -144,6 +144,7 @@ class BenchResult:
     cpu_split: dict = None    # CPU seconds of the measured run: service, workers, sender, proxy
     batches: float = 0.0      # batches the workers reduced
     stage_seconds: dict = None   # worker wall seconds by stage (integrate, fit, phases, ...)
+    tiled_requests: int = 0   # requests the Tiled publisher made during the measured run
     thread_seconds: dict = None  # service process CPU seconds by thread name
     stopped: bool = True      # False: the run's stop document never arrived (lost in 0MQ, see `lost`)
 
@@ -251,6 +252,8 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
         work0 = _worker_figures(service.metrics.registry)
         threads0 = _thread_cpu_seconds()
+        tiled = service.hub.tiled
+        requests0 = tiled.requests if tiled else 0
         go.set()
         uid, send_seconds, sender_cpu = done.get(timeout=frames / max(rate, 1) * 10 + 600)
         run = _wait_finished(service, uid, 600, progress, stall_s=STALL_S)
@@ -281,7 +284,8 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             latency_final=tuple(np.percentile(fin, [50, 99])) if len(fin) else (np.nan, np.nan),
             cpu_seconds=cpu_split["service"] + cpu_split["workers"], baseline_fps=None,
             devices=tuple(service.dispatcher.devices), cores=os.cpu_count() or 1, cpu_split=cpu_split,
-            batches=work.pop("batches", 0.0), stage_seconds=work, thread_seconds=threads)
+            batches=work.pop("batches", 0.0), stage_seconds=work, thread_seconds=threads,
+            tiled_requests=(tiled.requests - requests0) if tiled else 0)
     finally:
         service.close()
         proxy.terminate()

@@ -146,11 +146,14 @@ class TiledConfig(_Section):
     uri: str | None = None                  # None: embedded server under `directory`
     api_key: SecretStr | None = None        # masked in repr and JSON dumps; `secret()` unwraps it
     directory: Path = Path("./var/tiled")
-    flush_rows: int = 500
+    flush_rows: int = 4000     # peak/table rows (about 8 per frame) or frames buffered per run
     # Tiled is the archive; live consumers read the 0MQ results stream and REST. A flush costs
-    # 5-10 requests whatever its size (~25 ms of CPU each on 2 cores), so flushing every 0.5 s
-    # took a third of a core at 25 frames/s (scatterflow bench, Eiger 1M); every 2 s, a tenth.
-    flush_seconds: float = 2.0
+    # 8-11 requests whatever its size, ~46 ms of server CPU each on 2 cores (tiled 0.2.20 on
+    # FastAPI 0.165, which rebuilds every dependency graph per request because tiled sets
+    # dependency_overrides: fastapi/fastapi#14441): flushing every 2 s took 8.2 ms/frame at
+    # 30 frames/s (scatterflow bench, Eiger 1M). Time decides, not rows: 500 rows were a flush
+    # every 1.5 s at 40 frames/s.
+    flush_seconds: float = 5.0
 
 
 class ApiConfig(_Section):

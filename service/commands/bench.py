@@ -57,6 +57,7 @@ def run(args) -> int:
             ("service CPU ms/frame by thread", ", ".join(
                 f"{k} {1e3 * v / max(r.fitted, 1):.1f}" for k, v in sorted(r.thread_seconds.items(), key=lambda kv: -kv[1])
                 if 1e3 * v / max(r.fitted, 1) >= 0.5)),
+            ("Tiled write requests", f"{r.tiled_requests} ({r.tiled_requests / max(r.seconds, 1e-9):.1f}/s)"),
             ("worker devices", ", ".join(r.devices))]
     if r.baseline_fps:
         rows.append(("baseline pyFAI integrate1d + lmfit, per frame", f"{r.baseline_fps:.1f} frames/s"))
