@@ -205,6 +205,38 @@ def test_pop_transitions_returns_each_event_once(runs):
     assert popped == tracker.transitions() and len(popped) == 5
 
 
+@pytest.mark.slow          # shares the module fixture: five simulated series fitted (~10-25 s)
+@pytest.mark.parametrize("reach", [{}, {"crossing_frames": 5, "change_point_frames": 3}])
+def test_incremental_event_search_matches_one_scan(runs, reach):
+    """transitions() after every batch (each call scans only from the last confirmed state;
+    with a longer reach events wait for later frames) finds the same events as one scan over
+    the whole run."""
+    import dataclasses
+    from workers.temporal import concat_rows
+    spec = dataclasses.replace(default_phase_spec(), **reach)
+    for level in ("medium", "step", "demo"):
+        run = runs[level]
+        for _, ckpt in _methods():
+            inc = PhaseTracker(spec, ckpt)
+            for i, rows in enumerate(run["batches"]):
+                sl = slice(i * BATCH, (i + 1) * BATCH)
+                if i * BATCH < len(run["times"]):
+                    inc.update(rows, seq_num=run["seq"][sl], radial=Q, intensity=run["intensity"][sl])
+                else:
+                    inc.finish(rows)
+                inc.transitions()
+            once = PhaseTracker(spec, ckpt)
+            once.update(concat_rows(run["batches"]), seq_num=run["seq"], radial=Q, intensity=run["intensity"])
+            once.finish()
+            a, b = inc.transitions(), once.transitions()
+            assert len(a) == len(b) >= 2, (level, len(a), len(b))
+            for ea, eb in zip(a, b):
+                assert {k: ea[k] for k in ("from", "to", "seq_num", "change_point")} == \
+                    {k: eb[k] for k in ("from", "to", "seq_num", "change_point")}
+                for k in ("time", "time_sigma", "frame_sigma"):
+                    assert ea[k] == pytest.approx(eb[k], rel=1e-6), (level, k)   # classifier: batch-size rounding
+
+
 # ---------------------------------------------------------------------------------------------
 # crystallinity index
 @pytest.mark.slow          # shares the module fixture: five simulated series fitted (~10-25 s)

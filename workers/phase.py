@@ -27,6 +27,7 @@ area normalised to the first frames, thresholded.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -439,6 +440,12 @@ class PhaseTracker:
         self._final: dict[int, tuple] = {}                  # seq -> (time, label, scores (K,), ci, ci_sigma, cp)
         self._popped: set[tuple] = set()
         self._done = False
+        # incremental event search: final seqs in order, the events confirmed so far and the
+        # seq where the next label scan starts (see transitions)
+        self._order: list[int] = []
+        self._events: list[dict[str, Any]] = []
+        self._scan_seq: int | None = None
+        self._timed = True                                   # every final frame has a finite time
         self._ci_only = all(f == "crystallinity" for ph in spec.phases for f, _, _ in ph.ranges)
 
     # ---- per batch
@@ -458,10 +465,21 @@ class PhaseTracker:
         for i in np.flatnonzero(table["final"]):
             s = int(table["seq_num"][i])
             self._profiles.pop(s, None)
-            self._final[s] = (float(table["time"][i]), int(label[i]) if phase[i] else -1, scores[i],
-                              float(ci[i]), float(sig[i]), bool(table["change_point"][i]))
+            self._add_final(s, (float(table["time"][i]), int(label[i]) if phase[i] else -1, scores[i],
+                                float(ci[i]), float(sig[i]), bool(table["change_point"][i])))
         return {"seq_num": table["seq_num"], "time": table["time"], "phase": phase, "probability": p,
                 "crystallinity": ci, "crystallinity_sigma": sig, "final": table["final"]}
+
+    def _add_final(self, s: int, record: tuple) -> None:
+        if s not in self._final:
+            if self._order and s < self._order[-1]:
+                bisect.insort(self._order, s)
+            else:
+                self._order.append(s)
+        if self._scan_seq is not None and s <= self._scan_seq:   # a late frame: scan all again
+            self._events, self._scan_seq = [], None
+        self._final[s] = record
+        self._timed = self._timed and math.isfinite(record[0])
 
     def finish(self, rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Last rows (from ``TrajectoryFitter.finish()``); afterwards every event is confirmed."""
@@ -521,26 +539,36 @@ class PhaseTracker:
         for the classifier, variance from the residuals) and its crossing t* of the level is
         returned, sigma_t^2 = (var(alpha) + (t* - t0)^2 var(beta)) / beta^2 (delta method). A line with the wrong slope or a crossing outside its frames falls back to
         the middle of frames k-1, k (sigma as above). Events are confirmed once the frames they
-        use are final (all of them after ``finish``).
+        use are final (all of them after ``finish``), and kept: each call scans only from the
+        last frame of the current label before any pending change (with the frames a crossing
+        fit needs before it), so a batch costs the same at frame 100 and at frame 100 000;
+        frame_sigma uses the median frame spacing of the frames scanned.
         """
         if not self._final:
-            return []
-        seq = np.array(sorted(self._final), np.int64)
-        rec = [self._final[s] for s in seq.tolist()]
+            return list(self._events)
+        sp = self.spec
+        reach = max(sp.min_frames - 1, sp.change_point_frames, sp.crossing_frames - 1)
+        k0 = 0 if self._scan_seq is None else bisect.bisect_left(self._order, self._scan_seq)
+        s0 = max(0, k0 - max(sp.change_point_frames + 1, sp.crossing_frames))
+        seq = np.array(self._order[s0:], np.int64)
+        rec = [self._final[s] for s in self._order[s0:]]
         t = np.array([r[0] for r in rec])
-        tax = t if np.all(np.isfinite(t)) else seq.astype(float)
+        tax = t if self._timed else seq.astype(float)
         lab = np.array([r[1] for r in rec])
         scores = np.stack([r[2] for r in rec])
         ci, cis = np.array([r[3] for r in rec]), np.array([r[4] for r in rec])
         cp = np.array([r[5] for r in rec])
-        sp = self.spec
-        reach = max(sp.min_frames - 1, sp.change_point_frames, sp.crossing_frames - 1)
-        events = []
-        for k, a, b in _label_changes(lab, sp.min_frames):
+        changes, restart = _label_changes(lab[k0 - s0:], sp.min_frames)
+        if restart < 0:                 # nothing labelled yet: as if the scan started at the end
+            restart = len(seq) - 1 - (k0 - s0)
+        for k, a, b, before in changes:
+            k += k0 - s0
             if not self._done and k + reach >= len(seq):
+                restart = before
                 break
-            events.append(self._locate(k, a, b, seq, t, tax, scores, ci, cis, cp))
-        return events
+            self._events.append(self._locate(k, a, b, seq, t, tax, scores, ci, cis, cp))
+        self._scan_seq = int(seq[restart + k0 - s0])
+        return list(self._events)
 
     def pop_transitions(self) -> list[dict[str, Any]]:
         """The confirmed events not returned before."""
@@ -569,16 +597,18 @@ class PhaseTracker:
         else:
             tm, ts = _crossing(tax, score, level, sign, k, sp.crossing_frames, sigma)
             jj, is_cp = int(np.clip(np.searchsorted(tax, tm), 1, len(seq) - 1)), False
-        timed = bool(np.all(np.isfinite(t)))
+        timed = self._timed
         return {"from": names[a], "to": names[b], "seq_num": int(seq[jj]), "time": float(tm) if timed else math.nan,
                 "time_sigma": float(ts) if timed else math.nan,
                 "frame_sigma": float(ts / step) if step > 0 else math.nan, "change_point": is_cp}
 
 
-def _label_changes(lab: np.ndarray, min_frames: int) -> list[tuple[int, int, int]]:
-    """(k, from, to) where a new label (>= 0) starts a run of >= min_frames frames; -1 = unknown
-    frames are skipped."""
-    out, cur, i, F = [], None, 0, len(lab)
+def _label_changes(lab: np.ndarray, min_frames: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """(k, from, to, restart) where a new label (>= 0) starts a run of >= min_frames frames; -1 =
+    unknown frames are skipped. ``restart``: the last frame before k labelled with the current
+    label, where a scan started anew reaches the same state; also returned for the end (-1 if
+    no frame is labelled)."""
+    out, cur, i, F, last = [], None, 0, len(lab), -1
     while i < F:
         if lab[i] < 0:
             i += 1
@@ -589,10 +619,12 @@ def _label_changes(lab: np.ndarray, min_frames: int) -> list[tuple[int, int, int
         if cur is None:
             cur = lab[i]
         elif lab[i] != cur and j - i >= min_frames:
-            out.append((i, int(cur), int(lab[i])))
+            out.append((i, int(cur), int(lab[i]), last))
             cur = lab[i]
+        if lab[i] == cur:
+            last = j - 1
         i = j
-    return out
+    return out, last
 
 
 def _ci_boundary(p_from: PhaseSignature, p_to: PhaseSignature) -> tuple[float, float] | None:

@@ -184,7 +184,7 @@ def baseline_events(area: np.ndarray, times: np.ndarray, phases, *, n_ref: int =
     r = area / np.nanmean(area[:n_ref])
     idx = np.array([list(phases).index(p) for p in labels])
     events = []
-    for k, a, b in _label_changes(idx, min_frames):
+    for k, a, b, _ in _label_changes(idx, min_frames)[0]:
         level = bounds[1] if min(a, b) == 0 else bounds[0]
         if b - a == 2 or a - b == 2:
             level = 0.5 * (bounds[0] + bounds[1])
