@@ -46,16 +46,19 @@ def truth_transitions(cycle, times):
             for k in np.flatnonzero(ph[1:] != ph[:-1]) + 1]
 
 
-def _replay(run, tracker):
-    """Feed the fitter's per-batch rows (and the profiles) to a tracker; final rows in seq order."""
-    out = []
+def _feed(run, tracker):
+    """Feed the fitter's per-batch rows (and the profiles) to a tracker, yielding each result."""
     for i, rows in enumerate(run["batches"]):
         sl = slice(i * BATCH, (i + 1) * BATCH)
         if i * BATCH < len(run["times"]):
-            res = tracker.update(rows, seq_num=run["seq"][sl], radial=Q, intensity=run["intensity"][sl])
+            yield tracker.update(rows, seq_num=run["seq"][sl], radial=Q, intensity=run["intensity"][sl])
         else:
-            res = tracker.finish(rows)
-        out.append({k: v[res["final"]] for k, v in res.items()})
+            yield tracker.finish(rows)
+
+
+def _replay(run, tracker):
+    """`_feed` a tracker the whole run; its final rows in seq order."""
+    out = [{k: v[res["final"]] for k, v in res.items()} for res in _feed(run, tracker)]
     fin = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
     order = np.argsort(fin["seq_num"])
     return {k: v[order] for k, v in fin.items()}
@@ -195,12 +198,7 @@ def test_pop_transitions_returns_each_event_once(runs):
     run = runs["medium"]
     tracker = PhaseTracker(default_phase_spec(), CKPT)
     popped = []
-    for i, rows in enumerate(run["batches"]):
-        sl = slice(i * BATCH, (i + 1) * BATCH)
-        if i * BATCH < len(run["times"]):
-            tracker.update(rows, seq_num=run["seq"][sl], radial=Q, intensity=run["intensity"][sl])
-        else:
-            tracker.finish(rows)
+    for _ in _feed(run, tracker):
         popped += tracker.pop_transitions()
     assert popped == tracker.transitions() and len(popped) == 5
 
@@ -218,12 +216,7 @@ def test_incremental_event_search_matches_one_scan(runs, reach):
         run = runs[level]
         for _, ckpt in _methods():
             inc = PhaseTracker(spec, ckpt)
-            for i, rows in enumerate(run["batches"]):
-                sl = slice(i * BATCH, (i + 1) * BATCH)
-                if i * BATCH < len(run["times"]):
-                    inc.update(rows, seq_num=run["seq"][sl], radial=Q, intensity=run["intensity"][sl])
-                else:
-                    inc.finish(rows)
+            for _ in _feed(run, inc):
                 inc.transitions()
             once = PhaseTracker(spec, ckpt)
             once.update(concat_rows(run["batches"]), seq_num=run["seq"], radial=Q, intensity=run["intensity"])

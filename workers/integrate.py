@@ -413,8 +413,9 @@ def _no_invalid_pixel(r: torch.Tensor, dummy: tuple[float, float] | None,
     r: (P, B) or (P,) frames, overwritten on the ``spare`` pixels (masked and without matrix
     entries: no sum reads them, ``corrected`` blanks them) by pixel ``ref`` (one with entries),
     so that min/max are over the pixels that count. Sufficient test: all of them lie on one
-    side of the dummy interval [dummy − δ, dummy + δ]; NaN makes min/max NaN and the test fail. False means: use the
-    exact per-pixel masks (``preprocess``), which give the same sums when it is True.
+    side of the dummy interval [dummy − δ, dummy + δ]; NaN makes min/max NaN and the test
+    fail. False means: use the exact per-pixel masks (``preprocess``), which give the same sums
+    when it is True.
     """
     if spare.numel():
         r[spare] = r[ref].clone()

@@ -545,7 +545,7 @@ class PhaseTracker:
         frame_sigma uses the median frame spacing of the frames scanned.
         """
         if not self._final:
-            return list(self._events)
+            return []
         sp = self.spec
         reach = max(sp.min_frames - 1, sp.change_point_frames, sp.crossing_frames - 1)
         k0 = 0 if self._scan_seq is None else bisect.bisect_left(self._order, self._scan_seq)
