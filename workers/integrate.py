@@ -15,8 +15,8 @@ Three layers, as in pyFAI (``engines/preproc.py``, ``engines/CSR_engine.py``):
    model) = max(raw, 1); norm = flat·Ω·P; invalid pixels (mask, NaN, dummy) zeroed. As in
    pyFAI's Cython CSR engine (``ext/preproc.pyx``, no dark variance given) the dark adds no
    variance; pyFAI's pure-Python ``preproc`` would add it (max(raw, 1) + dark).
-3. **Engine** (torch, per batch): S = C·signal, N = C·norm, V = C²·variance, then
-   I = S / N and σ = √V / N (standard error of the mean), divided last.
+3. **Engine** (per batch; torch CSR on CUDA, scipy CSC on CPU): S = C·signal, N = C·norm,
+   V = C²·variance, then I = S / N and σ = √V / N (standard error of the mean), divided last.
 
 Units: radial ``q_nm^-1`` (1/nm), ``q_A^-1`` (1/Å), ``2th_deg`` (deg); χ in deg for cakes.
 """
@@ -488,7 +488,7 @@ def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | No
 
 
 # =========================================================================================
-# 3. Sparse engine (torch)
+# 3. Sparse engine (torch CSR on CUDA, scipy CSC on CPU)
 # =========================================================================================
 def _to_torch_csr(mat: scipy.sparse.csr_matrix, device, dtype) -> torch.Tensor:
     with warnings.catch_warnings():   # "sparse CSR support is in beta" / invariant checks
@@ -502,27 +502,41 @@ def _to_torch_csr(mat: scipy.sparse.csr_matrix, device, dtype) -> torch.Tensor:
 class CsrEngine:
     """Thin sparse-product engine: Σ c·signal, Σ c²·variance and Σ c·norm per bin.
 
-    ``mat``: (bins, P) CSR coefficients c, applied with ``torch.sparse.mm`` to (P, B) columns
-    (one column per frame, batch stacked along columns; on CPU this beat scipy and an
-    index_add / segment formulation, see benchmarks/bench_integrate.py). Σ c·norm uses the
-    static normalisation unless some pixel of the batch is dynamically invalid.
+    ``mat``: (bins, P) coefficients c, applied to (P, B) columns (one column per frame, batch
+    stacked along columns). CUDA: ``torch.sparse.mm`` with CSR. CPU: scipy's CSC product, which
+    walks the pixels in order, reads each frame row once (streaming) and scatters into the
+    (bins, B) output that stays in cache; the CSR product walks the bins and gathers frame rows
+    from all over the (P, B) buffer. Same sums in the same order (bit-identical), 0.67 against
+    1.91 ms per frame and product (Eiger 1M, B = 24, float32, one core), and scipy releases the
+    GIL. Σ c·norm uses the static normalisation unless some pixel of the batch is invalid.
     """
 
     def __init__(self, mat: scipy.sparse.csr_matrix, norm: np.ndarray, device, dtype):
         mat = mat.astype(np.float64)
         self.nbins, self.npix = mat.shape
-        self.c = _to_torch_csr(mat, device, dtype)
-        self.c2 = _to_torch_csr(mat.multiply(mat).tocsr(), device, dtype)
+        sq = mat.multiply(mat).tocsr()
+        self.on_cpu = torch.device(device).type == "cpu"
+        if self.on_cpu:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            self.c, self.c2 = mat.tocsc().astype(np_dtype), sq.tocsc().astype(np_dtype)
+        else:
+            self.c, self.c2 = _to_torch_csr(mat, device, dtype), _to_torch_csr(sq, device, dtype)
         self.norm_sum = torch.as_tensor(mat @ norm, dtype=dtype).to(device)     # (bins,)
+
+    def _product(self, m, cols: torch.Tensor) -> torch.Tensor:
+        """m (bins, P) @ cols (P, B) -> (bins, B)."""
+        if self.on_cpu:
+            return torch.from_numpy(m @ cols.numpy())
+        return torch.sparse.mm(m, cols)
 
     def __call__(self, ws: _Workspace, signal, variance, valid):
         """signal/variance (P, B) (ws views) -> Σ c·signal, Σ c²·variance, Σ c·norm, (B, bins)."""
         b = signal.shape[1]
         cols = ws.x[:, :2 * b] if valid is not None else signal
-        out = torch.sparse.mm(self.c, cols).T
+        out = self._product(self.c, cols).T
         s = out[:b]
         n = out[b:] if valid is not None else self.norm_sum.expand(b, -1)
-        v = torch.sparse.mm(self.c2, variance).T
+        v = self._product(self.c2, variance).T
         return s, v, n
 
 
