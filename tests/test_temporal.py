@@ -220,3 +220,77 @@ def test_cli_fit_writes_csv_and_png(tmp_path):
     bad = ap.parse_args(["fit", str(tmp_path / "missing.npz"), "--peaks", str(tmp_path / "peaks.yaml"),
                          "-o", str(out)])
     assert bad.func(bad) == 2
+
+
+def test_quadratic_start_solves_the_expanded_problem():
+    """quadratic_start minimises sum_t (th_t - p_t)^T A_t (th_t - p_t) + 2 s^2 sum m Huber(u):
+    compared with scipy's L-BFGS on that objective written out here."""
+    from scipy.optimize import minimize
+
+    from workers.temporal import quadratic_start
+    rng = np.random.default_rng(3)
+    Bw, W, P = 2, 6, 4
+    R = torch.tensor([0, 1])
+    L = rng.normal(size=(Bw, W, P, P))
+    A = L @ np.swapaxes(L, -1, -2) + P * np.eye(P)
+    p_hat = rng.normal(size=(Bw, W, P)) + np.arange(W)[None, :, None] * np.array([0.5, 0.0, 0, 0])
+    p_hat[1, 3:, 0] += 8.0                              # a step, with the link cut before it
+    scale = rng.uniform(0.5, 1.5, size=(Bw, W - 1, 2))
+    links = np.ones((Bw, W - 1), bool)
+    links[1, 2] = False
+    s, delta = 1.5, 1.0
+
+    def objective(th, b):
+        th = th.reshape(W, P)
+        r = th - p_hat[b]
+        u = (th[1:, :2] - th[:-1, :2]) / scale[b]
+        hub = np.where(np.abs(u) <= delta, 0.5 * u * u, delta * (np.abs(u) - 0.5 * delta))
+        return np.einsum("ti,tij,tj->", r, A[b], r) + 2 * s * s * (links[b][:, None] * hub).sum()
+
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)   # noqa: E731
+    th, ok = quadratic_start(t(p_hat), t(A), t(scale), torch.as_tensor(links), R, torch.ones(P, dtype=torch.bool),
+                             strength=s, penalty="huber", huber_delta=delta, n_iter=60)
+    assert ok.all()
+    for b in range(Bw):
+        ref = minimize(objective, p_hat[b].ravel(), args=(b,), method="L-BFGS-B",
+                       options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 10_000}).x.reshape(W, P)
+        assert np.abs(th[b].numpy() - ref).max() < 1e-5
+        assert objective(th[b].numpy().ravel(), b) <= objective(ref.ravel(), b) + 1e-9
+    # the cut link keeps the step: no smoothing across it
+    assert th[1, 3, 0] - th[1, 2, 0] > 6.0
+    bad = A.copy()
+    bad[0, 2] = 0.0                                      # a frame the data do not determine
+    _, ok = quadratic_start(t(p_hat), t(bad), t(scale), torch.as_tensor(links), R, torch.ones(P, dtype=torch.bool),
+                            strength=s, penalty="huber", huber_delta=delta)
+    assert ok.tolist() == [False, True]
+
+
+def test_window_fits_from_the_quadratic_start_reach_the_same_optimum(monkeypatch):
+    """Started from the quadratic expansion, the joint LM converges to the optimum it reaches
+    from the per-frame fits (same penalised chi2, within the LM tolerance), with fewer model
+    evaluations."""
+    import workers.fit as fit_mod
+    import workers.temporal as temporal
+    y, s, *_ = simulate(600, 11)
+    evaluations = [0]
+    normal = fit_mod._Problem.normal
+
+    def counted(self, t):
+        evaluations[0] += t.shape[0]
+        return normal(self, t)
+    monkeypatch.setattr(fit_mod._Problem, "normal", counted)
+    reg = RegularizerSpec(window=16, penalty="huber", strength=2.0)
+    _, _, fin_q = run_fitter(y, s, reg, batch=24)
+    n_q = evaluations[0]
+    start = temporal.quadratic_start
+    monkeypatch.setattr(temporal, "quadratic_start",
+                        lambda p_hat, *a, **k: (p_hat, torch.zeros(p_hat.shape[0], dtype=torch.bool)))
+    evaluations[0] = 0
+    _, _, fin_pf = run_fitter(y, s, reg, batch=24)
+    n_pf = evaluations[0]
+    monkeypatch.setattr(temporal, "quadratic_start", start)
+    assert np.array_equal(fin_q["seq_num"], fin_pf["seq_num"])
+    dev = np.abs(fin_q["center"] - fin_pf["center"]) / fin_pf["center_err"]
+    assert dev.max() < 0.1 and np.median(dev) < 0.01, (dev.max(), np.median(dev))
+    assert np.allclose(fin_q["center_err"], fin_pf["center_err"], rtol=0.05)
+    assert n_q < 0.8 * n_pf, (n_q, n_pf)

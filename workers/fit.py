@@ -46,6 +46,7 @@ class FitResult:
     converged: torch.Tensor    # (B,) bool
     n_iter: torch.Tensor       # (B,) int64, iterations until convergence
     covariance: torch.Tensor | None = None   # (B, P, P) scaled covariance
+    normal: torch.Tensor | None = None       # (B, P, P) J^T W J (external parameters) at params
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,8 +285,8 @@ def fit_batch(model, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor | Non
         chi2r = cost / prob.dof
         cov = _covariance(a_ext, free, chi2r)
         se = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).sqrt()
-        outs.append((p, se, chi2r, conv, nit, cov if return_covariance else None))
-    cat = [torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(6)]
+        outs.append((p, se, chi2r, conv, nit, cov if return_covariance else None, a_ext))
+    cat = [torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(7)]
     return FitResult(*cat)
 
 

@@ -51,7 +51,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import torch
 
-from workers.fit import BoundTransform, _Problem, fit_batch, spd_inverse
+from workers.fit import BoundTransform, FitResult, _Problem, fit_batch, spd_inverse
 from workers.profiles import (SHAPE_PARAMS, BackgroundSpec, BoundModel, ModelSpec, PeakModel,  # noqa: F401
                               PeakSpec, validate_model_spec)
 
@@ -192,9 +192,7 @@ def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float,
     s2 = strength * strength
     WP = W * P
     # flat positions of the penalty entries in H (Bw, WP*WP)
-    tt = torch.arange(W - 1, device=y.device)[:, None] * P + R[None, :]      # (W-1, K)
-    t1 = tt + P
-    pos = [tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt]
+    pos = _penalty_positions(W, P, R)
     blk = torch.arange(W, device=y.device)
     subset: list = [None, None]                                  # (windows still iterating, their _Problem)
 
@@ -283,6 +281,53 @@ def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float,
     return JointResult(p, cov, chi2_red, conv)
 
 
+def _penalty_positions(W: int, P: int, R: torch.Tensor) -> list[torch.Tensor]:
+    """Flat positions in a (W*P, W*P) matrix of the penalty's entries between frames t and t+1
+    for the K regularised parameters R: [(t,t), (t+1,t+1), (t,t+1), (t+1,t)], each (W-1, K)."""
+    WP = W * P
+    tt = torch.arange(W - 1, device=R.device)[:, None] * P + R[None, :]
+    t1 = tt + P
+    return [tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt]
+
+
+def quadratic_start(p_hat, info, scale, links, R, free, *, strength: float, penalty: str,
+                    huber_delta: float = 1.0, tv_eps: float = 0.1, n_iter: int = 4):
+    """Start values for ``joint_fit``: the same penalised problem with each frame's chi2
+    replaced by its Gauss-Newton expansion at the per-frame optimum,
+        chi2_t(theta) ~ chi2_t(p_hat_t) + (theta - p_hat_t)^T A_t (theta - p_hat_t),
+    A_t = J^T W J there (external parameters), solved by ``n_iter`` IRLS steps
+    [blockdiag(A_t) + s^2 D^T diag(m w / e^2) D] theta = blockdiag(A_t) p_hat (w = rho'(u)/u):
+    a few dense solves, no model evaluations. The joint LM then starts next to its optimum.
+
+    p_hat (Bw, W, P), info (Bw, W, P, P), scale (Bw, W-1, K), links (Bw, W-1) bool, free (P,).
+    Returns (theta (Bw, W, P), ok (Bw,) bool: the solves were positive definite and finite)."""
+    Bw, W, P = p_hat.shape
+    WP, dt = W * P, p_hat.dtype
+    fixed = 1.0 - free.to(dt)
+    A = info + torch.diag_embed(fixed).expand_as(info)               # fixed parameters stay put
+    blk = torch.arange(W, device=p_hat.device)
+    H0 = torch.zeros(Bw, W, P, W, P, dtype=dt, device=p_hat.device)
+    H0[:, blk, :, blk, :] = A.transpose(0, 1)
+    H0 = H0.reshape(Bw, WP * WP)
+    rhs = (A @ p_hat[..., None]).reshape(Bw, WP, 1)
+    m = links.to(dt)[..., None]
+    pos = _penalty_positions(W, P, R)
+    s2 = strength * strength
+    theta, ok = p_hat, torch.isfinite(H0).all(1) & torch.isfinite(rhs).all((1, 2))
+    for _ in range(n_iter):
+        u = (theta[:, 1:, R] - theta[:, :-1, R]) / scale
+        _, wt, _ = _penalty_terms(u, penalty, huber_delta, tv_eps)
+        c = s2 * wt * m / (scale * scale)
+        H = H0.clone()
+        for ps, v in zip(pos, [c, c, -c, -c]):
+            H.index_add_(1, ps.reshape(-1), v.reshape(Bw, -1))
+        chol, bad = torch.linalg.cholesky_ex(torch.nan_to_num(H).reshape(Bw, WP, WP))
+        ok = ok & (bad == 0)
+        theta = torch.cholesky_solve(torch.nan_to_num(rhs), chol).reshape(Bw, W, P)
+    ok = ok & torch.isfinite(theta).all(-1).all(-1)
+    return theta, ok
+
+
 def _sandwich(p, a_ext, chi2_red, scale, m, R, ffree, s2, penalty, delta, eps):
     """C = H^-1 M H^-1 with the true penalty curvature, blocks per frame (Bw, W, P, P)."""
     Bw, W, P, _ = a_ext.shape
@@ -298,9 +343,7 @@ def _sandwich(p, a_ext, chi2_red, scale, m, R, ffree, s2, penalty, delta, eps):
     _, _, curv = _penalty_terms(u, penalty, delta, eps)
     c = s2 * curv * m / (scale * scale)
     Hf = H.reshape(Bw, WP * WP)
-    tt = torch.arange(W - 1, device=p.device)[:, None] * P + R[None, :]
-    t1 = tt + P
-    for ps, v in zip([tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt], [c, c, -c, -c]):
+    for ps, v in zip(_penalty_positions(W, P, R), [c, c, -c, -c]):
         Hf.index_add_(1, ps.reshape(-1), v.reshape(Bw, -1))
     Hi, _ = spd_inverse(Hf.reshape(Bw, WP, WP))      # NaN where H is singular: C is NaN there
     C = Hi @ M.reshape(Bw, WP, WP) @ Hi
@@ -316,6 +359,7 @@ class _Frame:
     p_pf: torch.Tensor       # (P,) per-frame fit
     se_pf: torch.Tensor      # (P,)
     p_cur: torch.Tensor      # (P,) latest estimate (warm start of joint fits)
+    info: torch.Tensor       # (P, P) J^T W J of the per-frame fit (external parameters)
     seq: int
     time: float
     change_point: bool       # flagged: a sudden significant change at this frame
@@ -384,7 +428,7 @@ class TrajectoryFitter:
             out.append(self._rows(res.params, cov, res.chi2_red, res.converged, cp, seq, tm, final=True))
             return concat_rows(out)
         for b in range(B):
-            self._buf.append(_Frame(y[b], sg[b], res.params[b], res.stderr[b], res.params[b].clone(),
+            self._buf.append(_Frame(y[b], sg[b], res.params[b], res.stderr[b], res.params[b].clone(), res.normal[b],
                                     int(seq[b]), float(tm[b]), bool(cp[b]), bool(res.converged[b]),
                                     cut=bool(cut[b])))
         out.append(self._finalize(flush=False))
@@ -541,6 +585,13 @@ class TrajectoryFitter:
         se = torch.where(torch.isfinite(se), se, med)
         scale = torch.sqrt(0.5 * (se[:, 1:] ** 2 + se[:, :-1] ** 2))
         links = torch.tensor([[not fr.cut for fr in w[1:]] for w in frames], device=self.device)
+        # start next to the optimum: the window's problem on the per-frame fits' quadratic chi2
+        p_hat = torch.stack([torch.stack([fr.p_pf for fr in w]) for w in frames])
+        info = torch.stack([torch.stack([fr.info for fr in w]) for w in frames])
+        q, ok = quadratic_start(p_hat, info, scale, links, R, self._bound.free, strength=self.reg.strength,
+                                penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps)
+        inside = ((q > self._bound.lower) & (q < self._bound.upper)).all(-1)
+        p0 = torch.where((ok[:, None] & inside)[..., None], q, p0)
         jr = joint_fit(self._bound, y, sg, p0, scale, links, strength=self.reg.strength,
                        penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps)
         rows = []
@@ -579,27 +630,25 @@ class TrajectoryFitter:
         return {c: rows[c] for c in PEAK_COLUMNS}
 
 
+def _fields(res):
+    return [getattr(res, f.name) for f in fields(FitResult)]
+
+
 def _take(res, idx):
-    from workers.fit import FitResult
-    return FitResult(*(None if v is None else v[idx] for v in (res.params, res.stderr, res.chi2_red,
-                                                                res.converged, res.n_iter, res.covariance)))
+    return FitResult(*(None if v is None else v[idx] for v in _fields(res)))
 
 
 def _merge(a, b, use_b):
-    from workers.fit import FitResult
     out = []
-    for va, vb in zip((a.params, a.stderr, a.chi2_red, a.converged, a.n_iter, a.covariance),
-                      (b.params, b.stderr, b.chi2_red, b.converged, b.n_iter, b.covariance)):
+    for va, vb in zip(_fields(a), _fields(b)):
         m = use_b.reshape(-1, *([1] * (va.dim() - 1)))
         out.append(torch.where(m, vb, va))
     return FitResult(*out)
 
 
 def _scatter(res, idx, sub):
-    from workers.fit import FitResult
     out = []
-    for v, s in zip((res.params, res.stderr, res.chi2_red, res.converged, res.n_iter, res.covariance),
-                    (sub.params, sub.stderr, sub.chi2_red, sub.converged, sub.n_iter, sub.covariance)):
+    for v, s in zip(_fields(res), _fields(sub)):
         v = v.clone()
         v[idx] = s
         out.append(v)
