@@ -99,30 +99,32 @@ class _Problem:
         self.dof = (self.n_points - self.free.sum()).clamp_min(1).to(y.dtype)
         self.eps = torch.finfo(y.dtype).eps
         if isinstance(model, BoundModel) and jacobian == "analytic":
-            self._fj = lambda p, jac=True: model.evaluate_and_jacobian(p, self.w, jac)
+            self._fj = lambda p, w, jac=True: model.evaluate_and_jacobian(p, w, jac)
         else:
             f = model.evaluate if isinstance(model, BoundModel) else (lambda p: model(x, p))
             jf = torch.func.vmap(torch.func.jacfwd(lambda q: f(q[None])[0]))
 
-            def fj(p, jac=True):
-                return f(p) * self.w, (jf(p).transpose(1, 2) * self.w[:, None, :] if jac else None)
+            def fj(p, w, jac=True):
+                return f(p) * w, (jf(p).transpose(1, 2) * w[:, None, :] if jac else None)
             self._fj = fj
 
     def cost(self, p):
         """chi2 (B,) at external p (B, P)."""
-        r = self.yw - self._fj(p, False)[0]
+        r = self.yw - self._fj(p, self.w, False)[0]
         return (r * r).sum(-1)
 
-    def normal_ext(self, p):
-        """chi2 (B,), A = J^T W J (B, P, P), g = J^T W (y - f) (B, P) at external p."""
-        fw, jw = self._fj(p)
-        r = self.yw - fw
+    def normal_ext(self, p, rows=None):
+        """chi2 (B,), A = J^T W J (B, P, P), g = J^T W (y - f) (B, P) at external p; `rows`
+        (index tensor): p holds only those frames."""
+        w, yw = (self.w, self.yw) if rows is None else (self.w[rows], self.yw[rows])
+        fw, jw = self._fj(p, w)
+        r = yw - fw
         return (r * r).sum(-1), jw @ jw.transpose(1, 2), (jw @ r[..., None])[..., 0]
 
-    def normal(self, t):
+    def normal(self, t, rows=None):
         """As normal_ext at internal t, plus A, g chained to internal coordinates."""
         p, d = self.tr.to_external(t)
-        cost, a_ext, g_ext = self.normal_ext(p)
+        cost, a_ext, g_ext = self.normal_ext(p, rows)
         d = d * self.ffree
         return cost, a_ext * d[:, :, None] * d[:, None, :], g_ext * d, a_ext
 
@@ -200,7 +202,13 @@ def _lm_chunk(prob: _Problem, t0: torch.Tensor, *, max_iter, ftol, gtol, lambda0
         if early_exit and not bool(active.any()):
             break
         t_new = t + delta
-        cost_new, a_new, g_new, a_ext_new = prob.normal(t_new)
+        if early_exit and not bool(active.all()):
+            # CPU: evaluate only the frames still iterating (frozen ones would be thrown away)
+            rows = torch.nonzero(active)[:, 0]
+            cost_new, a_new, g_new, a_ext_new = cost.clone(), a.clone(), g.clone(), a_ext.clone()
+            cost_new[rows], a_new[rows], g_new[rows], a_ext_new[rows] = prob.normal(t_new[rows], rows)
+        else:
+            cost_new, a_new, g_new, a_ext_new = prob.normal(t_new)
         ok = (info == 0) & torch.isfinite(cost_new) & torch.isfinite(delta).all(-1)
         accept = active & ok & (cost_new < cost)
         red = cost - cost_new

@@ -389,7 +389,7 @@ class BoundModel:
         f = b if f is None else f + b
         if not jac:
             return f, None
-        return f, torch.cat((torch.stack(cols_all, dim=1), jb), dim=1) if cols_all else jb
+        return f, torch.stack(cols_all + jb, dim=1)       # one copy into (B, P, N)
 
     def evaluate(self, p: torch.Tensor) -> torch.Tensor:
         """p (B, P) -> model (B, N); plain differentiable function (used with jacfwd)."""
@@ -404,7 +404,7 @@ class BoundModel:
             if not jac:
                 return f, None
             vt = self.vander.T.expand(B, -1, -1)
-            return f, (vt * scale[:, None, :] if scale is not None else vt)
+            return f, list((vt * scale[:, None, :] if scale is not None else vt).unbind(1))
         amp, n, c = pb[:, 0:1], pb[:, 1:2], pb[:, 2:3]
         pw = torch.exp(-n * self.logxr)
         if scale is not None:
@@ -415,7 +415,7 @@ class BoundModel:
         if not jac:
             return f, None
         one = scale if scale is not None else torch.ones_like(pw)
-        return f, torch.stack((pw1, -amp * self.logxr * pw1, one.expand_as(pw1)), dim=1)
+        return f, [pw1, -amp * self.logxr * pw1, one.expand_as(pw1)]
 
     # ---- initial guesses
     def _edge_background(self, y: torch.Tensor) -> torch.Tensor:
