@@ -69,7 +69,9 @@ def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: st
     ready.set()
 
     def send(name, doc):
-        sock.send(b" " + name.encode() + b" " + pack(doc))
+        # bluesky.callbacks.zmq.Publisher's framing, b" ".join([prefix, name, payload]), sent
+        # without pyzmq's copy of the message (the frame's bytes are not touched again)
+        sock.send(b" ".join((b"", name.encode(), pack(doc))), copy=False)
 
     if warmup:
         go_warm.wait()
