@@ -149,6 +149,7 @@ class BenchResult:
     tiled_requests: int = 0   # requests the Tiled publisher made during the measured run
     thread_seconds: dict = None  # service process CPU seconds by thread name
     stopped: bool = True      # False: the run's stop document never arrived (lost in 0MQ, see `lost`)
+    backlog: int = 0          # frames not yet fitted when the sender published its last one
 
     @property
     def mean_batch(self) -> float:
@@ -258,6 +259,8 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         requests0 = tiled.requests if tiled else 0
         go.set()
         uid, send_seconds, sender_cpu = done.get(timeout=frames / max(rate, 1) * 10 + 600)
+        at_end = service.store.get(uid)
+        backlog = frames - (at_end.frames_fitted if at_end else 0)   # not yet fitted when the detector stopped
         run = _wait_finished(service, uid, 600, progress, stall_s=STALL_S)
         cpu_split = {k: _cpu_seconds(v) - cpu0[k] for k, v in pids.items()} | {"sender": sender_cpu}
         work = {k: v - work0.get(k, 0.0) for k, v in _worker_figures(service.metrics.registry).items()}
@@ -287,7 +290,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             cpu_seconds=cpu_split["service"] + cpu_split["workers"], baseline_fps=None,
             devices=tuple(service.dispatcher.devices), cores=os.cpu_count() or 1, cpu_split=cpu_split,
             batches=work.pop("batches", 0.0), stage_seconds=work, thread_seconds=threads,
-            tiled_requests=(tiled.requests - requests0) if tiled else 0)
+            tiled_requests=(tiled.requests - requests0) if tiled else 0, backlog=backlog)
     finally:
         service.close()
         proxy.terminate()

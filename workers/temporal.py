@@ -28,6 +28,10 @@ flagged as a change point when the change is also sudden: more than ``sudden_rat
 change of the same parameter over the link before (a step, or the onset of a transition),
 so a fast smooth drift is left unsmoothed but not flagged at every frame.
 
+Start of each window's LM (``quadratic_start``): the same penalised problem with each frame's
+chi2 replaced by its Gauss-Newton expansion at the per-frame fit, solved by a few IRLS steps
+without model evaluations; the LM then only polishes (fewer model evaluations, same optimum).
+
 Window schedule: window W = context + stride + lag. Every ``stride`` frames, the last W frames
 are fitted jointly; frames with at least ``lag`` newer frames become final (returned again with
 final=True), the ``context`` frames before them (already final) are re-fitted but not re-emitted.

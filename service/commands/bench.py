@@ -43,6 +43,8 @@ def run(args) -> int:
             ("requested rate", f"{r.rate_requested:.0f} frames/s" if r.rate_requested else "max"),
             ("sender time", f"{r.send_seconds:.2f} s"),
             ("sustained rate", f"{r.fps:.1f} frames/s, {r.fps * r.pixels / 1e9:.3f} Gpixel/s"),
+            ("backlog when the sender stopped", f"{r.backlog} frames"
+             + (f" ({r.backlog / r.rate_requested:.2f} s)" if r.rate_requested else "")),
             ("latency to provisional fit p50 / p99", f"{r.latency_provisional[0] * 1e3:.0f} / {r.latency_provisional[1] * 1e3:.0f} ms"),
             ("latency to final fit p50 / p99", f"{r.latency_final[0] * 1e3:.0f} / {r.latency_final[1] * 1e3:.0f} ms"),
             ("lost upstream / dropped / failed / rejected", f"{r.lost:.0f} / {r.dropped:.0f} / {r.failed:.0f} / {r.rejected:.0f}"
