@@ -264,33 +264,3 @@ def test_quadratic_start_solves_the_expanded_problem():
                             strength=s, penalty="huber", huber_delta=delta)
     assert ok.tolist() == [False, True]
 
-
-def test_window_fits_from_the_quadratic_start_reach_the_same_optimum(monkeypatch):
-    """Started from the quadratic expansion, the joint LM converges to the optimum it reaches
-    from the per-frame fits (same penalised chi2, within the LM tolerance), with fewer model
-    evaluations."""
-    import workers.fit as fit_mod
-    import workers.temporal as temporal
-    y, s, *_ = simulate(600, 11)
-    evaluations = [0]
-    normal = fit_mod._Problem.normal
-
-    def counted(self, t, rows=None):
-        evaluations[0] += t.shape[0]
-        return normal(self, t, rows)
-    monkeypatch.setattr(fit_mod._Problem, "normal", counted)
-    reg = RegularizerSpec(window=16, penalty="huber", strength=2.0)
-    _, _, fin_q = run_fitter(y, s, reg, batch=24)
-    n_q = evaluations[0]
-    start = temporal.quadratic_start
-    monkeypatch.setattr(temporal, "quadratic_start",
-                        lambda p_hat, *a, **k: (p_hat, torch.zeros(p_hat.shape[0], dtype=torch.bool)))
-    evaluations[0] = 0
-    _, _, fin_pf = run_fitter(y, s, reg, batch=24)
-    n_pf = evaluations[0]
-    monkeypatch.setattr(temporal, "quadratic_start", start)
-    assert np.array_equal(fin_q["seq_num"], fin_pf["seq_num"])
-    dev = np.abs(fin_q["center"] - fin_pf["center"]) / fin_pf["center_err"]
-    assert dev.max() < 0.1 and np.median(dev) < 0.01, (dev.max(), np.median(dev))
-    assert np.allclose(fin_q["center_err"], fin_pf["center_err"], rtol=0.05)
-    assert n_q < 0.8 * n_pf, (n_q, n_pf)
