@@ -263,4 +263,3 @@ def test_quadratic_start_solves_the_expanded_problem():
     _, ok = quadratic_start(t(p_hat), t(bad), t(scale), torch.as_tensor(links), R, torch.ones(P, dtype=torch.bool),
                             strength=s, penalty="huber", huber_delta=delta)
     assert ok.tolist() == [False, True]
-

@@ -365,7 +365,6 @@ class _Frame:
     p_pf: torch.Tensor       # (P,) per-frame fit
     se_pf: torch.Tensor      # (P,)
     p_cur: torch.Tensor      # (P,) latest estimate (warm start of joint fits)
-    info: torch.Tensor       # (P, P) J^T W J of the per-frame fit (external parameters)
     seq: int
     time: float
     change_point: bool       # flagged: a sudden significant change at this frame
@@ -434,7 +433,7 @@ class TrajectoryFitter:
             out.append(self._rows(res.params, cov, res.chi2_red, res.converged, cp, seq, tm, final=True))
             return concat_rows(out)
         for b in range(B):
-            self._buf.append(_Frame(y[b], sg[b], res.params[b], res.stderr[b], res.params[b].clone(), res.normal[b],
+            self._buf.append(_Frame(y[b], sg[b], res.params[b], res.stderr[b], res.params[b].clone(),
                                     int(seq[b]), float(tm[b]), bool(cp[b]), bool(res.converged[b]),
                                     cut=bool(cut[b])))
         out.append(self._finalize(flush=False))
