@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from workers.geometry import Geometry
-from workers.integrate import _CACHE, build_integrator_1d
+from workers.integrate import build_integrator_1d
 
 NPT = 1000
 
@@ -49,7 +49,6 @@ def bench_detector(name: str, batch: int, reps: int, device: torch.device) -> No
           f"{NPT} bins q_nm^-1, float32 frames, torch threads {torch.get_num_threads()}, "
           f"device {device}")
     for method in ("bbox", "no"):
-        _CACHE.clear()
         t0 = time.perf_counter()
         integ = build_integrator_1d(geo, npt=NPT, method=method, device=device)
         t_build = time.perf_counter() - t0

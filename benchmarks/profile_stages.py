@@ -43,12 +43,12 @@ def main() -> None:
     import msgpack_numpy
     from event_model import compose_run, schema_validators, DocumentNames
 
-    from service.bench import bench_geometry, frame_pool
+    from service.bench.frames import bench_geometry, frame_pool
     from service.config import load_settings
     from service.frame_slots import SlotPool, SlotReader
     from workers.geometry import Geometry
     from workers.integrate import build_integrator_1d
-    from workers.temporal import TrajectoryFitter, model_spec_from_dict
+    from workers.temporal import TrajectoryFitter
 
     B, R = args.batch, args.repeat
     ai = bench_geometry(args.detector)
@@ -86,8 +86,7 @@ def main() -> None:
     total_int = cpu_ms(lambda: integ(frames), R, B)
     stages.append(("worker: sparse products (CSR, bbox splitting)", total_int - stages[-1][1]))
     res = integ(frames)
-    model, reg = model_spec_from_dict(settings.fit.model_dump(mode="json"))
-    fitter = TrajectoryFitter(model, reg)
+    fitter = TrajectoryFitter(settings.fit.model_spec(), settings.fit.regularizer)
     n = [0]
 
     def fit():

@@ -8,7 +8,7 @@ process and of its children (workers), queue depths and open runs (REST /api/v1/
 in the Tiled spool. With --tiled-outage S, Tiled is stopped for S seconds at --outage-at (a
 fraction of the time) and restarted on the same port and directory (the issue's fault: "Tiled
 unreachable for a minute"; tiled's client retries a write for up to ~45 s before the service
-spools it, see service/publish/tiled_writer.py).
+spools it, see service/publish/tiled/).
 
 Output: one table row per sample on stdout, soak.csv and soak.png (memory, queues, spool over
 time) in --out, and at the end: the RSS slope over the last half of the time (MB/min, "flat"
@@ -350,8 +350,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
-    from service.bench import bench_geometry, frame_pool
-    from service.commands.demo import free_port
+    from service.bench.frames import bench_geometry, frame_pool
+    from service.commands.loopback import free_port
     from service.publish.tiled_server import EmbeddedTiled
     from service.sim import poni_dict
 

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from workers.specs import (BackgroundSpec, ModelSpec, PeakSpec, RegularizerSpec, validate_model_spec,
+                           validate_regularizer)
 
 from .errors import ConfigError
 
@@ -45,7 +48,7 @@ class IngestConfig(_Section):
 
 
 class GeometryConfig(_Section):
-    poni: Path | None = None                # None: the start document's `scatterflow_poni`, else the simulator's
+    poni: Path | None = None                # None: the PONI mapping `geometry` of the run's start document
     mask: Path | None = None
     dark: Path | None = None
     flat: Path | None = None
@@ -59,7 +62,7 @@ class ReductionConfig(_Section):
     radial_range: tuple[float, float] | None = None
     azimuth_range: tuple[float, float] | None = None
     snapshot_every: int = Field(25, ge=0)   # corrected 2D snapshot every n-th seq_num (+ the first frame); 0 = off
-    # modality (service/modalities.py); a run's start document may override it and the angles
+    # modality (workers/pipeline.py); a run's start document may override it and the angles
     # (start["scatterflow"]: modality, incident_angle, ...; see service/detectors.py).
     # saxs/waxs: transmission, 1D azimuthal profile; gisaxs: Yoneda cut I(q_xy) fitted, vertical
     # cut along the rod, q_xy/q_z maps; giwaxs: out-of-plane wedge I(q) fitted, in-plane wedge,
@@ -87,45 +90,46 @@ class ReductionConfig(_Section):
         return npt
 
 
-class PeakConfig(_Section):
-    name: str
-    shape: Literal["gaussian", "lorentzian", "pseudo_voigt", "pseudo_voigt_tch", "voigt"] = "pseudo_voigt"
-    center: float
-    fwhm: float = 0.1
-    center_min: float | None = None
-    center_max: float | None = None
-    fwhm_min: float | None = None
-    fwhm_max: float | None = None
-    area: float | None = None
-    eta: float = 0.5
-
-
-class BackgroundConfig(_Section):
-    kind: Literal["polynomial", "power_law"] = "polynomial"
-    degree: int = Field(1, ge=0, le=6)
-
-
-class RegularizerConfig(_Section):
-    window: int = Field(16, ge=1)
-    penalty: Literal["none", "quadratic", "huber", "tv"] = "huber"
-    strength: float = Field(2.0, gt=0)   # 2: noise RMSE about halved (tests/test_temporal.py)
-
-
-def _default_peaks() -> list[PeakConfig]:
+def _default_peaks() -> list[PeakSpec]:
     # The simulated azopolymer film (service/sim): lamellar peak, amorphous halo, pi-pi stacking.
-    return [PeakConfig(name="lamellar", shape="pseudo_voigt", center=3.2, fwhm=0.2,
-                       center_min=2.7, center_max=3.6, fwhm_min=0.03, fwhm_max=1.0),
-            PeakConfig(name="halo", shape="pseudo_voigt", center=14.0, fwhm=5.0,
-                       center_min=12.0, center_max=16.0, fwhm_min=2.0, fwhm_max=9.0),
-            PeakConfig(name="pi_pi", shape="pseudo_voigt", center=17.5, fwhm=1.0,
-                       center_min=16.5, center_max=18.5, fwhm_min=0.2, fwhm_max=3.0)]
+    return [PeakSpec(name="lamellar", shape="pseudo_voigt", center=3.2, fwhm=0.2,
+                     center_min=2.7, center_max=3.6, fwhm_min=0.03, fwhm_max=1.0),
+            PeakSpec(name="halo", shape="pseudo_voigt", center=14.0, fwhm=5.0,
+                     center_min=12.0, center_max=16.0, fwhm_min=2.0, fwhm_max=9.0),
+            PeakSpec(name="pi_pi", shape="pseudo_voigt", center=17.5, fwhm=1.0,
+                     center_min=16.5, center_max=18.5, fwhm_min=0.2, fwhm_max=3.0)]
 
 
 class FitConfig(_Section):
+    """Peaks, background and temporal regularizer as the workers' own specs (workers/specs.py),
+    validated here, at the edge. ``peaks: []`` turns peak fitting off."""
     q_range: tuple[float, float] | None = (2.0, 19.5)
-    background: BackgroundConfig = BackgroundConfig(kind="power_law")
-    peaks: list[PeakConfig] = Field(default_factory=_default_peaks)
-    regularizer: RegularizerConfig = RegularizerConfig()
+    background: BackgroundSpec = BackgroundSpec(kind="power_law")
+    peaks: list[PeakSpec] = Field(default_factory=_default_peaks)
+    regularizer: RegularizerSpec = RegularizerSpec()
+
+    @field_validator("peaks", mode="before")
+    @classmethod
+    def _centre_given(cls, peaks):
+        for p in peaks if isinstance(peaks, (list, tuple)) else ():
+            if isinstance(p, dict) and "center" not in p:
+                raise ValueError(f"peak {p.get('name')!r} needs a center")
+        return peaks
+
+    @model_validator(mode="after")
+    def _valid_specs(self) -> "FitConfig":
+        validate_regularizer(self.regularizer)
+        model = self.model_spec()
+        if model is not None:
+            validate_model_spec(model)
+        return self
+
+    def model_spec(self) -> ModelSpec | None:
+        """The fit model of these settings; None without peaks."""
+        if not self.peaks:
+            return None
+        return ModelSpec(tuple(self.peaks), self.background,
+                         None if self.q_range is None else (float(self.q_range[0]), float(self.q_range[1])))
 
 
 class WorkersConfig(_Section):
@@ -146,13 +150,9 @@ class TiledConfig(_Section):
     uri: str | None = None                  # None: embedded server under `directory`
     api_key: SecretStr | None = None        # masked in repr and JSON dumps; `secret()` unwraps it
     directory: Path = Path("./var/tiled")
+    # Tiled is the archive (live consumers read the results stream and REST); each flush costs
+    # several requests whatever its size, so flushes are rare (benchmarks/RESULTS.md, 2026-12-07)
     flush_rows: int = 4000     # peak/table rows (about 8 per frame) or frames buffered per run
-    # Tiled is the archive; live consumers read the 0MQ results stream and REST. A flush costs
-    # 8-11 requests whatever its size, ~46 ms of server CPU each on 2 cores (tiled 0.2.20 on
-    # FastAPI 0.165, which rebuilds every dependency graph per request because tiled sets
-    # dependency_overrides: fastapi/fastapi#14441): flushing every 2 s took 8.2 ms/frame at
-    # 30 frames/s (scatterflow bench, Eiger 1M). Time decides, not rows: 500 rows were a flush
-    # every 1.5 s at 40 frames/s.
     flush_seconds: float = 5.0
 
 
@@ -264,6 +264,10 @@ def load_settings(path: str | os.PathLike | None = None, **overrides) -> Setting
     try:
         return Settings(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"configuration error at {where}: {err['msg']}") from None
+        raise ConfigError(one_line(exc)) from None
+
+
+def one_line(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    """The first error of a pydantic validation as one line naming the key."""
+    err = exc.errors()[0]
+    return f"configuration error at {'.'.join([*prefix, *(str(p) for p in err['loc'])])}: {err['msg']}"

@@ -30,7 +30,6 @@ keys; its keys win over the run-level ones, which win over the configuration. Ot
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +42,6 @@ log = logging.getLogger(__name__)
 DETECTOR_DOC_KEY = "scatterflow_detector"     # added to a detector's copy of the start document
 RUN_KEYS = ("modality", "incident_angle", "tilt_angle", "critical_angle", "sample_orientation")
 ENTRY_KEYS = frozenset(("geometry", "reduction", "fit", *RUN_KEYS))
-MODALITIES = ("saxs", "waxs", "gisaxs", "giwaxs")
-GRAZING = ("gisaxs", "giwaxs")
 
 
 def _hints(start: dict) -> dict:
@@ -88,13 +85,13 @@ def match_field(name: str, fields) -> str | None:
     return prefixed[0] if len(prefixed) == 1 else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
-    """What one analysis uses: ReductionConfig and FitConfig as dicts, the detector's PONI
+    """What one analysis uses: the merged reduction and fit settings, the detector's PONI
     mapping from the start document (None: the service's geometry rules), and the detector
     (``DETECTOR_DOC_KEY`` of the start document; None for a single-detector run)."""
-    reduction: dict
-    fit: dict
+    reduction: ReductionConfig
+    fit: FitConfig
     geometry: dict | None = None
     detector: dict | None = None
 
@@ -114,7 +111,8 @@ def _merged(model, base, override: Any, where: str):
 def run_settings(start: dict, reduction: ReductionConfig, fit: FitConfig) -> RunSettings:
     """The settings of the analysis of ``start`` (a detector's copy for a multi-detector run):
     configuration < run-level keys of ``start["scatterflow"]`` < the detector's entry.
-    ValueError (naming the key) for bad values or a grazing modality without its angles."""
+    ValueError naming the key for bad values (a grazing modality's needs are checked where the
+    RunSpec is built, service/run_spec.py)."""
     hints = _hints(start)
     detector = start.get(DETECTOR_DOC_KEY)
     entries = detector_entries(start)
@@ -133,56 +131,14 @@ def run_settings(start: dict, reduction: ReductionConfig, fit: FitConfig) -> Run
     geometry = entry.get("geometry")
     if geometry is not None and not isinstance(geometry, dict):
         raise ValueError(f"detector geometry must be a PONI mapping, got {geometry!r}")
-    red = reduction.model_dump()
-    check_modality(red, fit.model_dump())
-    return RunSettings(reduction=red, fit=fit.model_dump(), geometry=geometry, detector=detector)
+    return RunSettings(reduction=reduction, fit=fit, geometry=geometry, detector=detector)
 
 
-def check_modality(reduction: dict, fit: dict) -> None:
-    """What a grazing-incidence reduction needs (ValueError naming the key otherwise)."""
-    modality = reduction.get("modality", "saxs")
-    if modality not in GRAZING:
-        return
-    if reduction.get("incident_angle") is None:
-        raise ValueError(f"modality {modality!r} needs reduction.incident_angle (rad), "
-                         "or start['scatterflow']['incident_angle']")
-    if reduction.get("method") not in ("no", "bbox"):
-        raise ValueError(f"modality {modality!r} supports reduction.method 'no' or 'bbox', got {reduction.get('method')!r}")
-    if reduction.get("unit") != "q_nm^-1":
-        raise ValueError(f"modality {modality!r} works in q_nm^-1, got reduction.unit {reduction.get('unit')!r}")
-    if reduction.get("azimuth_range") is not None:
-        raise ValueError(f"reduction.azimuth_range applies to saxs/waxs only, got {reduction['azimuth_range']!r}")
-    if modality == "gisaxs":
-        ac = reduction.get("critical_angle")
-        if ac is None:
-            raise ValueError("modality 'gisaxs' needs reduction.critical_angle (rad) for the Yoneda cut")
-        hw = reduction.get("yoneda_half_width")
-        if hw is not None and not hw < ac:
-            raise ValueError(f"reduction.yoneda_half_width must be < critical_angle {ac}, got {hw!r}")
-        rod_band(reduction, fit)
-
-
-def rod_band(reduction: dict, fit: dict) -> tuple[float, float]:
-    """q_xy band (1/nm) of the GISAXS vertical cut: ``reduction.rod_q_xy_band``, else the
-    first fitted peak's centre ± its FWHM."""
-    band = reduction.get("rod_q_xy_band")
-    if band is None:
-        peaks = fit.get("peaks") or []
-        if not peaks:
-            raise ValueError("reduction.rod_q_xy_band is unset and the fit has no peak to centre it on")
-        c, w = float(peaks[0]["center"]), float(peaks[0]["fwhm"])
-        band = (c - w, c + w)
-    lo, hi = (float(v) for v in band)
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"rod q_xy band must satisfy 0 < lo < hi (1/nm), got {tuple(band)!r}")
-    return lo, hi
-
-
-def analysis_info(start: dict, setup) -> dict:
+def analysis_info(start: dict, spec) -> dict:
     """What the REST record and the Tiled container of an analysis say of it: ``modality``
-    (None without a setup) and, for a detector of a multi-detector run, ``source_run`` and
+    (None without a RunSpec) and, for a detector of a multi-detector run, ``source_run`` and
     ``detector``."""
-    info = {"modality": None if setup is None else setup.reduction.get("modality", "saxs")}
+    info = {"modality": None if spec is None else spec.reduction.modality}
     det = start.get(DETECTOR_DOC_KEY)
     if isinstance(det, dict):
         info.update(source_run=det.get("source_run"), detector=det.get("detector"))

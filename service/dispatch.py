@@ -9,8 +9,8 @@ bounded: `block` back-pressure (lossless) by default, `drop_oldest` (counted) wh
 A dead worker is restarted and its unacknowledged batches are sent again, so every accepted
 frame is published or counted failed.
 
-The interface (`start_run`, `submit`, `stop_run`, `close`) is what a distributed engine would
-implement later.
+Messages to and from workers are the dataclasses of service/messages.py; the interface
+(`start_run`, `submit`, `stop_run`, `close`) is what another engine implements too.
 """
 from __future__ import annotations
 
@@ -27,22 +27,25 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from workers.pipeline import BatchResult, RunFinal, RunSpec
+
 from .config import Settings
-from .frame_slots import SlotPool
-from .ingest import Frame
+from .frame_slots import SlotPool, SlotRef
+from .messages import (BatchFailed, BatchReduced, Frame, FrameBatch, RunStopped, SetupFailed, Shutdown, StartRun,
+                       StopRun, WorkerReady)
 from .metrics import Metrics
-from .worker import RunSetup, worker_main
+from .worker import worker_main
 
 log = logging.getLogger(__name__)
 
 
 class ResultSink(Protocol):
     """What the dispatcher calls with results (service.publish.hub.PublishHub)."""
-    def run_started(self, uid: str, start: dict, setup: RunSetup | None) -> None: ...
+    def run_started(self, uid: str, start: dict, spec: RunSpec | None) -> None: ...
     def frame_accepted(self, frame: Frame) -> None: ...
-    def frames_reduced(self, uid: str, frames: list[Frame], out: dict) -> None: ...
+    def frames_reduced(self, uid: str, frames: list[Frame], result: BatchResult) -> None: ...
     def frames_failed(self, uid: str, seq: np.ndarray, reason: str, detail: str) -> None: ...
-    def run_stopped(self, uid: str, stop: dict, rows: dict | None, extras: dict | None = None) -> None: ...
+    def run_stopped(self, uid: str, stop: dict, final: RunFinal | None) -> None: ...
 
 
 @dataclass
@@ -58,78 +61,57 @@ class _RunSlot:
 
 
 @dataclass
+class _Inflight:
+    """A batch sent to a worker and not answered yet."""
+    uid: str
+    frames: list[Frame]
+    slot: SlotRef | None
+
+
+@dataclass
 class _Worker:
     index: int
     process: mp.Process
     inbox: mp.Queue
-    slots: SlotPool
-    inflight: dict = field(default_factory=dict)    # batch_id -> (uid, frames list, SlotRef | None)
+    slots: "SlotPool | _NoSlots"
+    inflight: dict[int, _Inflight] = field(default_factory=dict)    # by batch_id
     runs: set = field(default_factory=set)
     device: str = "?"
 
-    def done(self, batch_id: int):
-        """Forget an answered batch and free its shared-memory slot; returns its entry."""
+    def done(self, batch_id: int) -> _Inflight | None:
+        """Forget an answered batch and free its shared-memory slot; returns it."""
         entry = self.inflight.pop(batch_id, None)
         if entry is not None:
-            self.slots.release(entry[2])
+            self.slots.release(entry.slot)
         return entry
 
 
 class _NoSlots:
-    """Stand-in pool when shared memory is off: every batch goes through the queue."""
-    fallbacks = 0
+    """Stand-in for SlotPool when shared memory is off: every batch goes pickled through the queue."""
 
-    def put(self, arrays):
+    def put(self, arrays: list[np.ndarray], capacity: int = 1) -> None:
         return None
 
-    def release(self, ref):
+    def release(self, ref: SlotRef | None) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
-
-
-def _without_repeats(seq, frames: list, out: dict, again: set) -> tuple[list, dict]:
-    """A worker's result without what was published for the frames `again` (seq_nums) before a
-    worker death replayed them: their profiles, snapshots and provisional rows (peaks, phases)
-    are dropped, their final rows kept (a replayed frame's final fit comes from the new worker)."""
-    again_list = list(again)
-    keep = ~np.isin(np.asarray(seq), again_list)          # rows of intensity/sigma: the batch's seq
-    out = dict(out, intensity=out["intensity"][keep], sigma=out["sigma"][keep])
-    if out.get("snapshots"):
-        out["snapshots"] = [(s, image) for s, image in out["snapshots"] if int(s) not in again]
-    if out.get("maps"):                                     # modality extras (service/modalities.py)
-        out["maps"] = dict(out["maps"], images=[(s, m) for s, m in out["maps"]["images"] if int(s) not in again])
-    if out.get("extra_profiles"):
-        out["extra_profiles"] = {k: dict(p, intensity=p["intensity"][keep], sigma=p["sigma"][keep])
-                                 for k, p in out["extra_profiles"].items()}
-    if out.get("scalars"):
-        out["scalars"] = {k: np.asarray(v)[keep] for k, v in out["scalars"].items()}
-    if out.get("inversion") is not None:                    # per-frame rows, no final flag
-        rows = out["inversion"]
-        out["inversion"] = {k: np.asarray(v)[~np.isin(np.asarray(rows["seq_num"]), again_list)]
-                            for k, v in rows.items()}
-    for key in ("rows", "phases"):                          # columnar rows with seq_num and final
-        rows = out.get(key)
-        if rows is not None and len(rows["seq_num"]):
-            mask = np.asarray(rows["final"], bool) | ~np.isin(np.asarray(rows["seq_num"]), again_list)
-            out[key] = {k: np.asarray(v)[mask] for k, v in rows.items()}
-    return [f for f in frames if f.seq_num not in again], out
 
 
 class Dispatcher:
     def __init__(self, settings: Settings, metrics: Metrics, sink: ResultSink,
-                 setup_for_run: Callable[[dict], RunSetup]):
+                 spec_for_run: Callable[[dict], RunSpec]):
         self.settings = settings
         self.cfg = settings.workers
         self.metrics = metrics
         self.sink = sink
-        self.setup_for_run = setup_for_run
+        self.spec_for_run = spec_for_run
         self._ctx = mp.get_context("spawn")
         self._outbox = self._ctx.Queue()
         self._workers: list[_Worker] = []
         self._runs: dict[str, _RunSlot] = {}
-        self._setups: dict[str, RunSetup] = {}
+        self._specs: dict[str, RunSpec] = {}
         self._lock = threading.RLock()
         self._batch_ids = itertools.count()
         self._stop = threading.Event()
@@ -147,8 +129,8 @@ class Dispatcher:
                 msg = self._outbox.get(timeout=1.0)
             except queue.Empty:
                 continue
-            if msg[0] == "ready":
-                self._workers[msg[1]].device = msg[2]
+            if isinstance(msg, WorkerReady):
+                self._workers[msg.index].device = msg.device
                 ready += 1
         if ready < len(self._workers):
             raise RuntimeError(f"only {ready} of {len(self._workers)} workers started")
@@ -174,7 +156,7 @@ class Dispatcher:
         self._stop.set()
         for w in self._workers:
             try:
-                w.inbox.put(None, timeout=1.0)
+                w.inbox.put(Shutdown(), timeout=1.0)
             except queue.Full:
                 pass
         for w in self._workers:
@@ -199,25 +181,25 @@ class Dispatcher:
     # FrameSink ---------------------------------------------------------------------------
     def start_run(self, uid: str, start: dict) -> None:
         try:
-            setup = self.setup_for_run(start)
+            spec = self.spec_for_run(start)
         except Exception as exc:
             log.error("run %s: cannot set up reduction: %s", uid[:8], exc)
-            setup = None
+            spec = None
         with self._lock:
             worker = min(self._workers, key=lambda w: len(w.runs))
             worker.runs.add(uid)
             self._runs[uid] = _RunSlot(uid=uid, worker=worker.index, start=start)
-            if setup is not None:
-                self._setups[uid] = setup
-                worker.inbox.put(("start", uid, setup))
-        self.sink.run_started(uid, start, setup)
+            if spec is not None:
+                self._specs[uid] = spec
+                worker.inbox.put(StartRun(uid, spec))
+        self.sink.run_started(uid, start, spec)
 
     def submit(self, frame: Frame) -> None:
         self.metrics.frames_in.inc()
         self.sink.frame_accepted(frame)
         with self._lock:
             slot = self._runs.get(frame.run_uid)
-            if slot is None or frame.run_uid not in self._setups:
+            if slot is None or frame.run_uid not in self._specs:
                 self.sink.frames_failed(frame.run_uid, np.array([frame.seq_num]), "no_setup",
                                         "no geometry for this run")
                 return
@@ -233,8 +215,8 @@ class Dispatcher:
                 return
             self._flush(slot, self._batch_limit(slot))
             slot.stop = stop
-            if uid in self._setups:
-                self._workers[slot.worker].inbox.put(("stop", uid))
+            if uid in self._specs:
+                self._workers[slot.worker].inbox.put(StopRun(uid))
                 return
             self._runs.pop(uid)
             self._workers[slot.worker].runs.discard(uid)
@@ -288,14 +270,12 @@ class Dispatcher:
         ref = (worker.slots.put([f.data for f in frames], capacity=self._frames_per_batch(frames[0].data.size))
                if frames[0].kind == "frame" else None)
         data = ref if ref is not None else np.stack([f.data for f in frames])
-        msg = ("frames", slot.uid, batch_id,
-               np.array([f.seq_num for f in frames], dtype=np.int64),
-               np.array([f.time for f in frames], dtype=np.float64),
-               data, frames[0].kind)
-        worker.inflight[batch_id] = (slot.uid, frames, ref)
+        msg = FrameBatch(slot.uid, batch_id, np.array([f.seq_num for f in frames], dtype=np.int64),
+                         np.array([f.time for f in frames], dtype=np.float64), data, frames[0].kind)
+        worker.inflight[batch_id] = _Inflight(slot.uid, frames, ref)
         return self._put(worker, msg, slot, frames, batch_id)
 
-    def _put(self, worker: _Worker, msg, slot: _RunSlot, frames: list, batch_id: int) -> bool:
+    def _put(self, worker: _Worker, msg: FrameBatch, slot: _RunSlot, frames: list, batch_id: int) -> bool:
         if self.cfg.backpressure == "block":
             # lossless: blocks ingest while the worker is behind; a dead worker's frames stay in
             # `unfinal` and are replayed to its replacement (_check_workers), so give up on it
@@ -340,63 +320,58 @@ class Dispatcher:
                 try:
                     self._handle(msg)
                 except Exception:
-                    log.exception("dispatch: error handling %s", msg[0])
+                    log.exception("dispatch: error handling %s", type(msg).__name__)
             if time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
                 self._check_workers()
 
-    def _handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "reduced":
-            _, uid, batch_id, seq, times, out = msg
+    def _handle(self, msg) -> None:
+        if isinstance(msg, BatchReduced):
+            self._reduced(msg)
+        elif isinstance(msg, BatchFailed):
             with self._lock:
-                entry = self._workers[self._runs[uid].worker].done(batch_id) if uid in self._runs else None
-            frames = entry[1] if entry else []
-            rows = out.get("rows")
-            again: set = set()
+                if msg.uid in self._runs:
+                    self._workers[self._runs[msg.uid].worker].done(msg.batch_id)
+            self.sink.frames_failed(msg.uid, msg.seq, msg.reason, msg.detail)
+        elif isinstance(msg, SetupFailed):
+            log.error("run %s: worker could not set up: %s\n%s", msg.uid[:8], msg.detail, msg.traceback)
             with self._lock:
-                slot = self._runs.get(uid)
+                self._specs.pop(msg.uid, None)
+        elif isinstance(msg, RunStopped):
+            with self._lock:
+                slot = self._runs.pop(msg.uid, None)
+                self._specs.pop(msg.uid, None)
                 if slot is not None:
-                    # frames replayed after a worker death were maybe published already: once only
-                    again = slot.reduced.intersection(np.asarray(seq).tolist())
-                    slot.reduced.update(np.asarray(seq).tolist())
-                    if again:
-                        frames, out = _without_repeats(seq, frames, out, again)
-                        rows = out.get("rows")
-                if slot is not None:
-                    if rows is None:                        # no peak fit: a reduced frame is final
-                        done = set(np.asarray(seq).tolist())
-                    else:
-                        done = set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist())
-                    for s in done:
-                        slot.unfinal.pop(int(s), None)
-                        slot.reduced.discard(int(s))
-            self.metrics.frames_fitted.inc(len(seq) - len(again))
-            self.metrics.batch_frames.observe(len(seq))
-            for stage, seconds in out.pop("seconds", {}).items():
-                self.metrics.worker_seconds.labels(stage).inc(seconds)
-            self.sink.frames_reduced(uid, frames, out)
-        elif kind == "failed":
-            _, uid, batch_id, seq, reason, detail = msg
-            with self._lock:
-                if uid in self._runs:
-                    self._workers[self._runs[uid].worker].done(batch_id)
-            self.sink.frames_failed(uid, seq, reason, detail)
-        elif kind == "setup_failed":
-            _, uid, detail, tb = msg
-            log.error("run %s: worker could not set up: %s\n%s", uid[:8], detail, tb)
-            with self._lock:
-                self._setups.pop(uid, None)
-        elif kind == "stopped":
-            _, uid, rows, _reseeds, extras = msg
-            with self._lock:
-                slot = self._runs.pop(uid, None)
-                self._setups.pop(uid, None)
-                if slot is not None:
-                    self._workers[slot.worker].runs.discard(uid)
-            self.sink.run_stopped(uid, slot.stop if slot else {}, rows, extras)
-        elif kind == "ready":
-            self._workers[msg[1]].device = msg[2]
+                    self._workers[slot.worker].runs.discard(msg.uid)
+            self.sink.run_stopped(msg.uid, slot.stop if slot else {}, msg.final)
+        elif isinstance(msg, WorkerReady):
+            self._workers[msg.index].device = msg.device
+
+    def _reduced(self, msg: BatchReduced) -> None:
+        result, uid = msg.result, msg.uid
+        seq = np.asarray(result.seq).tolist()
+        again: set = set()
+        frames: list[Frame] = []
+        with self._lock:
+            slot = self._runs.get(uid)
+            if slot is not None:
+                entry = self._workers[slot.worker].done(msg.batch_id)
+                frames = entry.frames if entry else []
+                # frames replayed after a worker death were maybe published already: once only
+                again = slot.reduced.intersection(seq)
+                slot.reduced.update(seq)
+                final = result.final_seq()
+                if again:
+                    result = result.without(again)
+                    frames = [f for f in frames if f.seq_num not in again]
+                for s in final:
+                    slot.unfinal.pop(int(s), None)
+                    slot.reduced.discard(int(s))
+        self.metrics.frames_fitted.inc(len(seq) - len(again))
+        self.metrics.batch_frames.observe(len(seq))
+        for stage, seconds in result.seconds.items():
+            self.metrics.worker_seconds.labels(stage).inc(seconds)
+        self.sink.frames_reduced(uid, frames, result)
 
     def _check_workers(self) -> None:
         with self._lock:
@@ -416,11 +391,11 @@ class Dispatcher:
                 # its runs that has no final result yet (in flight or waiting in a window).
                 for uid in sorted(w.runs):
                     slot = self._runs.get(uid)
-                    if slot is None or uid not in self._setups:
+                    if slot is None or uid not in self._specs:
                         continue
-                    new.inbox.put(("start", uid, self._setups[uid]))
+                    new.inbox.put(StartRun(uid, self._specs[uid]))
                     replay = [slot.unfinal[k] for k in sorted(slot.unfinal)]
                     for j in range(0, len(replay), self.cfg.max_batch):
                         self._send(new, slot, replay[j:j + self.cfg.max_batch])
                     if slot.stop is not None:
-                        new.inbox.put(("stop", uid))
+                        new.inbox.put(StopRun(uid))

@@ -30,6 +30,7 @@ from event_model import DocumentNames, schema_validators, unpack_event_page
 from .config import IngestConfig
 from .detectors import detector_start, match_field, run_detectors
 from .errors import RejectedInput
+from .messages import Frame
 from .metrics import Metrics
 from .resolve import FrameResolver, frame_shape
 
@@ -255,20 +256,6 @@ class RunInfo:
     def keys(self) -> list[str]:
         """Analysis keys of the run: its uid, or one per detector."""
         return list(self.detectors.values()) or [self.uid]
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One detector frame (kind "frame": (rows, cols) counts, row-major) or an already reduced
-    profile (kind "profile": (3, N) rows q 1/nm, intensity, sigma) handed to the dispatcher.
-    `arrival` is time.monotonic() at receipt."""
-    run_uid: str
-    seq_num: int
-    time: float                 # event time, s since epoch
-    data: np.ndarray
-    arrival: float
-    scalars: dict[str, float]   # the event's other scalar fields (motors, truth in simulation)
-    kind: str = "frame"
 
 
 class FrameSink(Protocol):

@@ -4,6 +4,8 @@ Worker processes report back through the dispatcher, so no multiprocess mode is 
 """
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -42,9 +44,39 @@ class Metrics:
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.worker_seconds = Counter("scatterflow_worker_seconds", "Worker wall time, by stage "
                                       "(integrate, fit, phases, inversion, snapshots)", ["stage"], registry=r)
+        self.publish_errors = Counter("scatterflow_publish_errors", "Results a sink refused, by sink "
+                                      "(state, results, tiled, calibration)", ["sink"], registry=r)
         self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
         self.tiled_failures = Gauge("scatterflow_tiled_failures", "Tiled write failures (retried or spooled)",
                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+    def latency_quantile(self, stage: str, q: float) -> float | None:
+        """Quantile ``q`` of the arrival-to-result latency of ``stage`` (s), interpolated in
+        the histogram's buckets (`histogram_quantile`); None before the first frame."""
+        buckets = sorted((float(s.labels["le"]), s.value) for m in self.latency.collect() for s in m.samples
+                         if s.name.endswith("_bucket") and s.labels.get("stage") == stage)
+        return histogram_quantile(buckets, q)
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q·N.
+
+    buckets: (upper bound, cumulative count), ascending, the last one +Inf. None when empty;
+    the largest finite bound when the rank falls in the +Inf bucket."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le

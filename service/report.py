@@ -1,7 +1,7 @@
 """The run report: a finished run read back from Tiled, written as HTML (and PDF with weasyprint).
 
 `write_report(node, out_dir)` reads one run container of the Tiled layout
-(`service/publish/tiled_writer.py`: metadata start/configuration/software/status, arrays `q`,
+(`service/publish/tiled/`: metadata start/configuration/software/status, arrays `q`,
 `profiles`, `sigma`, tables `frames`, `peaks`, `change_points`; optional array `snapshots`
 (k, h, w) of corrected 2D frames with table `snapshot_frames` (seq_num, time)) and writes::
 

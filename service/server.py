@@ -14,14 +14,12 @@ from pathlib import Path
 from . import __version__
 from .config import Settings, secret
 from .dispatch import Dispatcher
-from .errors import ConfigError
-from .images import read_image
 from .ingest import DocumentRouter, ZmqSubscriber
 from .memory import reuse_freed_buffers
 from .metrics import Metrics
 from .publish.hub import PublishHub
 from .publish.state import RunStore
-from .worker import RunSetup
+from .run_spec import RunSpecBuilder
 
 log = logging.getLogger(__name__)
 STOPPED_REASON = "service stopped before the run ended"
@@ -41,99 +39,16 @@ class Service:
         self.calibrated_geometry = None        # from the last calibrant run; used for the runs after it
         self.calibration_info: dict | None = None
 
-    # geometry for a run --------------------------------------------------------------------
-    def setup_for_run(self, start: dict) -> RunSetup:
-        from workers.geometry import Geometry
-
-        from .detectors import run_settings
-        g = self.settings.geometry
-        run = run_settings(start, self.settings.reduction, self.settings.fit)   # modality, per-run/detector keys
-        if run.geometry is not None:                        # the detector's own PONI mapping (start document)
-            import pyFAI
-            geometry = Geometry.from_pyfai(pyFAI.load(run.geometry))
-        elif self.calibrated_geometry is not None:
-            geometry = self.calibrated_geometry
-        elif g.poni is not None:
-            geometry = Geometry.from_poni(g.poni)
-        elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
-            import pyFAI
-            geometry = Geometry.from_pyfai(pyFAI.load(start["geometry"]))
-        else:       # fine for runs of reduced 1D profiles; 2D frames of this run fail as "no_geometry"
-            log.warning("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
-                        start.get("uid", "?")[:8])
-            geometry = None
-        mask = self._image_for(g.mask, geometry, "mask")
-        mask = mask.astype(bool) if mask is not None else None
-        if mask is not None and geometry is not None:
-            mask = mask | geometry.detector_mask()
-        calibrant = start.get("calibrant")
-        if calibrant is not None and not isinstance(calibrant, str):
-            raise ValueError(f"start document 'calibrant' must be a calibrant name, got {calibrant!r}")
-        return RunSetup(geometry=geometry, mask=mask, calibrant=calibrant, phases=self._phase_setup(),
-                        inversion=self._inversion_setup(),
-                        dark=self._image_for(g.dark, geometry, "dark"),
-                        flat=self._image_for(g.flat, geometry, "flat"),
-                        reduction=run.reduction, fit=run.fit)
-
-    @staticmethod
-    def _image_for(path, geometry, what: str):
-        """The configured mask/dark/flat image, or None when unset or when its shape is not the
-        detector's (another detector of a multi-detector run: logged, not applied)."""
-        if not path:
-            return None
-        image = read_image(path)
-        if geometry is not None and geometry.shape is not None and tuple(image.shape) != tuple(geometry.shape):
-            log.warning("geometry.%s %s has shape %s, the detector %s: not applied", what, path, image.shape,
-                        tuple(geometry.shape))
-            return None
-        return image
-
-    def _phase_setup(self) -> dict | None:
-        """{"spec", "checkpoint"} for the workers' phase trackers (checkpoint read once), or None."""
-        cfg = self.settings.phases
-        if not cfg.enabled:
-            return None
-        if not hasattr(self, "_phase_checkpoint"):
-            self._phase_checkpoint = None
-            if cfg.checkpoint is not None:
-                path = (Path(__file__).parent / "models" / "phase_classifier.pt" if cfg.checkpoint == "default"
-                        else Path(cfg.checkpoint))
-                if path.is_file():
-                    import torch
-                    self._phase_checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-                    log.info("phase classifier: %s", path)
-                elif cfg.checkpoint == "default":
-                    log.warning("no phase classifier at %s: phases from rules on the fitted parameters", path)
-                else:
-                    raise ConfigError(f"phases.checkpoint: no file {path}")
-        return {"spec": dict(cfg.spec), "checkpoint": self._phase_checkpoint}
-
-    def _inversion_setup(self) -> dict | None:
-        """{"state", "refine", "max_iter", "q_range"} for the workers' SAXS inverters (checkpoint
-        read once), or None when inversion is off."""
-        cfg = self.settings.inversion
-        if not cfg.enabled:
-            return None
-        if not hasattr(self, "_inversion_state"):
-            path = (Path(__file__).parent / "models" / "saxs_encoder.pt" if cfg.checkpoint == "default"
-                    else Path(cfg.checkpoint))
-            if not path.is_file():
-                raise ConfigError(f"inversion.checkpoint: no file {path}")
-            import torch
-            self._inversion_state = torch.load(path, map_location="cpu", weights_only=True)
-            if self._inversion_state.get("model") != "sphere_hs":
-                raise ConfigError(f"inversion.checkpoint: {path} is a {self._inversion_state.get('model')!r} "
-                                  "encoder; per-frame inversion takes SAXS profiles (sphere_hs)")
-            log.info("SAXS inversion encoder: %s", path)
-        return {"state": self._inversion_state, "refine": cfg.refine, "max_iter": cfg.max_iter,
-                "q_range": cfg.q_range}
+    def spec_for_run(self, start: dict):
+        """The workers.pipeline.RunSpec of the analysis of ``start`` (service/run_spec.py); the
+        last calibrant run's geometry serves runs that name none of their own."""
+        return self.specs.build(start, calibrated=self.calibrated_geometry)
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Service":
         s = self.settings
         reuse_freed_buffers()                # frames must not cost page faults (service/memory.py)
-        self._phase_setup()                  # a bad phases.checkpoint fails here, not per run
-        self._inversion_setup()              # so does a bad inversion.checkpoint
+        self.specs = RunSpecBuilder(s)       # a bad phases or inversion checkpoint fails here, not per run
         tiled = self._start_tiled()
         results = None
         if s.results.address:
@@ -143,7 +58,7 @@ class Service:
         self.hub = PublishHub(self.store, self.metrics, tiled=tiled, results=results,
                               config=s.model_dump(mode="json", exclude={"tiled": {"api_key"}, "api": {"api_key"}}),
                               on_calibration=self.calibrated)
-        self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.setup_for_run)
+        self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.spec_for_run)
         self.dispatcher.start()
         # at close, reversed: open runs flushed and stopped, workers stopped, any run left marked interrupted
         self._closers.append(lambda: self.hub.interrupt_open_runs(STOPPED_REASON))
@@ -182,7 +97,7 @@ class Service:
             return None
         try:
             from .publish.tiled_server import EmbeddedTiled
-            from .publish.tiled_writer import TiledPublisher
+            from .publish.tiled import TiledPublisher
         except ImportError as exc:
             log.warning("Tiled publishing unavailable: %s", exc)
             return None

@@ -67,7 +67,7 @@ def rest_url(service):
 
 @pytest.fixture
 def follower(service):
-    from service.feedback import ResultsFollower
+    from service.plans.feedback import ResultsFollower
     f = ResultsFollower(service.settings.results.address)
     assert f.wait_connected(5)
     yield f
@@ -101,8 +101,8 @@ class Beamline:
 
 
 def test_adaptive_cycle_follows_fitted_area(service, follower, rest_url):
-    from service.feedback import RestFollower
-    from service.plan_stubs import adaptive_uv_cycle
+    from service.plans.feedback import RestFollower
+    from service.plans.stubs import adaptive_uv_cycle
 
     bl = Beamline(service)
     rest = RestFollower(rest_url, interval=0.1)
@@ -156,7 +156,7 @@ def test_adaptive_cycle_follows_fitted_area(service, follower, rest_url):
         assert follower.stats["lost"] == 0 and follower.stats["orphans"] == 0
 
         # a follower that joins after the run missed its start: REST fallback fills it in
-        from service.feedback import ResultsFollower
+        from service.plans.feedback import ResultsFollower
         with ResultsFollower(service.settings.results.address, rest_url=rest_url,
                              rest_grace=0.2) as late:
             assert late.wait_for(uid, lambda r: r.status == "complete"
@@ -170,7 +170,7 @@ def test_adaptive_cycle_follows_fitted_area(service, follower, rest_url):
 def test_timeout_and_frame_budget(service, follower):
     import bluesky.plan_stubs as bps
 
-    from service.plan_stubs import FeedbackTimeout, _cycle_metadata, wait_for_fit
+    from service.plans.stubs import FeedbackTimeout, _cycle_metadata, wait_for_fit
 
     bl = Beamline(service)
     out = {}
@@ -220,8 +220,8 @@ def test_change_point_switches_light_over_rest(service, rest_url):
     sees it and the stub turns the light off within max_lag + 1 frames."""
     import bluesky.plan_stubs as bps
 
-    from service.feedback import RestFollower
-    from service.plan_stubs import _cycle_metadata, switch_on_change_point
+    from service.plans.feedback import RestFollower
+    from service.plans.stubs import _cycle_metadata, switch_on_change_point
 
     bl = Beamline(service, step=True)
     rest = RestFollower(rest_url, interval=0.05)
@@ -260,7 +260,7 @@ def test_change_point_switches_light_over_rest(service, rest_url):
 def test_follower_against_publisher():
     """ResultsFollower on the ResultsPublisher alone: latest = highest seq_num, history, change
     points, status; a follower that joined late counts the events it cannot place."""
-    from service.feedback import ResultsFollower
+    from service.plans.feedback import ResultsFollower
     from service.publish.results import ResultsPublisher
 
     def rows(seq, final, value):
@@ -297,8 +297,8 @@ def test_follower_against_publisher():
 
 
 def test_bad_options():
-    from service.feedback import ResultsFollower, RestFollower
-    from service.plan_stubs import adaptive_uv_cycle, wait_for_fit
+    from service.plans.feedback import ResultsFollower, RestFollower
+    from service.plans.stubs import adaptive_uv_cycle, wait_for_fit
 
     with pytest.raises(ValueError, match="address"):
         ResultsFollower("127.0.0.1:5579")

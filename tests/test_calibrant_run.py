@@ -81,7 +81,7 @@ def test_calibrant_run_sets_geometry_for_later_runs(tmp_path, free_port):
         assert service.status()["calibration"]["run"] == bundle.start_doc["uid"]
         assert pyFAI.load(service.calibration_info["poni_file"]).dist == pytest.approx(g.dist)
         # the next run is reduced with the calibrated geometry, not the configured PONI
-        later = service.setup_for_run({"uid": "next", "time": 0.0})
+        later = service.spec_for_run({"uid": "next", "time": 0.0})
         assert later.geometry == g and later.calibrant is None
     finally:
         service.close()

@@ -72,3 +72,56 @@ def test_metrics_endpoint_and_api_key():
     r = client.get("/metrics", headers={"x-api-key": "k"})
     assert r.status_code == 200 and 'scatterflow_rejected_total{reason="garbage"} 3.0' in r.text
     assert client.get("/api/v1/status", headers={"x-api-key": "k"}).json() == {"ok": True}
+
+
+def test_openapi_names_response_models():
+    """/openapi.json documents the JSON bodies of the peaks and runs routes by named models
+    whose fields are those of the REST contract (DESIGN.md)."""
+    store, _, client = make_client()
+    store.start_run("u1", {"uid": "u1", "plan_name": "count"})
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def model(path):
+        ok = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        return schemas[ok["$ref"].rsplit("/", 1)[-1]]
+
+    peaks = model("/api/v1/runs/{uid}/peaks")
+    assert set(peaks["properties"]) == {"columns", "next_since"}
+    assert set(peaks["required"]) == {"columns", "next_since"}
+    runs = model("/api/v1/runs")
+    assert set(runs["properties"]) == {"runs"}
+    item = schemas[runs["properties"]["runs"]["items"]["$ref"].rsplit("/", 1)[-1]]
+    assert {"uid", "status", "frames_received", "frames_fitted", "frames_final", "peak_rows"} <= set(item["properties"])
+    assert "start" in model("/api/v1/runs/{uid}")["properties"]
+    served = client.get("/api/v1/runs").json()["runs"][0]
+    assert set(served) <= set(item["properties"])          # a plain run: no modality/detector keys
+    assert "modality" not in served and "detector" not in served
+
+
+def test_fit_config_validates_the_workers_specs():
+    """FitConfig reads the ``fit:`` mapping into the workers' own specs and names bad keys."""
+    from pydantic import ValidationError
+
+    from service.config import FitConfig
+    from workers.specs import BackgroundSpec, PeakSpec, RegularizerSpec
+    fit = FitConfig.model_validate({
+        "background": {"kind": "polynomial", "degree": 2},
+        "peaks": [{"name": "lamellar", "shape": "pseudo_voigt", "center": 3.2, "fwhm": 0.15,
+                   "center_min": 2.8, "center_max": 3.6},
+                  {"name": "pipi", "shape": "voigt", "center": 17.5, "fwhm": 0.8}],
+        "regularizer": {"window": 12, "penalty": "tv"},
+        "q_range": [2.0, 20.0]})
+    spec = fit.model_spec()
+    assert spec.peaks[0] == PeakSpec("lamellar", "pseudo_voigt", 3.2, 0.15, 2.8, 3.6)
+    assert spec.background == BackgroundSpec("polynomial", 2) and spec.q_range == (2.0, 20.0)
+    assert fit.regularizer == RegularizerSpec(12, "tv", 2.0)
+    peak = {"name": "a", "center": 17.0}
+    for bad, where, says in (({"peaks": [{**peak, "colour": "red"}]}, ("peaks", 0, "colour"), ""),
+                             ({"peaks": [peak], "regularizer": {"penalty": "l2"}}, ("regularizer", "penalty"), "huber"),
+                             ({"peaks": [{**peak, "fwhm": -1.0}]}, (), "fwhm")):
+        with pytest.raises(ValidationError) as info:
+            FitConfig.model_validate(bad)
+        err = info.value.errors()[0]
+        assert err["loc"] == where and says in err["msg"], err
+    assert FitConfig.model_validate({"peaks": []}).model_spec() is None      # peaks: [] means no fit

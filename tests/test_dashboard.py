@@ -22,8 +22,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api import _histogram_quantile, build_app
+from service.api import build_app
 from service.metrics import LATENCY_BUCKETS, Metrics
+from service.metrics import histogram_quantile
 from service.publish.state import PEAK_COLUMNS, RunStore
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
@@ -125,9 +126,9 @@ def test_histogram_quantile_matches_prometheus_rule():
     assert lat["p50_s"] == pytest.approx(0.005)                 # rank 50: top of the first bucket
     assert lat["p95_s"] == pytest.approx(0.01 + 0.01 * 45 / 50)  # in (0.01, 0.02]
     buckets = [(le, c) for le, c in zip(LATENCY_BUCKETS + (float("inf"),), [1] * 13)]
-    assert _histogram_quantile(buckets, 0.5) == pytest.approx(0.0025)
-    assert _histogram_quantile([(1.0, 0), (float("inf"), 4)], 0.5) == 1.0   # beyond the last bound
-    assert _histogram_quantile([(1.0, 0), (float("inf"), 0)], 0.5) is None
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.0025)
+    assert histogram_quantile([(1.0, 0), (float("inf"), 4)], 0.5) == 1.0   # beyond the last bound
+    assert histogram_quantile([(1.0, 0), (float("inf"), 0)], 0.5) is None
 
 
 def test_event_stream_incremental_and_resumable(app_parts):
@@ -218,7 +219,7 @@ def test_dashboard_in_chromium_with_live_service(tmp_path, free_port, monkeypatc
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher
 
-    from service.commands.demo import start_proxy
+    from service.commands.loopback import start_proxy
     from service.config import load_settings
     from service.publish.hub import PublishHub
     from service.server import Service

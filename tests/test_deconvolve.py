@@ -21,13 +21,7 @@ W = 0.3                                    # instrument FWHM, 1/nm
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 cores shared by several jobs: small FFTs run faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gauss(x, c, fwhm, area=1.0):

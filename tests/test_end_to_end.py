@@ -18,21 +18,11 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import wait_for
+
 pytestmark = pytest.mark.slow
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 BIN = Path(sys.executable).parent
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 @pytest.fixture

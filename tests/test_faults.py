@@ -42,6 +42,8 @@ from service.config import load_settings
 from service.server import Service
 from service.sim import AzoCycle
 
+from helpers import wait_for, wait_stopped
+
 pytestmark = pytest.mark.slow
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 BIN = Path(sys.executable).parent
@@ -143,24 +145,6 @@ class ProfileRun:
 
     def end(self) -> None:
         self.emit("stop", self.bundle.compose_stop())
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
-
-
-def wait_stopped(service: Service, uid: str, timeout: float = 60):
-    return wait_for(lambda: (r := service.store.get(uid)) is not None and r.status != "running" and r,
-                    timeout, f"run {uid[:8]} did not stop")
 
 
 def counts(counter) -> dict[str, float]:
@@ -552,7 +536,10 @@ def test_spool_drain_merges_writes_and_replays_idempotently(rig, tmp_path):
     deleted the files, leaves them for the next one, whose spool has 5 frames more: that merged
     write finds its first 10 rows in Tiled and appends the rest. Every row once, in order."""
     from tiled.client import from_uri
-    from service.publish import tiled_writer as tw
+    from service.publish.tiled import TiledPublisher
+    from service.publish.tiled.layout import rows_to_table
+    from service.publish.tiled.ops import Op
+    from service.publish.tiled.spool import coalesce, load_op, save_op
     uid, n_bins = f"merge-{time.time_ns()}", 20
     rng = np.random.default_rng(7)
     seq, q = np.arange(15, dtype=np.int64), np.linspace(1.0, 5.0, n_bins)
@@ -561,23 +548,23 @@ def test_spool_drain_merges_writes_and_replays_idempotently(rig, tmp_path):
             "converged": np.ones(15, bool), "change_point": np.zeros(15, bool), "final": np.ones(15, bool),
             **{c: rng.standard_normal(15) for c in ("center", "center_err", "fwhm", "fwhm_err", "amplitude",
                                                    "amplitude_err", "eta", "chi2")}}
-    ops = [tw._Op("start", uid, {"metadata": {"start": {"uid": uid}, "status": "running", "reason": ""}})]
+    ops = [Op("start", uid, {"metadata": {"start": {"uid": uid}, "status": "running", "reason": ""}})]
     for k in range(0, 15, 5):
         s = slice(k, k + 5)
-        ops.append(tw._Op("profiles", uid, {"offset": k, "unit": "q_nm^-1"}, arrays={
+        ops.append(Op("profiles", uid, {"offset": k, "unit": "q_nm^-1"}, arrays={
             "seq_num": seq[s], "time": rows["time"][s], "q": q, "intensity": intensity[s],
             "sigma": np.sqrt(intensity[s])}))
-        ops.append(tw._Op("table", uid, {"key": "peaks", "offset": k},
-                          table=tw.rows_to_table({c: v[s] for c, v in rows.items()})))
-    ops.append(tw._Op("stop", uid, {"metadata": {"status": "complete", "exit_status": "success", "reason": ""}}))
+        ops.append(Op("table", uid, {"key": "peaks", "offset": k},
+                      table=rows_to_table({c: v[s] for c, v in rows.items()})))
+    ops.append(Op("stop", uid, {"metadata": {"status": "complete", "exit_status": "success", "reason": ""}}))
     for spool, some in (("first", ops[:5]), ("replay", ops)):     # frames 0-9, then all again
         (tmp_path / spool).mkdir()
-        paths = [tw._save_op(op, tmp_path / spool / f"{i:09d}-{op.kind}") for i, op in enumerate(some)]
-    merged = tw._coalesce([(p, tw._load_op(p)) for p in paths])
+        paths = [save_op(op, tmp_path / spool / f"{i:09d}-{op.kind}") for i, op in enumerate(some)]
+    merged = coalesce([(p, load_op(p)) for p in paths])
     assert [(op.kind, len(files)) for op, files in merged] == [("start", 1), ("profiles", 3), ("table", 3),
                                                                ("stop", 1)]
     for spool in ("first", "replay"):
-        pub = tw.TiledPublisher(rig.tiled.uri, rig.tiled.api_key, spool_dir=tmp_path / spool)
+        pub = TiledPublisher(rig.tiled.uri, rig.tiled.api_key, spool_dir=tmp_path / spool)
         assert pub.drain(30)
         pub.close()
         assert pub.errors == 0 and not any((tmp_path / spool).iterdir())
@@ -594,11 +581,11 @@ def test_close_with_writes_left_spools_them(rig, tmp_path):
     """A publisher closed before Tiled took all its writes (here: no time at all) leaves the
     rest in its spool instead of dropping it; the next publisher on that spool writes it."""
     from tiled.client import from_uri
-    from service.publish import tiled_writer as tw
+    from service.publish.tiled import TiledPublisher
     uid, rng = f"closing-{time.time_ns()}", np.random.default_rng(8)
     q = np.linspace(1.0, 5.0, 20)
     intensity = rng.gamma(2.0, 50.0, (40, 20)).astype(np.float32)
-    pub = tw.TiledPublisher(rig.tiled.uri, rig.tiled.api_key, spool_dir=tmp_path, flush_rows=5)
+    pub = TiledPublisher(rig.tiled.uri, rig.tiled.api_key, spool_dir=tmp_path, flush_rows=5)
     pub.start_run(uid, {"uid": uid}, {})
     for k in range(0, 40, 5):
         pub.add_profiles(uid, np.arange(k, k + 5), 1.7e9 + np.arange(k, k + 5), q, intensity[k:k + 5],
@@ -607,7 +594,7 @@ def test_close_with_writes_left_spools_them(rig, tmp_path):
     pub.close(timeout=0.01)
     left = pub.spool_pending
     assert left > 0 and pub.errors == 0
-    again = tw.TiledPublisher(rig.tiled.uri, rig.tiled.api_key, spool_dir=tmp_path)
+    again = TiledPublisher(rig.tiled.uri, rig.tiled.api_key, spool_dir=tmp_path)
     assert again.drain(30)
     again.close()
     node = from_uri(rig.tiled.uri, api_key=rig.tiled.api_key)["scatterflow"][uid]

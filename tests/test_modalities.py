@@ -32,6 +32,8 @@ from service.sim.grazing import GrazingFrameSimulator
 from workers.geometry import Geometry
 from workers.grazing import GrazingGeometry, missing_wedge_qxy
 
+from helpers import wait_stopped
+
 pytestmark = pytest.mark.slow
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 
@@ -117,16 +119,6 @@ def run_frames(pub, frames: dict, md: dict, times=TIMES) -> str:
     return bundle.start_doc["uid"]
 
 
-def wait_done(service, key, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = service.store.get(key)
-        if run is not None and run.status != "running":
-            return run
-        time.sleep(0.1)
-    raise TimeoutError(key)
-
-
 def final_rows(service, key, name):
     cols, _ = service.store.peaks_since(key, 0, final=True)
     idx = [i for i, p in enumerate(cols["peak"]) if p == name]
@@ -160,7 +152,7 @@ def test_giwaxs_run_fits_pi_pi_and_publishes_qmap_with_missing_wedge(service_and
         "reduction": {"npt": 60, "radial_range": [10.0, 21.0], "qmap_npt": list(npt), "qmap_q_xy_range": list(rxy),
                       "qmap_q_z_range": list(rz), "snapshot_every": 5}}}
     uid = run_frames(pub, {"giwaxs_image": sim}, md)
-    run = wait_done(service, uid)
+    run = wait_stopped(service, uid)
     assert run.status == "complete" and run.frames_fitted == N_FRAMES and not run.failed
     assert run.info["modality"] == "giwaxs" and run.unit == "q_nm^-1"
 
@@ -208,7 +200,7 @@ def test_gisaxs_run_fits_rod_on_yoneda_cut(service_and_socket):
         "reduction": {"npt": 220, "radial_range": [-5.5, 5.5], "qmap_npt": [110, 75], "qmap_q_z_range": [0.0, 1.5],
                       "rod_q_xy_band": [2.9, 3.5]}}}
     uid = run_frames(pub, {"gisaxs_image": sim}, md, times=TIMES[:12])
-    run = wait_done(service, uid)
+    run = wait_stopped(service, uid)
     assert run.status == "complete" and run.frames_fitted == 12 and not run.failed
     assert run.info["modality"] == "gisaxs" and run.unit == "qxy_nm^-1"
     seq, center, err = final_rows(service, uid, "lamellar")
@@ -236,7 +228,7 @@ def test_saxs_and_waxs_detectors_in_one_run(service_and_socket):
                        "reduction": {"npt": 200, "radial_range": [8.0, 21.0]}}}}
     uid = run_frames(pub, {"saxs_image": saxs, "waxs_image": waxs}, md)
     keys = {d: f"{uid}.{d}_image" for d in ("saxs", "waxs")}
-    runs = {d: wait_done(service, k) for d, k in keys.items()}
+    runs = {d: wait_stopped(service, k) for d, k in keys.items()}
     assert service.store.get(uid) is None                     # no analysis of the run as a whole
     listed = {r["uid"]: r for r in rest(service, "runs").json()["runs"]}
     for d, key in keys.items():
@@ -262,14 +254,15 @@ def test_extras_reach_tiled_per_detector_container(tmp_path):
     pytest.importorskip("tiled")
     from tiled.client import from_uri
 
-    from service.detectors import detector_start, run_settings
-    from service.ingest import Frame
+    from service.detectors import detector_start
+    from service.messages import Frame
     from service.metrics import Metrics
     from service.publish.hub import PublishHub
     from service.publish.state import RunStore
     from service.publish.tiled_server import EmbeddedTiled
-    from service.publish.tiled_writer import TiledPublisher
-    from service.worker import RunPipeline, RunSetup
+    from service.publish.tiled import TiledPublisher
+    from service.run_spec import RunSpecBuilder
+    from workers.pipeline import IntegratorCache, RunPipeline
 
     g = giwaxs_geometry()
     sim = GrazingFrameSimulator(GrazingGeometry(g, incident_angle=AI), cycle(), mode="giwaxs",
@@ -280,16 +273,14 @@ def test_extras_reach_tiled_per_detector_container(tmp_path):
         field: {"modality": "giwaxs", "incident_angle": AI, "fit": {**PI_PI_FIT, "regularizer": {"window": 2}},
                 "reduction": {"npt": 40, "radial_range": [10.0, 21.0], "qmap_npt": [30, 20], "snapshot_every": 2}},
         "other_image": {"modality": "saxs"}}}, field, key)
-    s = load_settings(None)
-    rs = run_settings(start, s.reduction, s.fit)
-    setup = RunSetup(g, mask=g.detector_mask(), reduction=rs.reduction, fit=rs.fit)
-    pipe = RunPipeline(setup, "cpu", {})
+    spec = RunSpecBuilder(load_settings(None)).build(start, calibrated=g)
+    pipe = RunPipeline(spec, "cpu", IntegratorCache())
     seqs = [np.array([1, 2]), np.array([3, 4])]
     outs = [pipe.process(q, 1e9 + q, np.stack([sim.frame(float(x)) for x in q])) for q in seqs]
     with EmbeddedTiled(tmp_path / "tiled", api_key="modkey123") as server:
         pub = TiledPublisher(server.uri, server.api_key, spool_dir=tmp_path / "spool", flush_rows=50)
         hub = PublishHub(RunStore(), Metrics(), tiled=pub)
-        hub.run_started(key, start, setup)
+        hub.run_started(key, start, spec)
         for q, out in zip(seqs, outs):
             hub.frames_reduced(key, [Frame(key, int(x), 1e9 + x, None, 0.0, {}) for x in q], out)
         hub.run_stopped(key, {"exit_status": "success"}, None)
@@ -300,51 +291,47 @@ def test_extras_reach_tiled_per_detector_container(tmp_path):
         md = node.metadata
         assert (md["source_run"], md["detector"], md["modality"]) == (uid, field, "giwaxs")
         assert md["analysis"]["reduction"]["incident_angle"] == AI
-        maps = [m for out in outs for m in out["maps"]["images"]]
+        maps = [m for out in outs for m in out.qmaps.images]
         assert [s for s, _ in maps] == [1, 2, 4]                    # first frame, then seq % 2 == 0
         stored = node["qmap"].read()
         assert stored.shape == (3, 20, 30) and np.isnan(stored).any()
         np.testing.assert_array_equal(stored, np.stack([m for _, m in maps]))
-        np.testing.assert_array_equal(node["q_xy"].read(), outs[0]["maps"]["q_xy"])
-        np.testing.assert_array_equal(node["q_z"].read(), outs[0]["maps"]["q_z"])
+        np.testing.assert_array_equal(node["q_xy"].read(), outs[0].qmaps.q_xy)
+        np.testing.assert_array_equal(node["q_z"].read(), outs[0].qmaps.q_z)
         assert node["qmap_frames"].read()["seq_num"].tolist() == [1, 2, 4]
-        ip = np.concatenate([out["extra_profiles"]["in_plane"]["intensity"] for out in outs])
+        ip = np.concatenate([out.extra_profiles["in_plane"].intensity for out in outs])
         np.testing.assert_array_equal(node["in_plane"].read(), ip)
         assert node["in_plane_sigma"].read().shape == ip.shape == (4, 40)
-        np.testing.assert_array_equal(node["in_plane_radial"].read(), outs[0]["extra_profiles"]["in_plane"]["radial"])
+        np.testing.assert_array_equal(node["in_plane_radial"].read(), outs[0].extra_profiles["in_plane"].radial)
         table = node["scalars"].read()
         assert table["seq_num"].tolist() == [1, 2, 3, 4]
         np.testing.assert_allclose(table["hermans_orientation"].to_numpy(),
-                                   np.concatenate([out["scalars"]["hermans_orientation"] for out in outs]))
+                                   np.concatenate([out.scalars["hermans_orientation"] for out in outs]))
 
 
 @pytest.mark.gpu
 def test_grazing_reduction_cuda_matches_cpu():
-    import torch
-
-    from service.detectors import run_settings
-    from service.modalities import GrazingReduction
-    from service.worker import RunSetup
+    from service.run_spec import RunSpecBuilder
+    from workers.pipeline import IntegratorCache, RunPipeline
 
     g = giwaxs_geometry()
     sim = GrazingFrameSimulator(GrazingGeometry(g, incident_angle=AI), cycle(), mode="giwaxs",
                                 critical_angle=AC, flux=5.0, seed=7)
-    s = load_settings(None)
-    rs = run_settings({"uid": "u", "scatterflow": {"modality": "giwaxs", "incident_angle": AI, "fit": PI_PI_FIT,
-                                                   "reduction": {"npt": 60, "qmap_npt": [40, 30], "snapshot_every": 2}}},
-                      s.reduction, s.fit)
-    setup = RunSetup(g, mask=g.detector_mask(), reduction=rs.reduction, fit=rs.fit)
-    frames = torch.from_numpy(np.stack([sim.frame(float(t)) for t in range(4)]))
+    spec = RunSpecBuilder(load_settings(None)).build(
+        {"uid": "u", "scatterflow": {"modality": "giwaxs", "incident_angle": AI, "fit": PI_PI_FIT,
+                                     "reduction": {"npt": 60, "qmap_npt": [40, 30], "snapshot_every": 2}}},
+        calibrated=g)
+    frames = np.stack([sim.frame(float(t)) for t in range(4)])
     seq = np.arange(1, 5)
-    _, r_cpu, e_cpu = GrazingReduction(setup, "cpu", {})(frames, seq)
-    _, r_gpu, e_gpu = GrazingReduction(setup, "cuda", {})(frames.cuda(), seq)
-    assert r_gpu.intensity.device.type == "cuda"
+    cpu = RunPipeline(spec, "cpu", IntegratorCache()).reduce(seq, seq * 1.0, frames)
+    gpu = RunPipeline(spec, "cuda", IntegratorCache()).reduce(seq, seq * 1.0, frames)
+    assert gpu.intensity.device.type == "cuda"
     close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6, equal_nan=True)
-    close(r_gpu.intensity.cpu().numpy(), r_cpu.intensity.numpy())
-    close(e_gpu["extra_profiles"]["in_plane"]["intensity"], e_cpu["extra_profiles"]["in_plane"]["intensity"])
-    close(e_gpu["scalars"]["hermans_orientation"], e_cpu["scalars"]["hermans_orientation"])
-    assert [q for q, _ in e_gpu["maps"]["images"]] == [1, 2, 4]
-    for (_, a), (_, b) in zip(e_gpu["maps"]["images"], e_cpu["maps"]["images"]):
+    close(gpu.intensity.cpu().numpy(), cpu.intensity.numpy())
+    close(gpu.result.extra_profiles["in_plane"].intensity, cpu.result.extra_profiles["in_plane"].intensity)
+    close(gpu.result.scalars["hermans_orientation"], cpu.result.scalars["hermans_orientation"])
+    assert [q for q, _ in gpu.result.qmaps.images] == [1, 2, 4]
+    for (_, a), (_, b) in zip(gpu.result.qmaps.images, cpu.result.qmaps.images):
         close(a, b)
 
 
@@ -359,6 +346,7 @@ def test_qmap_routes_and_event_in_process():
 
     from service.api import build_app
     from service.metrics import Metrics
+    from workers.pipeline import QMaps
     from service.publish.state import RunStore
 
     store = RunStore()
@@ -369,8 +357,7 @@ def test_qmap_routes_and_event_in_process():
     q_xy, q_z = np.linspace(-2, 2, 5), np.linspace(0, 3, 4)
     image = np.arange(20, dtype=np.float32).reshape(4, 5) + 1
     image[1:, 2] = np.nan                                          # a missing wedge
-    store.add_extras("r.det", np.array([7, 8]), np.array([1.0, 2.0]),
-                     {"q_xy": q_xy, "q_z": q_z, "images": [(8, image)]}, {}, {"f": np.array([0.5, np.nan])})
+    store.add_extras("r.det", np.array([7, 8]), QMaps(q_xy, q_z, [(8, image)]), {}, {"f": np.array([0.5, np.nan])})
     body = client.get("/api/v1/runs/r.det/qmap").json()
     assert body["seq_num"] == 8 and body["q_xy"] == q_xy.tolist() and body["q_z"] == q_z.tolist()
     assert body["intensity"][0] == [1.0, 2.0, 3.0, 4.0, 5.0] and body["intensity"][2][2] is None

@@ -14,10 +14,10 @@ from scipy import integrate, stats
 
 from service.sim import AzoCycle
 from service.sim.azopolymer import PHASES, pseudo_voigt
+from service.train.baselines import main_peak_baseline
 from service.train.phase import load_phase_checkpoint, simulate_profiles
 from workers.phase import (PhaseClassifier, PhaseTracker, crystallinity_index, default_phase_spec, frame_table,
-                           main_peak_baseline, phase_spec_from_dict, pv_fraction, resample_profile,
-                           rule_log_probabilities)
+                           phase_spec_from_dict, pv_fraction, resample_profile, rule_log_probabilities)
 
 Q = np.linspace(1.5, 20.0, 400)                       # 1/nm, ~380 points in the fitted 2-19.5
 #: a film unlike the demo's: crystallinity floor 0.13 (the default spec assumes 0.1), a stronger,
@@ -66,12 +66,13 @@ def _replay(run, tracker):
 
 def _simulate(kwargs, n, scale, seed):
     from service.config import FitConfig
-    from workers.temporal import TrajectoryFitter, model_spec_from_dict
+    from workers.temporal import TrajectoryFitter
 
     cycle = AzoCycle(**kwargs)
     times = np.arange(n, dtype=float)
     inten, sig = simulate_profiles(cycle, Q, times, scale, np.random.default_rng(seed))
-    fitter = TrajectoryFitter(*model_spec_from_dict(FitConfig().model_dump()))
+    fit = FitConfig()
+    fitter = TrajectoryFitter(fit.model_spec(), fit.regularizer)
     seq = np.arange(1, n + 1)
     batches = [fitter.update(Q, inten[i:i + BATCH], sig[i:i + BATCH], seq[i:i + BATCH], times[i:i + BATCH])
                for i in range(0, n, BATCH)] + [fitter.finish()]

@@ -39,16 +39,15 @@ def simulated_run():
 @pytest.fixture(scope="module")
 def stored_run(tmp_path_factory):
     from service.config import load_settings
+    from service.publish.tiled import TiledPublisher
     from service.publish.tiled_server import EmbeddedTiled
-    from service.publish.tiled_writer import TiledPublisher
     from service.sim import default_geometry, poni_dict
-    from workers.temporal import TrajectoryFitter, model_spec_from_dict
+    from workers.temporal import TrajectoryFitter
 
     tmp = tmp_path_factory.mktemp("report")
     seq, times, q, intensity, sigma, truth = simulated_run()
     settings = load_settings(None, fit={"regularizer": {"window": 4}})
-    model, reg = model_spec_from_dict(settings.fit)
-    fitter = TrajectoryFitter(model, reg)
+    fitter = TrajectoryFitter(settings.fit.model_spec(), settings.fit.regularizer)
     uid = str(uuid.uuid4())
     start = {"uid": uid, "time": float(times[0]), "plan_name": "operando_cycle", "scan_id": 7,
              "sample": "azopolymer film (simulated)", "modality": "WAXS",

@@ -16,6 +16,8 @@ from service.config import load_settings
 from service.server import Service
 from service.sim import AzoCycle
 
+from helpers import wait_stopped
+
 pytestmark = pytest.mark.slow
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 
@@ -40,16 +42,6 @@ def service_and_socket(free_port, tmp_path):
 
 def send(pub, name, doc):
     pub.send(b" " + name.encode() + b" " + pack(doc))
-
-
-def wait_status(service, uid, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = service.store.get(uid)
-        if run is not None and run.status != "running":
-            return run
-        time.sleep(0.1)
-    raise TimeoutError(uid)
 
 
 def profile_run(pub, n, rng, pace=0.0):
@@ -84,7 +76,7 @@ def final_lamellar(service, uid, final=True):
 def test_reduced_profiles_skip_reduction_and_are_fitted(service_and_socket):
     service, pub = service_and_socket
     uid, truth = profile_run(pub, 40, np.random.default_rng(0), pace=0.005)
-    run = wait_status(service, uid)
+    run = wait_stopped(service, uid)
     assert run.status == "complete" and run.frames_fitted == 40 and not run.failed
     cols, _ = service.store.peaks_since(uid, 0, final=True)
     assert np.median(cols["chi2"]) < 1.5                        # the model describes the data
@@ -107,7 +99,7 @@ def test_killed_worker_is_restarted_and_its_frames_reprocessed(service_and_socke
     killer = threading.Timer(0.6, os.kill, (pid, signal.SIGKILL))
     killer.start()
     uid, truth = profile_run(pub, 120, rng, pace=0.01)
-    run = wait_status(service, uid, timeout=120)
+    run = wait_stopped(service, uid, timeout=120)
     assert service.dispatcher.restarts >= 1
     assert service.dispatcher._workers[0].process.pid != pid
     seq, center, err = final_lamellar(service, uid)
@@ -202,9 +194,90 @@ def test_nxcansas_profiles_from_files_are_fitted(service_and_socket, tmp_path, f
             send(pub, "event", desc.compose_event(data={"saxs": datum["datum_id"]}, timestamps={"saxs": 0.0},
                                                  seq_num=i + 1, filled={"saxs": False}))
     send(pub, "stop", bundle.compose_stop())
-    run = wait_status(service, bundle.start_doc["uid"])
+    run = wait_stopped(service, bundle.start_doc["uid"])
     assert run.status == "complete" and run.frames_fitted == n and not run.failed
     seq, center, err = final_lamellar(service, bundle.start_doc["uid"], final=False)
     assert list(seq) == list(range(1, n + 1))
     z = (center - np.array([truth[s] for s in seq])) / err
     assert np.all(np.abs(z) < 4.5)
+
+
+# ------------------------------------------------------------------ frames through the queue, re-seeds
+def _service(free_port, **overrides):
+    port = free_port()
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    settings = load_settings(None, ingest={"address": f"tcp://127.0.0.1:{port}"}, tiled={"enabled": False},
+                             results={"address": None}, api={"port": free_port()}, **overrides)
+    service = Service(settings).start()
+    time.sleep(1.0)                                     # slow joiner
+    return service, pub
+
+
+def test_frames_without_shared_memory(free_port):
+    """workers.shared_memory: false: 2D frames go pickled through the worker's queue; every
+    frame is reduced and fitted, the lamellar centre within its errors of the simulator's truth."""
+    from service.dispatch import _NoSlots
+    from service.sim import FrameSimulator
+    from service.sim.frames import default_geometry, poni_dict
+
+    service, pub = _service(free_port, workers={"shared_memory": False}, phases={"enabled": False},
+                            reduction={"npt": 400, "snapshot_every": 3})
+    try:
+        assert isinstance(service.dispatcher._workers[0].slots, _NoSlots)
+        sim = FrameSimulator(default_geometry(), flux=3.0, seed=4)
+        bundle = compose_run(metadata={"plan_name": "frames", "geometry": poni_dict(sim.ai)})
+        desc = bundle.compose_descriptor(name="primary", data_keys={
+            "det_image": {"source": "sim", "dtype": "array", "shape": list(sim.shape)}})
+        send(pub, "start", bundle.start_doc)
+        send(pub, "descriptor", desc.descriptor_doc)
+        n = 12
+        for i in range(n):
+            send(pub, "event", desc.compose_event(data={"det_image": sim.frame(float(i))},
+                                                  timestamps={"det_image": 0.0}, seq_num=i + 1))
+            time.sleep(0.05)
+        send(pub, "stop", bundle.compose_stop())
+        run = wait_stopped(service, bundle.start_doc["uid"], timeout=120)
+        assert run.status == "complete" and run.frames_fitted == n and not run.failed
+        cols, _ = service.store.peaks_since(bundle.start_doc["uid"], 0, final=True)
+        lam = np.array(cols["peak"]) == "lamellar"
+        seq, center, err = (np.array(cols[c])[lam] for c in ("seq_num", "center", "center_err"))
+        assert sorted(seq) == list(range(1, n + 1))
+        truth = np.array([float(sim.cycle.truth(float(s - 1))["lamellar"]["center"]) for s in seq])
+        assert np.all(np.abs(center - truth) < 5 * err + 2e-3)
+    finally:
+        service.close()
+        pub.close(linger=0)
+
+
+def test_reseeds_are_counted(service_and_socket):
+    """A narrow peak that jumps 0.6 1/nm between frames 10 and 11 defeats the warm start (the
+    fit from the old position has a chi2 far above the recent frames'), so its frames are
+    re-seeded by a peak search: the re-seeds reach Prometheus and the run's REST record (they
+    were always 0), and the fits after the jump find the new position."""
+    service, pub = service_and_socket
+    rng = np.random.default_rng(5)
+    q = np.linspace(1.5, 6.0, 450)
+    w = 0.05
+    bundle = compose_run(metadata={"plan_name": "jump"})
+    desc = bundle.compose_descriptor(name="primary", data_keys={
+        k: {"source": "sim", "dtype": "array", "shape": [450]} for k in ("q", "intensity", "sigma")})
+    send(pub, "start", bundle.start_doc)
+    send(pub, "descriptor", desc.descriptor_doc)
+    centers = {i + 1: (2.9 if i < 10 else 3.5) for i in range(20)}
+    for s, c in centers.items():
+        peak = 400 * w * np.exp(-4 * np.log(2) * (q - c) ** 2 / w ** 2) / (w * np.sqrt(np.pi / (4 * np.log(2))))
+        counts = rng.poisson(40 * (q / 2) ** -2 + 5 + peak).astype(float)
+        send(pub, "event", desc.compose_event(
+            data={"q": q, "intensity": counts, "sigma": np.sqrt(np.maximum(counts, 1))},
+            timestamps={k: 0.0 for k in ("q", "intensity", "sigma")}, seq_num=s))
+        time.sleep(1.0 if s == 10 else 0.02)      # frames 1-10 fitted first: the chi2 history is set
+    send(pub, "stop", bundle.compose_stop())
+    uid = bundle.start_doc["uid"]
+    run = wait_stopped(service, uid)
+    counted = sum(s.value for m in service.metrics.reseeds.collect() for s in m.samples if s.name.endswith("_total"))
+    assert counted >= 1 and run.reseeds == counted
+    assert run.summary()["reseeds"] == counted
+    seq, center, err = final_lamellar(service, uid, final=False)
+    assert list(seq) == list(range(1, 21))
+    assert np.all(np.abs(center - np.where(seq > 10, 3.5, 2.9)) < 0.01)

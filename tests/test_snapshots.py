@@ -121,38 +121,41 @@ def test_corrected_cuda_matches_cpu(integ_inputs):
 def test_worker_picks_first_and_every_nth_and_hub_forwards(monkeypatch):
     """RunPipeline: first frame of the run + seq_num % snapshot_every == 0, block-averaged to
     at most SNAPSHOT_MAX_PX px, float32; PublishHub hands them to tiled.add_snapshot."""
-    from service import worker
+    import dataclasses
+
     from service.config import load_settings
-    from service.ingest import Frame
+    from service.messages import Frame
     from service.metrics import Metrics
     from service.publish.hub import PublishHub
     from service.publish.state import RunStore
+    from service.run_spec import RunSpecBuilder
+    from workers import pipeline
 
-    monkeypatch.setattr(worker, "SNAPSHOT_MAX_PX", 32)      # 70 px -> binning 3
+    monkeypatch.setattr(pipeline, "SNAPSHOT_MAX_PX", 32)      # 70 px -> binning 3
     rng = np.random.default_rng(1)
     mask, dark, flat, frames = detector_inputs(rng)
     settings = load_settings(None, reduction={"npt": 100, "polarization": POL, "snapshot_every": 4},
                              fit={"regularizer": {"window": 2}, "q_range": None,   # q 3.8-13 1/nm here
                                   "peaks": [{"name": "p", "center": 8.0, "fwhm": 1.0}]})
     assert load_settings(None).reduction.snapshot_every == 25
-    setup = worker.RunSetup(GEN, mask=mask, dark=dark, flat=flat,
-                            reduction=settings.reduction.model_dump(), fit=settings.fit.model_dump())
-    pipe = worker.RunPipeline(setup, "cpu", {})
+    spec = dataclasses.replace(RunSpecBuilder(settings).build({"uid": "u1"}, calibrated=GEN),
+                               mask=mask, dark=dark, flat=flat)
+    pipe = pipeline.RunPipeline(spec, "cpu", pipeline.IntegratorCache())
     batches = [(np.array([3, 4, 5]), frames), (np.array([6, 7, 8]), frames[::-1].copy())]
     outs = [pipe.process(seq, 1e9 + seq.astype(float), f) for seq, f in batches]
-    got = [s for o in outs for s, _ in o.get("snapshots", [])]
+    got = [s for o in outs for s, _ in o.snapshots]
     assert got == [3, 4, 8]                                  # first frame, then multiples of 4
-    seq3, img3 = outs[0]["snapshots"][0]
+    seq3, img3 = outs[0].snapshots[0]
     assert img3.dtype == np.float32 and img3.shape == (20, 24)
     ref = block_nanmean(pyfai_corrected(frames[0], mask, dark, flat), 3)
     np.testing.assert_allclose(img3, ref, rtol=1e-5, equal_nan=True)
-    np.testing.assert_allclose(outs[1]["snapshots"][0][1],
+    np.testing.assert_allclose(outs[1].snapshots[0][1],
                                block_nanmean(pyfai_corrected(frames[0], mask, dark, flat), 3),
                                rtol=1e-5, equal_nan=True)   # seq 8 = last of the reversed batch
 
-    off = worker.RunPipeline(worker.RunSetup(GEN, mask=mask, reduction={**setup.reduction, "snapshot_every": 0},
-                                             fit=setup.fit), "cpu", {})
-    assert "snapshots" not in off.process(np.array([1, 2]), np.zeros(2), frames[:2])
+    off_spec = dataclasses.replace(spec, reduction=dataclasses.replace(spec.reduction, snapshot_every=0))
+    off = pipeline.RunPipeline(off_spec, "cpu", pipeline.IntegratorCache())
+    assert off.process(np.array([1, 2]), np.zeros(2), frames[:2]).snapshots == []
 
     class FakeTiled:
         def __init__(self):
@@ -172,22 +175,23 @@ def test_worker_picks_first_and_every_nth_and_hub_forwards(monkeypatch):
 
     fake = FakeTiled()
     hub = PublishHub(RunStore(), Metrics(), tiled=fake)
-    hub.run_started("u1", {"uid": "u1"}, setup)
+    hub.run_started("u1", {"uid": "u1"}, spec)
     for (seq, f), out in zip(batches, outs):
         hub.frames_reduced("u1", [Frame("u1", int(s), 1e9 + s, f[0], 0.0, {}) for s in seq], out)
     assert [(u, s, t) for u, s, _, t in fake.snaps] == [("u1", 3, 1e9 + 3), ("u1", 4, 1e9 + 4),
                                                         ("u1", 8, 1e9 + 8)]
-    assert fake.snaps[0][2] is outs[0]["snapshots"][0][1]
+    assert fake.snaps[0][2] is outs[0].snapshots[0][1]
 
 
 def test_snapshot_spool_file_roundtrip(tmp_path):
-    from service.publish.tiled_writer import _load_op, _Op, _save_op
+    from service.publish.tiled.ops import Op
+    from service.publish.tiled.spool import load_op, save_op
 
     imgs = np.random.default_rng(0).random((2, 5, 6)).astype(np.float32)
     imgs[0, 1, 2] = np.nan
-    op = _Op("snapshots", "run1", {"offset": 3},
-             arrays={"seq_num": np.array([25, 50]), "time": np.array([1.0, 2.0]), "images": imgs})
-    back = _load_op(_save_op(op, tmp_path / "000000001-snapshots"))
+    op = Op("snapshots", "run1", {"offset": 3},
+            arrays={"seq_num": np.array([25, 50]), "time": np.array([1.0, 2.0]), "images": imgs})
+    back = load_op(save_op(op, tmp_path / "000000001-snapshots"))
     assert (back.kind, back.uid, back.meta) == ("snapshots", "run1", {"offset": 3})
     np.testing.assert_array_equal(back.arrays["images"], imgs)
     np.testing.assert_array_equal(back.arrays["seq_num"], [25, 50])
@@ -202,8 +206,9 @@ def test_snapshots_roundtrip_tiled_and_report(tmp_path):
     from PIL import Image
     from tiled.client import from_uri
 
+    from service.publish.tiled import TiledPublisher
+    from service.publish.tiled.ops import Op
     from service.publish.tiled_server import EmbeddedTiled
-    from service.publish.tiled_writer import TiledPublisher, _Op
     from service.report import write_report
 
     rng = np.random.default_rng(3)
@@ -233,7 +238,7 @@ def test_snapshots_roundtrip_tiled_and_report(tmp_path):
         pub.stop_run(uid, "success")
         assert pub.drain(60)
         # replaying the second op (a retry after a lost reply) overwrites, appends nothing
-        replay = _Op("snapshots", uid, {"offset": 1}, arrays={
+        replay = Op("snapshots", uid, {"offset": 1}, arrays={
             "seq_num": snap_seq[1:], "time": times[[3, 5]], "images": images[1:]})
         pub._execute(replay, check=True)
         pub.close()

@@ -4,10 +4,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from workers.temporal import (PEAK_COLUMNS, BackgroundSpec, ModelSpec, PeakSpec, RegularizerSpec,
-                              TrajectoryFitter, concat_rows, empty_rows, model_spec_from_dict)
+from workers.specs import BackgroundSpec, ModelSpec, PeakSpec, RegularizerSpec
+from workers.temporal import PEAK_COLUMNS, TrajectoryFitter, concat_rows, empty_rows
 
 Q = np.linspace(15.0, 19.0, 300)
 SPEC = ModelSpec((PeakSpec("a", "pseudo_voigt", center=17.0, fwhm=0.5, center_min=16.0, center_max=18.0),),
@@ -173,28 +172,12 @@ def test_divergence_is_reseeded_by_peak_search():
     assert list(fin["seq_num"][fin["change_point"]]) == [15]
 
 
-def test_model_spec_from_dict():
-    spec, reg = model_spec_from_dict({
-        "background": {"kind": "polynomial", "degree": 2},
-        "peaks": [{"name": "lamellar", "shape": "pseudo_voigt", "center": 3.2, "fwhm": 0.15,
-                   "center_min": 2.8, "center_max": 3.6},
-                  {"name": "pipi", "shape": "voigt", "center": 17.5, "fwhm": 0.8}],
-        "regularizer": {"window": 12, "penalty": "tv"},
-        "q_range": [2.0, 20.0]})
-    assert spec.peaks[0] == PeakSpec("lamellar", "pseudo_voigt", 3.2, 0.15, 2.8, 3.6)
-    assert spec.background == BackgroundSpec("polynomial", 2) and spec.q_range == (2.0, 20.0)
-    assert reg == RegularizerSpec(12, "tv", 2.0)
-    with pytest.raises(ValueError, match="colour"):
-        model_spec_from_dict({"peaks": [{"name": "a", "colour": "red"}]})
-    with pytest.raises(ValueError, match="l2"):
-        model_spec_from_dict({"peaks": [{"name": "a"}], "regularizer": {"penalty": "l2"}})
-    with pytest.raises(ValueError, match="peaks"):
-        model_spec_from_dict({"peaks": []})
+def test_regularizer_window_too_small_is_refused():
     with pytest.raises(ValueError, match="window"):
         TrajectoryFitter(SPEC, RegularizerSpec(window=1, penalty="huber"))
 
 
-def test_cli_fit_writes_csv_and_png(tmp_path):
+def test_cli_fit_writes_csv_and_png(tmp_path, capsys):
     pd = pytest.importorskip("pandas")
     from service.commands import fit as cmd
     y, s, c, w, se_c = simulate(600, 9)
@@ -220,46 +203,7 @@ def test_cli_fit_writes_csv_and_png(tmp_path):
     bad = ap.parse_args(["fit", str(tmp_path / "missing.npz"), "--peaks", str(tmp_path / "peaks.yaml"),
                          "-o", str(out)])
     assert bad.func(bad) == 2
-
-
-def test_quadratic_start_solves_the_expanded_problem():
-    """quadratic_start minimises sum_t (th_t - p_t)^T A_t (th_t - p_t) + 2 s^2 sum m Huber(u):
-    compared with scipy's L-BFGS on that objective written out here."""
-    from scipy.optimize import minimize
-
-    from workers.temporal import quadratic_start
-    rng = np.random.default_rng(3)
-    Bw, W, P = 2, 6, 4
-    R = torch.tensor([0, 1])
-    L = rng.normal(size=(Bw, W, P, P))
-    A = L @ np.swapaxes(L, -1, -2) + P * np.eye(P)
-    p_hat = rng.normal(size=(Bw, W, P)) + np.arange(W)[None, :, None] * np.array([0.5, 0.0, 0, 0])
-    p_hat[1, 3:, 0] += 8.0                              # a step, with the link cut before it
-    scale = rng.uniform(0.5, 1.5, size=(Bw, W - 1, 2))
-    links = np.ones((Bw, W - 1), bool)
-    links[1, 2] = False
-    s, delta = 1.5, 1.0
-
-    def objective(th, b):
-        th = th.reshape(W, P)
-        r = th - p_hat[b]
-        u = (th[1:, :2] - th[:-1, :2]) / scale[b]
-        hub = np.where(np.abs(u) <= delta, 0.5 * u * u, delta * (np.abs(u) - 0.5 * delta))
-        return np.einsum("ti,tij,tj->", r, A[b], r) + 2 * s * s * (links[b][:, None] * hub).sum()
-
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64)   # noqa: E731
-    th, ok = quadratic_start(t(p_hat), t(A), t(scale), torch.as_tensor(links), R, torch.ones(P, dtype=torch.bool),
-                             strength=s, penalty="huber", huber_delta=delta, n_iter=60)
-    assert ok.all()
-    for b in range(Bw):
-        ref = minimize(objective, p_hat[b].ravel(), args=(b,), method="L-BFGS-B",
-                       options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 10_000}).x.reshape(W, P)
-        assert np.abs(th[b].numpy() - ref).max() < 1e-5
-        assert objective(th[b].numpy().ravel(), b) <= objective(ref.ravel(), b) + 1e-9
-    # the cut link keeps the step: no smoothing across it
-    assert th[1, 3, 0] - th[1, 2, 0] > 6.0
-    bad = A.copy()
-    bad[0, 2] = 0.0                                      # a frame the data do not determine
-    _, ok = quadratic_start(t(p_hat), t(bad), t(scale), torch.as_tensor(links), R, torch.ones(P, dtype=torch.bool),
-                            strength=s, penalty="huber", huber_delta=delta)
-    assert ok.tolist() == [False, True]
+    (tmp_path / "bad.yaml").write_text("peaks:\n  - {name: a, center: 17.0, colour: red}\n")
+    bad = ap.parse_args(["fit", str(tmp_path / "profiles.npz"), "--peaks", str(tmp_path / "bad.yaml"),
+                         "-o", str(out)])
+    assert bad.func(bad) == 2 and "fit.peaks.0.colour" in capsys.readouterr().err

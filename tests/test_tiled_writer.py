@@ -13,9 +13,9 @@ pytest.importorskip("tiled")
 
 from tiled.client import from_uri  # noqa: E402
 
-from service.publish import tiled_writer as tw  # noqa: E402
+from service.publish.tiled import TiledPublisher, layout, ops, spool  # noqa: E402
 from service.publish.tiled_server import EmbeddedTiled  # noqa: E402
-from service.publish.tiled_writer import PEAK_COLUMNS, TiledPublisher  # noqa: E402
+from workers.columns import PEAK_COLUMNS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 N_BINS = 100
@@ -187,22 +187,17 @@ def test_outage_spools_then_flushes(server, tmp_path, monkeypatch):
 
 def test_spool_file_roundtrip(tmp_path):
     rng = np.random.default_rng(3)
-    table = tw.rows_to_table(peak_rows([4, 5], True, rng))
-    op = tw._Op("table", "u1", {"key": "peaks", "offset": 7}, table=table)
-    back = tw._load_op(tw._save_op(op, tmp_path / "000000001-table"))
+    table = layout.rows_to_table(peak_rows([4, 5], True, rng))
+    op = ops.Op("table", "u1", {"key": "peaks", "offset": 7}, table=table)
+    back = spool.load_op(spool.save_op(op, tmp_path / "000000001-table"))
     assert back.meta == op.meta and back.uid == "u1" and back.table.equals(table)
     arrays = {"intensity": rng.random((3, 4)).astype(np.float32), "seq_num": np.arange(3)}
-    op = tw._Op("profiles", "u1", {"offset": 3, "unit": "q_nm^-1"}, arrays=arrays)
-    back = tw._load_op(tw._save_op(op, tmp_path / "000000002-profiles"))
+    op = ops.Op("profiles", "u1", {"offset": 3, "unit": "q_nm^-1"}, arrays=arrays)
+    back = spool.load_op(spool.save_op(op, tmp_path / "000000002-profiles"))
     assert back.meta == op.meta
     for k, v in arrays.items():
         assert back.arrays[k].dtype == v.dtype
         np.testing.assert_array_equal(back.arrays[k], v)
-
-
-def test_peak_schema_matches_workers():
-    from workers.temporal import PEAK_COLUMNS as worker_columns
-    assert tuple(worker_columns) == PEAK_COLUMNS
 
 
 @pytest.mark.parametrize("kw", [{"flush_rows": 0}, {"flush_seconds": 0},
@@ -216,7 +211,7 @@ def test_bad_rows(tmp_path):
     rows = peak_rows([1], False, np.random.default_rng(0))
     del rows["eta"]
     with pytest.raises(ValueError, match="eta"):
-        tw.rows_to_table(rows)
+        layout.rows_to_table(rows)
 
 
 def test_unknown_run_rejected(tmp_path):
@@ -228,3 +223,47 @@ def test_unknown_run_rejected(tmp_path):
     with pytest.raises(ValueError, match="exit_status"):
         pub.stop_run("nope", "done")
     pub.close(timeout=0.5)
+
+
+def test_peak_schema_is_the_layout_schema():
+    """The peaks table schema (derived from workers.columns) is the one Tiled runs hold."""
+    import pyarrow as pa
+
+    f64, b = pa.float64(), pa.bool_()
+    expected = pa.schema([("seq_num", pa.int64()), ("time", f64), ("peak", pa.string()),
+                          ("center", f64), ("center_err", f64), ("fwhm", f64), ("fwhm_err", f64),
+                          ("amplitude", f64), ("amplitude_err", f64), ("eta", f64), ("chi2", f64),
+                          ("converged", b), ("change_point", b), ("final", b)])
+    assert layout.PEAK_SCHEMA.equals(expected)
+
+
+def test_flush_defaults_are_the_config_defaults(tmp_path):
+    from service.config import TiledConfig
+
+    pub = TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path)
+    try:
+        assert (pub.flush_rows, pub.flush_seconds) == (TiledConfig().flush_rows, TiledConfig().flush_seconds)
+    finally:
+        pub.close(timeout=0.5)
+
+
+def test_buffer_ops_carry_positions():
+    """Two flushes of one run: each op starts where the previous one of its array or table
+    ended; change points are the flagged peak rows."""
+    from service.publish.tiled.buffer import PeakTable, ProfileRows, RunBuffer
+
+    rng = np.random.default_rng(4)
+    buf = RunBuffer("u1")
+    q = np.linspace(0.1, 1.0, 5)
+    offsets = []
+    for seq in ([0, 1, 2], [3, 4]):
+        buf.add(ProfileRows.parse(seq, np.zeros(len(seq)), q, np.ones((len(seq), 5)), np.ones((len(seq), 5)), "q_nm^-1"))
+        rows = peak_rows(seq, False, rng)
+        rows["change_point"][:] = False
+        rows["change_point"][0] = True
+        buf.add(PeakTable(layout.rows_to_table(rows)))
+        assert buf.buffered == 2 * len(seq)
+        offsets.append([(op.kind, op.meta.get("key"), op.meta["offset"]) for op in buf.take_ops()])
+        assert buf.buffered == 0 and buf.first_buffered is None
+    assert offsets == [[("profiles", None, 0), ("table", "peaks", 0), ("table", "change_points", 0)],
+                       [("profiles", None, 3), ("table", "peaks", 6), ("table", "change_points", 1)]]

@@ -22,10 +22,8 @@ Units: radial ``q_nm^-1`` (1/nm), ``q_A^-1`` (1/Å), ``2th_deg`` (deg); χ in de
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -189,7 +187,7 @@ def _cell_areas(x: np.ndarray, y: np.ndarray, w0: int, w1: int) -> np.ndarray:
 
 @dataclass
 class _Plan:
-    """Everything a CSR build depends on (also the cache key)."""
+    """Everything a CSR build depends on."""
 
     geometry: Geometry
     npt: tuple[int, ...]          # (npt,) or (npt_rad, npt_azim)
@@ -199,10 +197,6 @@ class _Plan:
     azimuth_range: tuple | None   # rad
     mask: np.ndarray              # bool (H, W), True = excluded
 
-    def key(self):
-        crc = hashlib.sha1(np.packbits(self.mask).tobytes()).hexdigest()
-        return (self.geometry.checksum(), self.npt, self.unit, self.method, self.radial_range,
-                self.azimuth_range, self.mask.shape, crc)
 
 
 def _build_csr(plan: _Plan):
@@ -343,24 +337,6 @@ def _full_2d(r, chi, rmin, rmaxin, dr, amin, amaxin, da, npt):
     return rows[ok], cols[ok], w[ok]
 
 
-_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_CACHE_SIZE = 8
-
-
-def _cached_csr(plan: _Plan):
-    """CSR matrices cached on geometry, binning, ranges and the mask checksum."""
-    key = plan.key()
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    logger.info("building %s integration matrix (%s, %s, npt=%s)", plan.method, plan.unit,
-                plan.geometry.detector, plan.npt)
-    _CACHE[key] = out = _build_csr(plan)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return out
-
-
 # =========================================================================================
 # 2. Preprocessing (torch, batched)
 # =========================================================================================
@@ -440,7 +416,7 @@ def preprocess(raw: torch.Tensor, *, norm: torch.Tensor, dark: torch.Tensor | No
     or 2³²−1 in every frame) are ignored, so frames with gaps still take the fast path.
     ``spare``: (index of masked pixels without matrix entries, a pixel with entries); on CPU a
     batch whose counted pixels are all valid is then recognised by one min/max pass
-    (`_no_invalid_pixel`, 0.3 instead of 4.5 ms/frame for Eiger 1M) and its signal is ``raw``
+    (`_no_invalid_pixel`, cheaper than the per-pixel path) and its signal is ``raw``
     itself when there is no dark (no copy).
     """
     b = raw.shape[1]
@@ -506,9 +482,9 @@ class CsrEngine:
     stacked along columns). CUDA: ``torch.sparse.mm`` with CSR. CPU: scipy's CSC product, which
     walks the pixels in order, reads each frame row once (streaming) and scatters into the
     (bins, B) output that stays in cache; the CSR product walks the bins and gathers frame rows
-    from all over the (P, B) buffer. Same sums in the same order (bit-identical), 0.67 against
-    1.91 ms per frame and product (Eiger 1M, B = 24, float32, one core), and scipy releases the
-    GIL. Σ c·norm uses the static normalisation unless some pixel of the batch is invalid.
+    from all over the (P, B) buffer. Same sums in the same order (bit-identical), about 3x
+    faster on CPU (benchmarks/RESULTS.md), and scipy releases the GIL. Σ c·norm uses the static
+    normalisation unless some pixel of the batch is invalid.
     """
 
     def __init__(self, mat: scipy.sparse.csr_matrix, norm: np.ndarray, device, dtype):
@@ -759,7 +735,7 @@ def build_integrator_1d(geometry: Geometry, *, npt: int = 1000, unit: Unit = "q_
                         dummy=None, delta_dummy=None, polarization_factor: float | None = None,
                         solid_angle: bool = True, dark=None, flat=None,
                         device="cpu", dtype=torch.float32) -> Integrator1D:
-    """Build (or fetch from cache) the 1D integrator; arguments as pyFAI's ``integrate1d_ng``.
+    """Build the 1D integrator (workers.pipeline.IntegratorCache keeps a worker's); arguments as pyFAI's ``integrate1d_ng``.
 
     radial_range in ``unit``; azimuth_range (deg, pyFAI χ); mask bool/int (H, W), nonzero =
     excluded, replacing the detector's mask as in pyFAI (None: the detector's); dummy/delta_dummy
@@ -767,7 +743,7 @@ def build_integrator_1d(geometry: Geometry, *, npt: int = 1000, unit: Unit = "q_
     """
     plan, kw = _prepare(geometry, (npt,), unit, method, radial_range, azimuth_range, mask, dummy,
                         delta_dummy, polarization_factor, solid_angle, dark, flat, device, dtype)
-    mat, radial, _ = _cached_csr(plan)
+    mat, radial, _ = _build_csr(plan)
     return Integrator1D(plan, mat, radial, **kw)
 
 
@@ -780,7 +756,7 @@ def build_integrator_2d(geometry: Geometry, *, npt_rad: int = 500, npt_azim: int
     plan, kw = _prepare(geometry, (npt_rad, npt_azim), unit, method, radial_range, azimuth_range,
                         mask, dummy, delta_dummy, polarization_factor, solid_angle, dark, flat,
                         device, dtype)
-    mat, radial, azimuthal = _cached_csr(plan)
+    mat, radial, azimuthal = _build_csr(plan)
     return Integrator2D(plan, mat, radial, azimuthal, **kw)
 
 

@@ -21,9 +21,6 @@ and peak, provisional then final) and the reduced profiles (q in 1/nm). Three pa
   MLP (``PhaseClassifier``) over the profile resampled on a fixed log-q grid plus the fitted
   parameters gives softmax probabilities.
 * **Transitions**: see :meth:`PhaseTracker.transitions`.
-
-``main_peak_baseline`` is the comparison method of the tests and the benchmark: the main peak's
-area normalised to the first frames, thresholded.
 """
 from __future__ import annotations
 
@@ -36,7 +33,6 @@ import numpy as np
 import torch
 
 PARAMS = ("center", "fwhm", "amplitude", "eta")       # PeakRows columns a signature may use
-PHASE_COLUMNS = ("seq_num", "time", "phase", "probability", "crystallinity", "crystallinity_sigma", "final")
 _SQRT_LN2 = math.sqrt(math.log(2.0))
 
 
@@ -392,20 +388,6 @@ def classifier_features(meta: Mapping[str, Any], radial, intensity, table, ci, c
     prof = meta_profile_features(meta, radial, intensity)
     par = torch.as_tensor(param_features(table, ci, ci_sigma, meta["params"], meta["peaks"])).to(prof)
     return torch.cat((prof, par), 1)
-
-
-# ============================================================================================
-# Baseline
-def main_peak_baseline(area: np.ndarray, phases: tuple[str, ...], *, n_ref: int = 5,
-                       bounds: tuple[float, float] = (0.19, 0.91)) -> np.ndarray:
-    """Labels (F,) from the main crystalline peak's area (F,) (frames in time order) normalised
-    to the mean of its first ``n_ref`` frames: r >= bounds[1] -> phases[0], r <= bounds[0] ->
-    phases[-1], else phases[1]. Default bounds: the azopolymer truth's a = 0.1 and 0.9 at the
-    default crystallinity floor 0.1 (x = 1 - a (1 - floor))."""
-    if len(phases) != 3:
-        raise ValueError(f"main_peak_baseline needs three phases, got {phases!r}")
-    r = np.asarray(area, float) / np.nanmean(np.asarray(area, float)[:n_ref])
-    return np.where(r >= bounds[1], phases[0], np.where(r <= bounds[0], phases[2], phases[1]))
 
 
 # ============================================================================================

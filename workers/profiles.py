@@ -30,21 +30,11 @@ differentiable function, so ``torch.func.jacfwd`` serves as the general fallback
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
-
 import numpy as np
 import torch
 
-Shape = Literal["gaussian", "lorentzian", "pseudo_voigt", "pseudo_voigt_tch", "voigt"]
+from workers.specs import SHAPE_PARAMS, BackgroundSpec, ModelSpec, PeakSpec, Shape, validate_model_spec  # noqa: F401
 
-SHAPE_PARAMS: dict[str, tuple[str, ...]] = {
-    "gaussian": ("center", "fwhm", "area"),
-    "lorentzian": ("center", "fwhm", "area"),
-    "pseudo_voigt": ("center", "fwhm", "area", "eta"),
-    "pseudo_voigt_tch": ("center", "fwhm_g", "area", "fwhm_l"),
-    "voigt": ("center", "fwhm_g", "area", "fwhm_l"),
-}
 WIDTH_PARAMS = ("fwhm", "fwhm_g", "fwhm_l")
 
 _LN2 = math.log(2.0)
@@ -54,64 +44,6 @@ _SQPI = math.sqrt(math.pi)
 _S_OF_FG = 1.0 / (2.0 * math.sqrt(2.0 * _LN2))  # sigma = fwhm_g * _S_OF_FG
 _TCH = (1.0, 2.69269, 2.42843, 4.47163, 0.07842, 1.0)
 _ETA = (1.36603, -0.47719, 0.11116)
-
-
-# --------------------------------------------------------------------------------------------
-# Specifications (shared interface, see SPEC.md)
-@dataclass(frozen=True)
-class PeakSpec:
-    """One peak: initial guess and bounds. Positions and widths in 1/nm."""
-    name: str
-    shape: Shape = "pseudo_voigt"
-    center: float = 0.0
-    fwhm: float = 0.1
-    center_min: float | None = None
-    center_max: float | None = None
-    fwhm_min: float | None = None
-    fwhm_max: float | None = None
-    area: float | None = None          # None: estimated from data
-    eta: float = 0.5                   # initial (pseudo_voigt) mixing; fixed with fix_eta=True
-
-
-@dataclass(frozen=True)
-class BackgroundSpec:
-    kind: Literal["polynomial", "power_law"] = "polynomial"
-    degree: int = 1
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    peaks: tuple[PeakSpec, ...]
-    background: BackgroundSpec = field(default_factory=BackgroundSpec)
-    q_range: tuple[float, float] | None = None    # fit only this radial range
-
-
-def validate_model_spec(spec: ModelSpec) -> None:
-    """Raise ValueError naming the offending value."""
-    if not isinstance(spec.peaks, tuple):
-        raise ValueError(f"ModelSpec.peaks must be a tuple of PeakSpec, got {type(spec.peaks).__name__}")
-    names = [p.name for p in spec.peaks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"peak names must be unique, got {names}")
-    for p in spec.peaks:
-        if p.shape not in SHAPE_PARAMS:
-            raise ValueError(f"peak {p.name!r}: unknown shape {p.shape!r}; one of {tuple(SHAPE_PARAMS)}")
-        if not p.fwhm > 0:
-            raise ValueError(f"peak {p.name!r}: fwhm must be > 0, got {p.fwhm}")
-        if not 0.0 <= p.eta <= 1.0:
-            raise ValueError(f"peak {p.name!r}: eta must be in [0, 1], got {p.eta}")
-        for lo, hi, what in ((p.center_min, p.center_max, "center"), (p.fwhm_min, p.fwhm_max, "fwhm")):
-            if lo is not None and hi is not None and not lo < hi:
-                raise ValueError(f"peak {p.name!r}: {what}_min={lo} must be < {what}_max={hi}")
-        if p.fwhm_min is not None and p.fwhm_min < 0:
-            raise ValueError(f"peak {p.name!r}: fwhm_min must be >= 0, got {p.fwhm_min}")
-    bg = spec.background
-    if bg.kind not in ("polynomial", "power_law"):
-        raise ValueError(f"background kind must be 'polynomial' or 'power_law', got {bg.kind!r}")
-    if bg.kind == "polynomial" and not (isinstance(bg.degree, int) and 0 <= bg.degree <= 8):
-        raise ValueError(f"polynomial background degree must be an int in [0, 8], got {bg.degree!r}")
-    if spec.q_range is not None and not (len(spec.q_range) == 2 and spec.q_range[0] < spec.q_range[1]):
-        raise ValueError(f"q_range must be (min, max) with min < max, got {spec.q_range!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Sequential fitting of frame series: warm start, divergence re-seeding, and a sliding-window
-joint fit with a temporal penalty on peak centres and widths.
+"""Sequential fitting of frame series: warm start, divergence re-seeding, change points and the
+schedule of sliding windows whose penalised joint fit (``workers.window_fit.joint_fit``: the
+objective, its solver and the sandwich covariance) gives the final rows.
 
 Per-frame fits (``workers.fit.fit_batch``) start from the previous good result (warm start,
 as sequential refinement in GSAS-II/TOPAS). A frame is re-seeded (``reseeds`` counts them) when
@@ -7,18 +8,6 @@ its fit diverged: non-finite result, not converged, a centre or width at a bound
 chi2 above ``chi2_jump`` x the median of recent frames. Re-seeding tries the configured guess and
 a peak search (argmax within [center_min, center_max] after removing an edge-line background)
 and keeps the best chi2.
-
-Joint window fit (Stinton & Evans, J. Appl. Cryst. 40, 87 (2007), as a fixed-lag smoother):
-    min_Theta  sum_t chi2_t(theta_t) + 2 s^2 sum_{t,k} m_t rho(u_tk),
-    u_tk = (theta_{t+1,k} - theta_{t,k}) / e_tk,
-k over the centre and width parameters of every peak, e_tk = sqrt((se_t^2 + se_{t+1}^2)/2) the
-per-frame standard errors (so the strength s is in standard-error units and needs no tuning
-per experiment; s = 1: a change of one standard error costs as much as a one-standard-error
-misfit), m_t = 0 across a detected change point. rho: quadratic u^2/2; Huber (delta, quadratic
-for |u| <= delta, linear beyond); smoothed total variation sqrt(u^2 + eps^2) - eps. It is solved
-by one LM over all W frames of the window (block-diagonal data Hessian plus the difference
-operator, dense W*P solve), with IRLS weights rho'(u)/u re-computed every iteration (a
-majorise-minimise step; acceptance uses the true penalised cost).
 
 Change points: link (t, t+1) is cut when, for any centre or width,
 |theta_{t+1} - theta_t| > ``change_threshold`` x sqrt(se_t^2 + se_{t+1}^2) in the per-frame
@@ -28,67 +17,31 @@ flagged as a change point when the change is also sudden: more than ``sudden_rat
 change of the same parameter over the link before (a step, or the onset of a transition),
 so a fast smooth drift is left unsmoothed but not flagged at every frame.
 
-``quadratic_start`` (not used by the fitter yet): the same penalised problem with each frame's
-chi2 replaced by its Gauss-Newton expansion at the per-frame fit, solved by IRLS without model
-evaluations. As the windows' start it cut model evaluations 27 -> 19 per frame, but sent one
-frame of the GIWAXS test run (tests/test_modalities.py) into another minimum; off until a
-safeguard is found.
-
 Window schedule: window W = context + stride + lag. Every ``stride`` frames, the last W frames
 are fitted jointly; frames with at least ``lag`` newer frames become final (returned again with
 final=True), the ``context`` frames before them (already final) are re-fitted but not re-emitted.
 ``finish`` flushes the rest with the lookahead available.
-
-Uncertainties of final results: the estimate is a (linearised) smoother of independent
-per-frame data, Theta = H^-1 (sum_t J_t^T W_t r_t + ...), so its covariance is the sandwich
-    C = H^-1 M H^-1,  H = blockdiag(J_t^T W_t J_t) + s^2 D^T diag(rho''(u)/e^2) D,
-    M = blockdiag(chi2_red,t J_t^T W_t J_t),
-(the Bayesian H^-1 would be too pessimistic: it counts the penalty as information about the
-truth). rho'' is the true curvature (0 on Huber's linear part). Smoothing bias on curved
-trajectories is not included.
 """
 from __future__ import annotations
 
 import collections
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
 
-from workers.fit import BoundTransform, FitResult, _Problem, fit_batch, spd_inverse
-from workers.profiles import (SHAPE_PARAMS, BackgroundSpec, BoundModel, ModelSpec, PeakModel,  # noqa: F401
-                              PeakSpec, validate_model_spec)
-
-Penalty = Literal["none", "quadratic", "huber", "tv"]
-
-PEAK_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
-                "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point", "final")
-_DTYPES = {"seq_num": np.int64, "time": np.float64, "peak": np.str_, "converged": np.bool_,
-           "change_point": np.bool_, "final": np.bool_}
-
-
-@dataclass(frozen=True)
-class RegularizerSpec:
-    window: int = 16
-    penalty: Penalty = "huber"
-    strength: float = 2.0     # in units of the parameters' standard errors
-
-
-def validate_regularizer(reg: RegularizerSpec) -> None:
-    if reg.penalty not in ("none", "quadratic", "huber", "tv"):
-        raise ValueError(f"penalty must be one of none, quadratic, huber, tv; got {reg.penalty!r}")
-    if not isinstance(reg.window, int) or reg.window < (1 if reg.penalty == "none" else 2):
-        raise ValueError(f"window must be an int >= 2, got {reg.window!r}")
-    if not (reg.strength > 0 and math.isfinite(reg.strength)):
-        raise ValueError(f"strength must be a positive number, got {reg.strength!r}")
+from workers.columns import PEAK_COLUMNS, PEAK_DTYPES, empty_columns
+from workers.fit import FitResult, fit_batch
+from workers.profiles import BoundModel, PeakModel
+from workers.specs import ModelSpec, RegularizerSpec, validate_model_spec, validate_regularizer
+from workers.window_fit import joint_fit
 
 
 # --------------------------------------------------------------------------------------------
 # PeakRows helpers
 def empty_rows() -> dict[str, np.ndarray]:
-    return {c: np.zeros(0, dtype=_DTYPES.get(c, np.float64)) for c in PEAK_COLUMNS}
+    return empty_columns(PEAK_DTYPES)
 
 
 def concat_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -96,265 +49,6 @@ def concat_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not rows:
         return empty_rows()
     return {c: np.concatenate([r[c] for r in rows]) for c in PEAK_COLUMNS}
-
-
-def model_spec_from_dict(d: Mapping[str, Any]) -> tuple[ModelSpec, RegularizerSpec]:
-    """Build (ModelSpec, RegularizerSpec) from the ``fit:`` configuration mapping.
-
-    Keys: ``peaks`` (list of PeakSpec fields), ``background`` ({kind, degree}),
-    ``regularizer`` ({window, penalty, strength}), ``q_range`` ([min, max]). Unknown keys raise
-    ValueError naming them.
-    """
-    if hasattr(d, "model_dump"):
-        d = d.model_dump()
-    if not isinstance(d, Mapping):
-        raise ValueError(f"fit configuration must be a mapping, got {type(d).__name__}")
-
-    def build(cls, m, what):
-        if m is None:
-            return cls()
-        if hasattr(m, "model_dump"):
-            m = m.model_dump()
-        if not isinstance(m, Mapping):
-            raise ValueError(f"{what} must be a mapping, got {m!r}")
-        names = {f.name for f in fields(cls)}
-        extra = set(m) - names
-        if extra:
-            raise ValueError(f"unknown {what} keys {sorted(extra)}; allowed {sorted(names)}")
-        try:
-            return cls(**dict(m))
-        except TypeError as e:
-            raise ValueError(f"bad {what} {dict(m)!r}: {e}") from None
-
-    extra = set(d) - {"peaks", "background", "regularizer", "q_range"}
-    if extra:
-        raise ValueError(f"unknown fit keys {sorted(extra)}")
-    peaks = d.get("peaks") or []
-    if not isinstance(peaks, (list, tuple)) or not peaks:
-        raise ValueError(f"fit.peaks must be a non-empty list, got {peaks!r}")
-    specs = tuple(build(PeakSpec, p, "peak") for p in peaks)
-    qr = d.get("q_range")
-    spec = ModelSpec(specs, build(BackgroundSpec, d.get("background"), "background"),
-                     None if qr is None else (float(qr[0]), float(qr[1])))
-    validate_model_spec(spec)
-    reg = build(RegularizerSpec, d.get("regularizer"), "regularizer")
-    validate_regularizer(reg)
-    return spec, reg
-
-
-# --------------------------------------------------------------------------------------------
-# penalties: rho, IRLS weight rho'(u)/u, curvature rho''(u)
-def _penalty_terms(u, penalty: str, delta: float, eps: float):
-    if penalty == "quadratic":
-        one = torch.ones_like(u)
-        return 0.5 * u * u, one, one
-    au = u.abs()
-    if penalty == "huber":
-        quad = au <= delta
-        rho = torch.where(quad, 0.5 * u * u, delta * (au - 0.5 * delta))
-        wt = torch.where(quad, torch.ones_like(u), delta / au.clamp_min(1e-300))
-        return rho, wt, quad.to(u.dtype)
-    r = torch.sqrt(u * u + eps * eps)         # smoothed total variation
-    return r - eps, 1.0 / r, eps * eps / r ** 3
-
-
-@dataclass
-class JointResult:
-    params: torch.Tensor      # (Bw, W, P)
-    cov: torch.Tensor         # (Bw, W, P, P) sandwich covariance per frame
-    chi2_red: torch.Tensor    # (Bw, W) data chi2 / dof per frame
-    converged: torch.Tensor   # (Bw,) bool
-
-
-def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float, penalty: str,
-              huber_delta: float = 1.0, tv_eps: float = 0.1, max_iter: int = 30, ftol: float = 1e-3,
-              lambda0: float = 1e-3) -> JointResult:
-    """Penalised joint LM over windows of W frames, Bw windows at once.
-
-    y, sigma (Bw, W, N); p0 (Bw, W, P) start; scale (Bw, W-1, K) standard-error units of the
-    differences of the K regularised parameters (bound.model.reg_index); links (Bw, W-1) bool,
-    False cuts the penalty between frames t and t+1. ``ftol``: converged when the predicted
-    decrease of the penalised χ² is below ftol · χ²_red per frame of the window (W · ftol · χ²_red
-    in all), i.e. each frame's parameters within ~sqrt(ftol) ≈ 0.03 standard errors of the
-    optimum; the start is already the per-frame or previous window's fit, so a tighter tolerance
-    only spends iterations (1e-5 took 1.7x the evaluations; the whole-window tolerance, W times
-    tighter, took 2x as many iterations on the Eiger 1M benchmark run, in the slow tail of the
-    IRLS weights).
-    """
-    Bw, W, N = y.shape
-    P = bound.n_params
-    R = torch.tensor(bound.model.reg_index, device=y.device)
-    K = R.numel()
-    dt = y.dtype
-    y_flat, sigma_flat = y.reshape(Bw * W, N), sigma.reshape(Bw * W, N)
-    prob = _Problem(bound, bound.x, y_flat, sigma_flat, bound.lower, bound.upper, bound.free, "analytic")
-    tr: BoundTransform = prob.tr
-    span = torch.where(torch.isfinite(bound.upper - bound.lower), bound.upper - bound.lower,
-                       torch.ones_like(bound.lower))
-    p_start = torch.minimum(torch.maximum(p0.reshape(Bw * W, P), bound.lower + 1e-6 * span),
-                            bound.upper - 1e-6 * span)
-    t = tr.to_internal(p_start)
-    m = links.to(dt)[..., None]                                  # (Bw, W-1, 1)
-    s2 = strength * strength
-    WP = W * P
-    # flat positions of the penalty entries in H (Bw, WP*WP)
-    pos = _penalty_positions(W, P, R)
-    blk = torch.arange(W, device=y.device)
-    subset: list = [None, None]                                  # (windows still iterating, their _Problem)
-
-    def evaluate(t, sel=None, rows=None):
-        """Penalised cost, H, gradient, data cost and external A of the windows `sel` (all if
-        None; `rows`: their frames) at internal t of those frames."""
-        if sel is None:
-            pr, mm, sc = prob, m, scale
-        else:
-            if subset[0] is None or not torch.equal(subset[0], sel):   # the set only shrinks: few rebuilds
-                subset[:] = sel, _Problem(bound, bound.x, y_flat[rows], sigma_flat[rows], bound.lower,
-                                          bound.upper, bound.free, "analytic")
-            pr, mm, sc = subset[1], m[sel], scale[sel]
-        nb = mm.shape[0]
-        cost_d, a, g, a_ext = pr.normal(t)
-        p, d = tr.to_external(t)
-        p, d = p.reshape(nb, W, P), (d * prob.ffree).reshape(nb, W, P)
-        u = (p[:, 1:, R] - p[:, :-1, R]) / sc
-        rho, wt, _ = _penalty_terms(u, penalty, huber_delta, tv_eps)
-        cost = cost_d.reshape(nb, W).sum(1) + 2.0 * s2 * (mm * rho).sum((1, 2))
-        H = torch.zeros(nb, W, P, W, P, dtype=dt, device=y.device)
-        H[:, blk, :, blk, :] = a.reshape(nb, W, P, P).transpose(0, 1)
-        H = H.reshape(nb, WP * WP)
-        c = s2 * wt * mm / (sc * sc)                             # (nb, W-1, K)
-        dR0, dR1 = d[:, :-1, R], d[:, 1:, R]
-        vals = [c * dR0 * dR0, c * dR1 * dR1, -c * dR0 * dR1, -c * dR0 * dR1]
-        for ps, v in zip(pos, vals):
-            H.index_add_(1, ps.reshape(-1), v.reshape(nb, -1))
-        G = s2 * wt * mm * u / sc                                # d(penalty/2)/d p_{t+1}
-        gp = torch.zeros(nb, W, P, dtype=dt, device=y.device)
-        gp[:, 1:, R] -= G
-        gp[:, :-1, R] += G
-        grad = g.reshape(nb, W, P) + gp * d
-        return cost, H.reshape(nb, WP, WP), grad.reshape(nb, WP), cost_d, a_ext
-
-    cost, H, g, cost_d, a_ext = evaluate(t)
-    lam = torch.full((Bw,), lambda0, dtype=dt, device=y.device)
-    nu = torch.full_like(lam, 2.0)
-    dsc = torch.zeros(Bw, WP, dtype=dt, device=y.device)
-    conv = torch.zeros(Bw, dtype=torch.bool, device=y.device)
-    eye = torch.eye(WP, dtype=dt, device=y.device)
-    dof = prob.dof.reshape(Bw, W)
-    for _ in range(max_iter):
-        diag = torch.diagonal(H, dim1=1, dim2=2)
-        dsc = torch.maximum(dsc, diag)
-        dd = torch.where(dsc > 0, dsc, torch.ones_like(dsc))
-        chol, info = torch.linalg.cholesky_ex(H + lam[:, None, None] * torch.diag_embed(dd)
-                                              + eye * (dsc == 0)[:, None, :])
-        delta = torch.cholesky_solve(g[..., None], chol)[..., 0]
-        pred = (delta * g).sum(-1) + lam * (dd * delta * delta).sum(-1)
-        chi2r = (cost_d.reshape(Bw, W) / dof).mean(1).clamp_min(1e-300)
-        tol = ftol * W * chi2r + 16.0 * prob.eps * cost
-        conv = conv | ((info == 0) & (pred <= tol) & (lam <= 1.0))
-        active = ~conv
-        t_new = t + delta.reshape(Bw * W, P)
-        if y.device.type == "cpu":
-            # CPU: evaluate only the windows still iterating (converged ones would be computed
-            # and thrown away); on CUDA all of them, so that no host sync is needed
-            sel = torch.nonzero(active)[:, 0]
-            if sel.numel() == 0:
-                break
-            rows = (sel[:, None] * W + blk).reshape(-1)
-            c_s, H_s, g_s, cd_s, ae_s = evaluate(t_new[rows], sel, rows)
-            c_new, H_new, g_new = cost.clone(), H.clone(), g.clone()
-            cd_new, ae_new = cost_d.clone(), a_ext.clone()
-            c_new[sel], H_new[sel], g_new[sel], cd_new[rows], ae_new[rows] = c_s, H_s, g_s, cd_s, ae_s
-        else:
-            c_new, H_new, g_new, cd_new, ae_new = evaluate(t_new)
-        ok = (info == 0) & torch.isfinite(c_new)
-        acc = active & ok & (c_new < cost)
-        rho = (cost - c_new) / pred.clamp_min(1e-300)
-        accf = acc.repeat_interleave(W)
-        t = torch.where(accf[:, None], t_new, t)
-        a_ext = torch.where(accf[:, None, None], ae_new, a_ext)
-        cost_d = torch.where(accf, cd_new, cost_d)
-        H = torch.where(acc[:, None, None], H_new, H)
-        g = torch.where(acc[:, None], g_new, g)
-        cost = torch.where(acc, c_new, cost)
-        lam = torch.where(acc, lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3),
-                          torch.where(active, lam * nu, lam))
-        nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
-    p = tr.to_external(t)[0].reshape(Bw, W, P)
-    chi2_red = cost_d.reshape(Bw, W) / dof
-    cov = _sandwich(p, a_ext.reshape(Bw, W, P, P), chi2_red, scale, m, R, prob.ffree, s2,
-                    penalty, huber_delta, tv_eps)
-    return JointResult(p, cov, chi2_red, conv)
-
-
-def _penalty_positions(W: int, P: int, R: torch.Tensor) -> list[torch.Tensor]:
-    """Flat positions in a (W*P, W*P) matrix of the penalty's entries between frames t and t+1
-    for the K regularised parameters R: [(t,t), (t+1,t+1), (t,t+1), (t+1,t)], each (W-1, K)."""
-    WP = W * P
-    tt = torch.arange(W - 1, device=R.device)[:, None] * P + R[None, :]
-    t1 = tt + P
-    return [tt * WP + tt, t1 * WP + t1, tt * WP + t1, t1 * WP + tt]
-
-
-def quadratic_start(p_hat, info, scale, links, R, free, *, strength: float, penalty: str,
-                    huber_delta: float = 1.0, tv_eps: float = 0.1, n_iter: int = 4):
-    """Start values for ``joint_fit``: the same penalised problem with each frame's chi2
-    replaced by its Gauss-Newton expansion at the per-frame optimum,
-        chi2_t(theta) ~ chi2_t(p_hat_t) + (theta - p_hat_t)^T A_t (theta - p_hat_t),
-    A_t = J^T W J there (external parameters), solved by ``n_iter`` IRLS steps
-    [blockdiag(A_t) + s^2 D^T diag(m w / e^2) D] theta = blockdiag(A_t) p_hat (w = rho'(u)/u):
-    a few dense solves, no model evaluations. The joint LM then starts next to its optimum.
-
-    p_hat (Bw, W, P), info (Bw, W, P, P), scale (Bw, W-1, K), links (Bw, W-1) bool, free (P,).
-    Returns (theta (Bw, W, P), ok (Bw,) bool: the solves were positive definite and finite)."""
-    Bw, W, P = p_hat.shape
-    WP, dt = W * P, p_hat.dtype
-    fixed = 1.0 - free.to(dt)
-    A = info + torch.diag_embed(fixed).expand_as(info)               # fixed parameters stay put
-    blk = torch.arange(W, device=p_hat.device)
-    H0 = torch.zeros(Bw, W, P, W, P, dtype=dt, device=p_hat.device)
-    H0[:, blk, :, blk, :] = A.transpose(0, 1)
-    H0 = H0.reshape(Bw, WP * WP)
-    rhs = (A @ p_hat[..., None]).reshape(Bw, WP, 1)
-    m = links.to(dt)[..., None]
-    pos = _penalty_positions(W, P, R)
-    s2 = strength * strength
-    theta, ok = p_hat, torch.isfinite(H0).all(1) & torch.isfinite(rhs).all((1, 2))
-    for _ in range(n_iter):
-        u = (theta[:, 1:, R] - theta[:, :-1, R]) / scale
-        _, wt, _ = _penalty_terms(u, penalty, huber_delta, tv_eps)
-        c = s2 * wt * m / (scale * scale)
-        H = H0.clone()
-        for ps, v in zip(pos, [c, c, -c, -c]):
-            H.index_add_(1, ps.reshape(-1), v.reshape(Bw, -1))
-        chol, bad = torch.linalg.cholesky_ex(torch.nan_to_num(H).reshape(Bw, WP, WP))
-        ok = ok & (bad == 0)
-        theta = torch.cholesky_solve(torch.nan_to_num(rhs), chol).reshape(Bw, W, P)
-    ok = ok & torch.isfinite(theta).all(-1).all(-1)
-    return theta, ok
-
-
-def _sandwich(p, a_ext, chi2_red, scale, m, R, ffree, s2, penalty, delta, eps):
-    """C = H^-1 M H^-1 with the true penalty curvature, blocks per frame (Bw, W, P, P)."""
-    Bw, W, P, _ = a_ext.shape
-    WP = W * P
-    blk = torch.arange(W, device=p.device)
-    fmask = ffree[None, :, None] * ffree[None, None, :]
-    A = a_ext * fmask
-    H = torch.zeros(Bw, W, P, W, P, dtype=p.dtype, device=p.device)
-    M = torch.zeros_like(H)
-    H[:, blk, :, blk, :] = (A + torch.diag_embed(1.0 - ffree)).transpose(0, 1)
-    M[:, blk, :, blk, :] = (A * chi2_red[..., None, None]).transpose(0, 1)
-    u = (p[:, 1:, R] - p[:, :-1, R]) / scale
-    _, _, curv = _penalty_terms(u, penalty, delta, eps)
-    c = s2 * curv * m / (scale * scale)
-    Hf = H.reshape(Bw, WP * WP)
-    for ps, v in zip(_penalty_positions(W, P, R), [c, c, -c, -c]):
-        Hf.index_add_(1, ps.reshape(-1), v.reshape(Bw, -1))
-    Hi, _ = spd_inverse(Hf.reshape(Bw, WP, WP))      # NaN where H is singular: C is NaN there
-    C = Hi @ M.reshape(Bw, WP, WP) @ Hi
-    C = C.reshape(Bw, W, P, W, P)[:, blk, :, blk, :].transpose(0, 1)
-    return C * fmask
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """`scatterflow bench`: the real service end to end at a set frame rate, with pyFAI + lmfit as baseline."""
 from __future__ import annotations
 
+import sys
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="end-to-end throughput and latency of the service",
@@ -13,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="inline", choices=["inline", "hdf5"], help="frames in the events or in an HDF5 file")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--warmup", type=int, default=8, help="frames of an unmeasured run first (matrix build, first calls)")
-    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the pyFAI + lmfit baseline (it needs lmfit: pip install 'scatterflow[bench]')")
     p.add_argument("--workdir", default=None)
     p.set_defaults(func=run)
 
@@ -23,7 +26,14 @@ def run(args) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from ..bench import run_bench
+    from ..bench.baseline import BaselineUnavailable, require_lmfit
+    from ..bench.endtoend import run_bench
+    if not args.no_baseline:
+        try:
+            require_lmfit()
+        except BaselineUnavailable as exc:
+            print(f"scatterflow bench: {exc}", file=sys.stderr)
+            return 2
     console = Console()
     with Progress(console=console) as progress:
         fitted = progress.add_task("fitted", total=args.frames)

@@ -7,16 +7,14 @@ plot; keeps the API up until Ctrl-C unless --exit.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .demo_display import RunProgress, plot_trajectories, print_summary, summarize
+from .loopback import free_port, publishing_run_engine, start_proxy, start_service
+from .waiting import wait_finished
 
 
 def add_parser(sub) -> None:
@@ -34,38 +32,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def free_port(preferred: int | None = None) -> int:
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
-
-
-def start_proxy() -> tuple[int, int]:
-    """bluesky's own 0MQ Proxy on two free ports, in a daemon thread."""
-    from bluesky.callbacks.zmq import Proxy
-    in_port, out_port = free_port(), free_port()
-    proxy = Proxy(in_port, out_port)
-    threading.Thread(target=proxy.start, name="0mq-proxy", daemon=True).start()
-    return in_port, out_port
-
-
 def run(args) -> int:
     if getattr(args, "experiment", "saxs") != "saxs":
         from .demo_experiments import run_experiment
         return run_experiment(args)
-    import msgpack
-    import msgpack_numpy
-    from bluesky import RunEngine
-    from bluesky.callbacks.zmq import Publisher
     from rich.console import Console
 
     from ..config import load_settings
-    from ..server import Service
     from ..sim import make_beamline, operando_cycle, write_default_poni
 
     console = Console(width=None if Console().is_terminal else 120)
@@ -84,28 +57,18 @@ def run(args) -> int:
         "api": {"port": free_port(args.port)},
         "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
     })
-    console.print(f"[bold]scatterflow demo[/]: proxy in {in_port} -> out {out_port}; starting service ...")
-    service = Service(settings).start()
-    api = f"http://127.0.0.1:{service.api_port}"
-    console.print(f"REST {api}/api/v1  dashboard {api}/  metrics {api}/metrics  Tiled {service.tiled_uri}")
-    time.sleep(1.0)                                         # 0MQ slow joiner: let the SUB connect
-
-    RE = RunEngine({})
-    publisher = Publisher(f"127.0.0.1:{in_port}",
-                          serializer=functools.partial(msgpack.packb, default=msgpack_numpy.encode))
-    RE.subscribe(publisher)
-    uids: list[str] = []
-    RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
+    service = start_service(console, settings, f"scatterflow demo: proxy in {in_port} -> out {out_port}")
+    RE, publisher, uids = publishing_run_engine(in_port)
     delay = 1.0 / args.rate if args.rate > 0 else 0.0
     t0 = time.monotonic()
-    with _progress(console, service, args.frames, uids):
+    with RunProgress(console, service, args.frames, uids):
         RE(operando_cycle(det, light, n_frames=args.frames, delay=delay))
         publisher.close()              # flushed to the proxy, which stays up: closing cannot hang
-        _wait_finished(service, uids[-1], timeout=120)
+        wait_finished(service, uids[-1], timeout=120)
     elapsed = time.monotonic() - t0
     run_uid = uids[-1]
     summary = summarize(service, run_uid)
-    _print_summary(console, service, run_uid, summary, elapsed)
+    print_summary(console, service, run_uid, summary, elapsed)
     _print_phases(console, service, run_uid, det.simulator.cycle)
     plot = plot_trajectories(service, run_uid, workdir / f"trajectories-{run_uid[:8]}.png")
     console.print(f"trajectory plot: {plot}")
@@ -116,111 +79,12 @@ def run(args) -> int:
     if args.exit:
         service.close()
         return 0
-    console.print(f"serving {api} until Ctrl-C")
+    console.print(f"serving http://127.0.0.1:{service.api_port} until Ctrl-C")
     try:
         while True:
             time.sleep(1)
     finally:
         service.close()
-
-
-class _progress:
-    """A rich progress bar fed from the service's own counters (frames fitted, final; latency)."""
-
-    def __init__(self, console, service, total: int, uids: list):
-        self.console, self.service, self.total, self.uids = console, service, total, uids
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
-        self.fitted = self.progress.add_task("fitted", total=self.total, info="")
-        self.final = self.progress.add_task("final ", total=self.total, info="")
-        self.progress.start()
-        self._thread = threading.Thread(target=self._update, daemon=True)
-        self._thread.start()
-        return self
-
-    def _update(self):
-        t0, last = time.monotonic(), 0
-        while not self._stop.wait(0.25):
-            run = self.service.store.get(self.uids[-1]) if self.uids else None
-            if run is None:
-                continue
-            rate = run.frames_fitted / max(time.monotonic() - t0, 1e-9)
-            p50 = _latency_quantile(self.service.metrics, "provisional", 0.5)
-            self.progress.update(self.fitted, completed=run.frames_fitted,
-                                 info=f"{rate:5.1f} frames/s, latency p50 {p50 * 1e3:5.0f} ms")
-            self.progress.update(self.final, completed=run.frames_final, info=f"status {run.status}")
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.progress.stop()
-
-
-def _latency_quantile(metrics, stage: str, q: float) -> float:
-    """Quantile from the Prometheus histogram buckets (upper bound of the bucket)."""
-    samples = [(s.labels.get("le"), s.value) for m in metrics.latency.collect() for s in m.samples
-               if s.name.endswith("_bucket") and s.labels.get("stage") == stage]
-    if not samples or samples[-1][1] == 0:
-        return float("nan")
-    total = samples[-1][1]
-    for le, count in samples:
-        if count >= q * total:
-            return float(le)
-    return float("inf")
-
-
-def _wait_finished(service, uid: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = service.store.get(uid)
-        if run is not None and run.status != "running":
-            return
-        time.sleep(0.1)
-    log.warning("run %s still running after %.0f s", uid[:8], timeout)
-
-
-def summarize(service, uid: str, truth_prefix: str = "det") -> dict:
-    """Final fitted centres against the simulator's truth (carried in the events), per peak."""
-    run = service.store.get(uid)
-    cols, _ = service.store.peaks_since(uid, 0, final=True)
-    out = {}
-    for peak in sorted(set(cols["peak"])):
-        idx = [i for i, p in enumerate(cols["peak"]) if p == peak]
-        seq = np.array([cols["seq_num"][i] for i in idx])
-        center = np.array([cols["center"][i] for i in idx])
-        err = np.array([cols["center_err"][i] for i in idx])
-        truth = np.array([run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_center_truth", np.nan) for s in seq])
-        ok = np.isfinite(truth) & np.isfinite(center)
-        d = center[ok] - truth[ok]
-        out[peak] = {"frames": len(idx), "rmse": float(np.sqrt(np.mean(d ** 2))) if ok.any() else float("nan"),
-                     "median_err": float(np.median(err[ok])) if ok.any() else float("nan"),
-                     "within_2sigma": float(np.mean(np.abs(d) <= 2 * err[ok])) if ok.any() else float("nan"),
-                     "change_points": int(sum(cols["change_point"][i] for i in idx)),
-                     "truth_range": (float(np.nanmin(truth)), float(np.nanmax(truth))) if ok.any() else (np.nan, np.nan)}
-    return out
-
-
-def _print_summary(console, service, uid, summary, elapsed) -> None:
-    from rich.table import Table
-    run = service.store.get(uid)
-    table = Table(title=f"run {uid[:8]}: fitted centres (final) vs simulator truth")
-    for col in ("peak", "frames", "truth range 1/nm", "RMSE 1/nm", "median stderr", "|err|<2σ", "change points"):
-        table.add_column(col, justify="right")
-    for peak, s in summary.items():
-        table.add_row(peak, str(s["frames"]), f"{s['truth_range'][0]:.3f}-{s['truth_range'][1]:.3f}",
-                      f"{s['rmse']:.4f}", f"{s['median_err']:.4f}", f"{100 * s['within_2sigma']:.0f} %",
-                      str(s["change_points"]))
-    console.print(table)
-    st = service.status()
-    console.print(f"frames received {run.frames_received}, fitted {run.frames_fitted}, final {run.frames_final}, "
-                  f"failed {dict(run.failed) or 0}; status {run.status}; {run.frames_fitted / elapsed:.1f} frames/s "
-                  f"end to end; latency p50 {_latency_quantile(service.metrics, 'provisional', 0.5) * 1e3:.0f} ms "
-                  f"p99 {_latency_quantile(service.metrics, 'provisional', 0.99) * 1e3:.0f} ms (bucket bounds); "
-                  f"devices {st['devices']}")
 
 
 def phase_truth(cycle, run, seqs) -> tuple[dict[int, str], list[tuple[str, str, float]], float]:
@@ -272,39 +136,3 @@ def _print_phases(console, service, uid: str, cycle) -> None:
     for c in unmatched:
         table.add_row(f"{c[0]} -> {c[1]}", "missed", "", "", "", f"{c[2]:.2f}", "")
     console.print(table)
-
-
-def plot_trajectories(service, uid: str, path: Path, truth_prefix: str = "det") -> Path:
-    """Fitted centre, FWHM and area per peak with ±1σ bands and the truth."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    run = service.store.get(uid)
-    cols, _ = service.store.peaks_since(uid, 0, final=True)
-    peaks = sorted(set(cols["peak"]))
-    fig, axes = plt.subplots(3, len(peaks), figsize=(4.2 * len(peaks), 8), sharex=True, squeeze=False)
-    for j, peak in enumerate(peaks):
-        idx = [i for i, p in enumerate(cols["peak"]) if p == peak]
-        seq = np.array([cols["seq_num"][i] for i in idx])
-        for i, (key, label) in enumerate((("center", "centre (1/nm)"), ("fwhm", "FWHM (1/nm)"),
-                                          ("amplitude", "area"))):
-            v = np.array([cols[key][k] for k in idx])
-            e = np.array([cols[f"{key}_err"][k] for k in idx])
-            ax = axes[i, j]
-            ax.plot(seq, v, "-", color="C0", label="fit (final)")
-            ax.fill_between(seq, v - e, v + e, color="C0", alpha=0.3)
-            tkey = {"amplitude": "area"}.get(key, key)
-            truth = [run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_{tkey}_truth", np.nan) for s in seq]
-            ax.plot(seq, truth, "--", color="k", lw=1, label="truth")
-            cps = [cols["seq_num"][k] for k in idx if cols["change_point"][k]]
-            for c in cps:
-                ax.axvline(c, color="C3", lw=0.8, alpha=0.6)
-            ax.set_ylabel(label)
-            if i == 0:
-                ax.set_title(peak)
-        axes[-1, j].set_xlabel("frame (seq_num)")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

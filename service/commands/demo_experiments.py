@@ -15,7 +15,6 @@ and writes trajectory plots (and q-map plots) under the work directory.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo import (_print_summary, _progress, _wait_finished, free_port, plot_trajectories, start_proxy,
-                   summarize)
+from .demo_display import RunProgress, plot_trajectories, print_summary, summarize
+from .loopback import free_port, publishing_run_engine, start_proxy, start_service
+from .waiting import wait_finished
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,9 @@ class _Keys:
 
 
 def run_experiment(args) -> int:
-    import msgpack
-    import msgpack_numpy
-    from bluesky import RunEngine
-    from bluesky.callbacks.zmq import Publisher
     from rich.console import Console
 
     from ..config import load_settings
-    from ..server import Service
     from ..sim import operando_cycle
 
     console = Console(width=None if Console().is_terminal else 120)
@@ -144,34 +139,23 @@ def run_experiment(args) -> int:
         "phases": {"enabled": False},      # phase signatures need the three peaks in one fit: not here
         **exp.settings,
     })
-    console.print(f"[bold]scatterflow demo --experiment {args.experiment}[/]: proxy in {in_port} -> out {out_port}; "
-                  "starting service ...")
-    service = Service(settings).start()
-    api = f"http://127.0.0.1:{service.api_port}"
-    console.print(f"REST {api}/api/v1  dashboard {api}/  metrics {api}/metrics  Tiled {service.tiled_uri}")
-    time.sleep(1.0)                                         # 0MQ slow joiner: let the SUB connect
-
-    RE = RunEngine({})
-    publisher = Publisher(f"127.0.0.1:{in_port}",
-                          serializer=functools.partial(msgpack.packb, default=msgpack_numpy.encode))
-    RE.subscribe(publisher)
-    uids: list[str] = []
-    RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
+    service = start_service(console, settings, f"scatterflow demo --experiment {args.experiment}: proxy in {in_port} -> out {out_port}")
+    RE, publisher, uids = publishing_run_engine(in_port)
     delay = 1.0 / args.rate if args.rate > 0 else 0.0
     first, *others = exp.detectors
     t0 = time.monotonic()
     try:
-        with _progress(console, service, args.frames, _Keys(uids, next(iter(exp.analyses)))):
+        with RunProgress(console, service, args.frames, _Keys(uids, next(iter(exp.analyses)))):
             RE(operando_cycle(first, exp.light, n_frames=args.frames, delay=delay, md=exp.md, extra_detectors=others))
             publisher.close()
             for suffix in exp.analyses:
-                _wait_finished(service, uids[-1] + suffix, timeout=180)
+                wait_finished(service, uids[-1] + suffix, timeout=180)
         elapsed = time.monotonic() - t0
         for suffix, (label, prefix) in exp.analyses.items():
             _report_analysis(console, service, uids[-1] + suffix, label, prefix, elapsed, workdir)
         if args.exit:
             return 0
-        console.print(f"serving {api} until Ctrl-C")
+        console.print(f"serving http://127.0.0.1:{service.api_port} until Ctrl-C")
         while True:
             time.sleep(1)
     finally:
@@ -185,7 +169,7 @@ def _report_analysis(console, service, key: str, label: str, prefix: str, elapse
         console.print(f"[red]{label}: no analysis {key}[/]")
         return
     console.print(f"\n[bold]{label}[/]: analysis {key} ({run.info.get('modality')}, profile unit {run.unit})")
-    _print_summary(console, service, key, summarize(service, key, prefix), elapsed)
+    print_summary(console, service, key, summarize(service, key, prefix), elapsed)
     _print_extras(console, service, key, workdir)
     name = key[:8] + (f"-{key.split('.', 1)[1]}" if "." in key else "")
     if not run.frames_final:
@@ -203,7 +187,7 @@ def _report_analysis(console, service, key: str, label: str, prefix: str, elapse
 
 def _print_extras(console, service, key: str, workdir: Path) -> None:
     """q-map (missing-wedge share, plot), extra profiles and scalar series of a grazing run."""
-    from ..api import render_qmap_png
+    from ..render import render_qmap_png
     extras = service.store.extras(key) or {}
     qmap = service.store.latest_qmap(key)
     if qmap is not None:

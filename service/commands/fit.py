@@ -4,10 +4,11 @@
 
 PROFILES.npz as ``scatterflow integrate`` writes it: ``q`` (N,) 1/nm, ``I`` (frames, N),
 ``sigma`` (frames, N), optional ``time`` (frames,) s and ``seq_num`` (frames,).
-PEAKS.yaml: the ``fit:`` section of the service configuration (or a file with that section):
-``background: {kind: polynomial, degree: 1}``, ``peaks: [{name, shape, center, fwhm, center_min,
-center_max}, ...]``, ``regularizer: {window, penalty, strength}``, optional ``q_range``.
-OUT.csv: the final rows, one per frame and peak (columns ``workers.temporal.PEAK_COLUMNS``);
+PEAKS.yaml: the ``fit:`` section of the service configuration (or a file with that section),
+validated as the service validates it: ``peaks: [{name, shape, center, fwhm, center_min,
+center_max}, ...]`` (required), ``background: {kind, degree}`` (default polynomial, degree 1),
+``regularizer: {window, penalty, strength}``, ``q_range: [min, max]`` (default: all points).
+OUT.csv: the final rows, one per frame and peak (columns ``workers.columns.PEAK_COLUMNS``);
 OUT.png beside it: centre (with a 1-sigma band), FWHM and area against frame, change points marked.
 """
 from __future__ import annotations
@@ -16,6 +17,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.specs import ModelSpec, RegularizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _load(args):
     import numpy as np
-    import yaml
 
-    from workers.temporal import model_spec_from_dict
     with np.load(args.profiles) as z:
         missing = {"q", "I"} - set(z.files)
         if missing:
@@ -50,11 +53,39 @@ def _load(args):
         seq = np.asarray(z["seq_num"], np.int64) if "seq_num" in z.files else np.arange(1, n + 1)
     if inten.shape[1] != q.shape[0] or sigma.shape != inten.shape:
         raise ValueError(f"{args.profiles}: I {inten.shape} and sigma {sigma.shape} must be (frames, {q.shape[0]})")
-    cfg = yaml.safe_load(args.peaks.read_text()) or {}
+    spec, reg = _fit_specs(args.peaks)
+    return q, inten, sigma, time, seq, spec, reg
+
+
+#: where PEAKS.yaml is silent: all points and a linear background (the service's own defaults
+#: are those of its demo film)
+_CLI_DEFAULTS = {"q_range": None, "background": {"kind": "polynomial", "degree": 1}}
+
+
+def _fit_specs(path: Path) -> tuple[ModelSpec, RegularizerSpec]:
+    """(ModelSpec, RegularizerSpec) of PEAKS.yaml, validated by the service's ``FitConfig``.
+    Raises ConfigError with one line naming the offending key, as the service configuration does."""
+    import yaml
+    from pydantic import ValidationError
+
+    from service.config import FitConfig, one_line
+    from service.errors import ConfigError
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
     if isinstance(cfg, dict) and "fit" in cfg:
         cfg = cfg["fit"]
-    spec, reg = model_spec_from_dict(cfg)
-    return q, inten, sigma, time, seq, spec, reg
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: the fit configuration must be a mapping, got {type(cfg).__name__}")
+    try:
+        fit = FitConfig.model_validate({**_CLI_DEFAULTS, **cfg})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {one_line(exc, ('fit',))}") from None
+    spec = fit.model_spec()
+    if "peaks" not in cfg or spec is None:
+        raise ConfigError(f"{path}: configuration error at fit.peaks: at least one peak is needed")
+    return spec, fit.regularizer
 
 
 def run(args) -> int:
@@ -67,7 +98,6 @@ def run(args) -> int:
     if args.batch < 1:
         print(f"scatterflow fit: --batch must be >= 1, got {args.batch}", file=sys.stderr)
         return 2
-    import numpy as np
     import pandas as pd
     import torch
     from rich.progress import Progress

@@ -210,7 +210,8 @@ class ResultsPublisher:
         """Open the analysis run of source run ``uid``; returns the analysis run's uid."""
         from event_model import compose_run
 
-        from .tiled_writer import jsonable, software_versions
+        from ..jsonsafe import jsonable
+        from .tiled import software_versions
 
         peak_names = tuple(str(p) for p in peak_names)
         if len(set(peak_names)) != len(peak_names):

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PHASE_COLUMNS = ("seq_num", "time", "phase", "probability", "crystallinity", "crystallinity_sigma", "final")
-PEAK_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
-                "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point", "final")
+from workers.columns import PEAK_COLUMNS, PHASE_COLUMNS
+
+from ..jsonsafe import jsonable
+
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RunRecord:
     frames_received: int = 0
     frames_fitted: int = 0
     frames_final: int = 0
+    reseeds: int = 0                                 # fits re-seeded after divergence
     failed: Counter = field(default_factory=Counter)
     radial: np.ndarray | None = None
     unit: str = ""
@@ -49,7 +51,7 @@ class RunRecord:
                 "plan_name": self.start.get("plan_name"), "scan_id": self.start.get("scan_id"),
                 "created": self.created, "stopped": self.stopped,
                 "frames_received": self.frames_received, "frames_fitted": self.frames_fitted,
-                "frames_final": self.frames_final, "frames_failed": dict(self.failed),
+                "frames_final": self.frames_final, "frames_failed": dict(self.failed), "reseeds": self.reseeds,
                 "peak_rows": len(self.peaks["seq_num"]), "unit": self.unit, **self.info}
 
 
@@ -145,7 +147,7 @@ class RunStore:
                     if values.dtype.kind == "f":
                         values = np.where(np.isfinite(values), values, None)
                     run.phases[c].extend(values.tolist())
-            run.transitions.extend(_jsonable(t) for t in transitions)
+            run.transitions.extend(jsonable(t) for t in transitions)
 
     def add_inversion(self, uid: str, rows: dict) -> None:
         """Per-frame inversion rows (workers.inversion.refine.inversion_rows; NaN as None)."""
@@ -177,10 +179,7 @@ class RunStore:
             n = len(run.phases["seq_num"])
             cols = {c: run.phases[c][since:n] for c in PHASE_COLUMNS}
             transitions = list(run.transitions)
-        if final is not None:
-            keep = [i for i, f in enumerate(cols["final"]) if f == final]
-            cols = {c: [v[i] for i in keep] for c, v in cols.items()}
-        return cols, n, transitions
+        return _only(cols, final), n, transitions
 
     def set_info(self, uid: str, info: dict) -> None:
         """Keys added to the run's summary (modality; source_run and detector of a detector)."""
@@ -189,19 +188,19 @@ class RunStore:
             if run is not None:
                 run.info = dict(info)
 
-    def add_extras(self, uid: str, seq, times, maps: dict | None, profiles: dict, scalars: dict) -> None:
-        """A batch's modality extras (service/modalities.py): the latest q-map and extra
-        profiles are kept, scalar series whole (NaN as None)."""
+    def add_extras(self, uid: str, seq, qmaps, profiles: dict, scalars: dict) -> None:
+        """A grazing batch's extras (workers.pipeline.BatchResult: qmaps, extra_profiles,
+        scalars): the latest q-map and extra profiles are kept, scalar series whole (NaN as None)."""
         with self._lock:
             run = self._runs.get(uid)
             if run is None:
                 return
-            if maps and maps["images"]:
-                s, image = maps["images"][-1]
-                run.qmap = (int(s), maps["q_xy"], maps["q_z"], image)
+            if qmaps is not None and qmaps.images:
+                s, image = qmaps.images[-1]
+                run.qmap = (int(s), qmaps.q_xy, qmaps.q_z, image)
             for name, p in profiles.items():
-                if len(seq) and len(p["intensity"]):
-                    run.extra_profiles[name] = (int(seq[-1]), p["radial"], p["unit"], p["intensity"][-1], p["sigma"][-1])
+                if len(seq) and len(p.intensity):
+                    run.extra_profiles[name] = (int(seq[-1]), p.radial, p.unit, p.intensity[-1], p.sigma[-1])
             for name, values in scalars.items():
                 col = run.series.setdefault(name, {"seq_num": [], "value": []})
                 col["seq_num"].extend(int(x) for x in seq)
@@ -226,6 +225,12 @@ class RunStore:
             qmap = None if run.qmap is None else {"seq_num": run.qmap[0]}
         return {"profiles": profiles, "scalars": series, "qmap": qmap}
 
+    def add_reseeds(self, uid: str, n: int) -> None:
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is not None:
+                run.reseeds += int(n)
+
     def add_failed(self, uid: str, n: int, reason: str) -> None:
         with self._lock:
             run = self._runs.get(uid)
@@ -246,16 +251,12 @@ class RunStore:
                 return None
             n = len(run.peaks["seq_num"])
             cols = {c: run.peaks[c][since:n] for c in PEAK_COLUMNS}
-        if final is not None:
-            keep = [i for i, f in enumerate(cols["final"]) if f == final]
-            cols = {c: [v[i] for i in keep] for c, v in cols.items()}
-        return cols, n
+        return _only(cols, final), n
 
 
-def _jsonable(event: dict) -> dict:
-    """A transition event with JSON-safe values (NaN -> None, numpy scalars -> Python)."""
-    out = {}
-    for k, v in event.items():
-        v = v.item() if isinstance(v, np.generic) else v
-        out[k] = None if isinstance(v, float) and not np.isfinite(v) else v
-    return out
+def _only(cols: dict, final: bool | None) -> dict:
+    """The rows of columnar ``cols`` whose ``final`` flag is ``final`` (None: all)."""
+    if final is None:
+        return cols
+    keep = [i for i, f in enumerate(cols["final"]) if f == final]
+    return {c: [v[i] for i in keep] for c, v in cols.items()}

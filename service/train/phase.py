@@ -89,10 +89,14 @@ def fit_series(q, intensity, sigma, times, *, regularized: bool = True, batch: i
     all rows (provisional and final) of ``TrajectoryFitter`` fed ``batch`` frames at a time;
     ``regularized=False``: per-frame fits only (penalty none, rows marked final)."""
     from service.config import FitConfig
-    from workers.temporal import RegularizerSpec, TrajectoryFitter, concat_rows, model_spec_from_dict
+    from workers.specs import RegularizerSpec
+    from workers.temporal import TrajectoryFitter, concat_rows
 
-    spec, reg = model_spec_from_dict((fit_config or FitConfig()).model_dump())
-    fitter = TrajectoryFitter(spec, reg if regularized else RegularizerSpec(window=1, penalty="none"))
+    fit = fit_config or FitConfig()
+    spec = fit.model_spec()
+    if spec is None:
+        raise ValueError("fit_config has no peaks (peaks: []): nothing to fit")
+    fitter = TrajectoryFitter(spec, fit.regularizer if regularized else RegularizerSpec(window=1, penalty="none"))
     seq = np.arange(1, len(times) + 1)
     out = [fitter.update(q, intensity[i:i + batch], sigma[i:i + batch], seq[i:i + batch], times[i:i + batch])
            for i in range(0, len(times), batch)]
@@ -173,42 +177,23 @@ def match_crossings(truth, found, frame_s: float, max_frames: float = 10.0):
     return np.array(errors), missed, len(free)
 
 
-def baseline_events(area: np.ndarray, times: np.ndarray, phases, *, n_ref: int = 5, min_frames: int = 2,
-                    bounds: tuple[float, float] = (0.19, 0.91)) -> tuple[np.ndarray, list[dict]]:
-    """Labels of ``workers.phase.main_peak_baseline`` and its events: label changes held for
-    ``min_frames`` frames, timed by linear interpolation of the normalised area across the bound
-    between the two frames around the change (midpoint if it does not cross there)."""
-    from workers.phase import _label_changes, main_peak_baseline
-
-    labels = main_peak_baseline(area, tuple(phases), n_ref=n_ref, bounds=bounds)
-    r = area / np.nanmean(area[:n_ref])
-    idx = np.array([list(phases).index(p) for p in labels])
-    events = []
-    for k, a, b, _ in _label_changes(idx, min_frames)[0]:
-        level = bounds[1] if min(a, b) == 0 else bounds[0]
-        if b - a == 2 or a - b == 2:
-            level = 0.5 * (bounds[0] + bounds[1])
-        r0, r1 = r[k - 1], r[k]
-        w = (level - r0) / (r1 - r0) if r1 != r0 else 0.5
-        w = w if 0.0 <= w <= 1.0 else 0.5
-        events.append({"from": phases[a], "to": phases[b], "time": float(times[k - 1] + w * (times[k] - times[k - 1]))})
-    return labels, events
-
-
 def evaluate_cycle(cycle, times, q, scale, rng, checkpoint=None, *, batch: int = 8) -> dict:
     """Simulate, fit (service defaults) and label one cycle with the rules, the classifier (if a
     checkpoint is given) and the baseline. Returns per method: ``correct`` (fraction of frames),
     ``errors`` (signed transition-time errors in frames), ``missed``, ``false``, ``ms_per_frame``
     (labelling only, not fitting), plus ``truth`` labels and ``fit_s``."""
+    from service.config import FitConfig
     from service.sim.azopolymer import PHASES
     from workers.phase import PhaseTracker, default_phase_spec, frame_table
-    from workers.temporal import TrajectoryFitter, model_spec_from_dict
-    from service.config import FitConfig
+    from workers.temporal import TrajectoryFitter
+
+    from .baselines import baseline_events
 
     spec = default_phase_spec()
     inten, sig = simulate_profiles(cycle, q, times, scale, rng)
     seq = np.arange(1, len(times) + 1)
-    fitter = TrajectoryFitter(*model_spec_from_dict(FitConfig().model_dump()))
+    fit = FitConfig()
+    fitter = TrajectoryFitter(fit.model_spec(), fit.regularizer)
     trackers = {"rules": PhaseTracker(spec)}
     if checkpoint is not None:
         trackers["classifier"] = PhaseTracker(spec, checkpoint)

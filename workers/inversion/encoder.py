@@ -156,7 +156,18 @@ def map_features(log_i: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # networks
-class ProfileEncoder(nn.Module):
+class _BoundedEncoder(nn.Module):
+    """A network ``conv`` then ``head`` whose outputs are squashed into ``bounds``."""
+
+    def forward_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Parameters in unit coordinates u in (0, 1), (B, P)."""
+        return torch.sigmoid(self.head(self.conv(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bounds.from_unit(self.forward_unit(x))
+
+
+class ProfileEncoder(_BoundedEncoder):
     """1D CNN: (B, 3, L) features -> (B, P) parameters within ``bounds``.
 
     Three strided conv blocks (kernel 5, GELU) keep the position along log q (which is what
@@ -178,15 +189,8 @@ class ProfileEncoder(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(n_flat, hidden), nn.GELU(),
                                   nn.Linear(hidden, len(bounds.names)))
 
-    def forward_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """Parameters in unit coordinates u in (0, 1), (B, P)."""
-        return torch.sigmoid(self.head(self.conv(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bounds.from_unit(self.forward_unit(x))
-
-
-class MapEncoder(nn.Module):
+class MapEncoder(_BoundedEncoder):
     """2D CNN: (B, 2, H, W) GISAXS map features -> (B, P) parameters within ``bounds``."""
 
     def __init__(self, bounds: ParamBounds, shape: tuple[int, int] = (32, 64),
@@ -205,11 +209,6 @@ class MapEncoder(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(n_flat, hidden), nn.GELU(),
                                   nn.Linear(hidden, len(bounds.names)))
 
-    def forward_unit(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.conv(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bounds.from_unit(self.forward_unit(x))
 
 
 def encoder_state(enc: nn.Module, **meta) -> dict:

@@ -1,8 +1,8 @@
 """bluesky plan stubs that steer an experiment from scatterflow's live fit results.
 
 A plan gets its run's uid from ``uid = yield from bps.open_run(md)`` (bluesky >= 1.10 returns
-it), and asks a follower (`service.feedback.ResultsFollower` over 0MQ or `RestFollower` over
-HTTP, created *before* the run so the 0MQ subscription is in place) about that uid:
+it), and asks a follower (`service.plans.feedback.ResultsFollower` over 0MQ or `RestFollower`
+over HTTP, created *before* the run so the 0MQ subscription is in place) about that uid:
 
 * `wait_for_fit`: keep acquiring (or just wait) until ``condition(value, err)`` holds for a
   fitted peak parameter of a frame taken after ``after_seq``;
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 
-from .errors import ScatterflowError
+from ..errors import ScatterflowError
 from .feedback import TERMINAL, FitValue, canonical_param
 
 log = logging.getLogger(__name__)

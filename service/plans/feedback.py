@@ -356,7 +356,7 @@ class ResultsFollower(_Follower):
         if not isinstance(prefix, bytes) or b" " in prefix:
             raise ValueError(f"prefix must be bytes without b' ', got {prefix!r}")
         if deserializer == "msgpack":
-            from .publish.results import msgpack_deserializer
+            from ..publish.results import msgpack_deserializer
             self._loads = msgpack_deserializer()
         elif deserializer == "pickle":
             self._loads = pickle.loads

@@ -7,121 +7,24 @@ provisional and final fit, drops (lost upstream, dropped, failed), CPU seconds p
 """
 from __future__ import annotations
 
-import functools
-import logging
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .baseline import baseline_pyfai_lmfit, require_lmfit
+from .frames import DETECTORS, bench_geometry, frame_pool
+from .sender import run_sender
 
 STALL_S = 30.0      # a measured run that makes no progress for this long has lost its stop document
 
-DETECTORS = {   # name: (distance m) chosen so that q spans ~1.5-20 1/nm at 1 Å
-    "Pilatus300k": 0.20, "Eiger1M": 0.16, "Eiger4M": 0.33,
-}
 
-
-def bench_geometry(detector: str):
-    """pyFAI AzimuthalIntegrator with the beam at the detector centre."""
-    from pyFAI.detectors import detector_factory
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-    det = detector_factory(detector)
-    rows, cols = det.shape
-    return AzimuthalIntegrator(dist=DETECTORS[detector], poni1=rows / 2 * det.pixel1, poni2=cols / 2 * det.pixel2,
-                               rot1=0.002, rot2=-0.001, detector=det, wavelength=1e-10)
-
-
-def frame_pool(ai, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n simulated frames along the azopolymer cycle (rows, cols int32) and the mask."""
-    from .sim import AzoCycle, FrameSimulator
-    sim = FrameSimulator(ai, AzoCycle(), seed=seed, noise="normal")
-    times = np.linspace(0, 60, n)
-    return np.stack([sim.frame(float(t)) for t in times]), sim.mask
-
-
-# --------------------------------------------------------------------------- the sender
-def _sender(address: str, frames_path: str, n_frames: int, rate: float, mode: str, h5_path: str | None,
-            poni: dict, ready: mp.Event, go: mp.Event, done: mp.Queue, warmup: int = 0,
-            go_warm: mp.Event | None = None) -> None:
-    """Runs in its own process: compose Bluesky documents and publish them at `rate` frames/s.
-    With `warmup` > 0 a short run goes first (as fast as possible) so that the measured run
-    does not include building integration matrices and first-call costs."""
-    import msgpack
-    import msgpack_numpy
-    import zmq
-
-    from .memory import reuse_freed_buffers
-    reuse_freed_buffers()
-    pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
-    pool = np.load(frames_path, mmap_mode="r")
-    sock = zmq.Context.instance().socket(zmq.PUB)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.connect(address)
-    ready.set()
-
-    def send(name, doc):
-        # bluesky.callbacks.zmq.Publisher's framing, b" ".join([prefix, name, payload]), sent
-        # without pyzmq's copy of the message (the frame's bytes are not touched again)
-        sock.send(b" ".join((b"", name.encode(), pack(doc))), copy=False)
-
-    if warmup:
-        go_warm.wait()
-        done.put((_publish_run(send, pool, warmup, 0.0, mode, h5_path, poni, "bench-warmup")[0], 0.0, 0.0))
-    go.wait()
-    cpu0 = time.process_time()
-    uid, seconds = _publish_run(send, pool, n_frames, rate, mode, h5_path, poni, "bench")
-    done.put((uid, seconds, time.process_time() - cpu0))
-    time.sleep(0.5)
-    sock.close(linger=2000)
-
-
-def _publish_run(send, pool, n_frames: int, rate: float, mode: str, h5_path: str | None, poni: dict,
-                 plan_name: str) -> tuple[str, float]:
-    """One run of `n_frames` events at `rate` frames/s (0: at once); (start uid, seconds sending)."""
-    from event_model import compose_run
-    rows, cols = pool.shape[1:]
-    bundle = compose_run(metadata={"plan_name": plan_name, "geometry": poni, "detectors": ["det"]})
-    send("start", bundle.start_doc)
-    key = {"source": "bench", "dtype": "array", "shape": [1, rows, cols], "dtype_numpy": pool.dtype.str}
-    if mode == "hdf5":
-        key["external"] = "STREAM:"
-    desc = bundle.compose_descriptor(name="primary", data_keys={"det_image": key})
-    send("descriptor", desc.descriptor_doc)
-    if mode == "hdf5":
-        sres = bundle.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{h5_path}",
-                                              data_key="det_image",
-                                              parameters={"dataset": "/entry/data/data", "chunk_shape": [1, rows, cols]})
-        send("stream_resource", sres.stream_resource_doc)
-    t0 = time.perf_counter()
-    for i in range(n_frames):
-        if rate > 0:
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        k = i % len(pool)
-        if mode == "hdf5":
-            datum = sres.compose_stream_datum(indices={"start": k, "stop": k + 1},
-                                              seq_nums={"start": i + 1, "stop": i + 2},
-                                              descriptor=desc.descriptor_doc)
-            send("stream_datum", datum)
-            send("event", desc.compose_event(data={}, timestamps={}, seq_num=i + 1))
-        else:
-            send("event", desc.compose_event(data={"det_image": np.asarray(pool[k])},
-                                             timestamps={"det_image": time.time()}, seq_num=i + 1))
-    send("stop", bundle.compose_stop())
-    return bundle.start_doc["uid"], time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------- the run
 @dataclass
 class BenchResult:
     detector: str
@@ -201,15 +104,18 @@ def _cpu_seconds(pids: list[int]) -> float:
 def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.0, mode: str = "inline",
               workers: int = 1, baseline: bool = True, pool_size: int = 16, workdir: str | None = None,
               warmup: int = 8, progress=None) -> BenchResult:
-    from .commands.demo import free_port
-    from .config import load_settings
-    from .server import Service
-    from .sim import poni_dict
-    from .memory import reuse_environment
+    from ..commands.loopback import free_port
+    from ..commands.waiting import wait_finished
+    from ..config import load_settings
+    from ..memory import reuse_environment
+    from ..server import Service
+    from ..sim import poni_dict
     if mode not in ("inline", "hdf5"):
         raise ValueError(f"mode must be 'inline' or 'hdf5', got {mode!r}")
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {sorted(DETECTORS)}, got {detector!r}")
+    if baseline:
+        require_lmfit()
     work = Path(workdir or tempfile.mkdtemp(prefix="scatterflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     ai = bench_geometry(detector)
@@ -237,9 +143,9 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     service = Service(settings).start()
     ctx = mp.get_context("spawn")
     ready, go, done, go_warm = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Event()
-    sender = ctx.Process(target=_sender, args=(f"tcp://127.0.0.1:{in_port}", str(work / "pool.npy"), frames, rate,
-                                               mode, h5_path, poni_dict(ai), ready, go, done, warmup, go_warm),
-                         daemon=True)
+    sender = ctx.Process(target=run_sender, args=(f"tcp://127.0.0.1:{in_port}", str(work / "pool.npy"), frames,
+                                                  rate, mode, h5_path, poni_dict(ai), ready, go, done, warmup,
+                                                  go_warm), daemon=True)
     try:
         sender.start()
         ready.wait(60)
@@ -247,7 +153,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         if warmup:
             go_warm.set()
             warm_uid, _, _ = done.get(timeout=600)
-            _wait_finished(service, warm_uid, 600)
+            wait_finished(service, warm_uid, 600)
             service.hub.latencies["provisional"].clear()
             service.hub.latencies["final"].clear()
         pids = {"service": [os.getpid()], "workers": [w.process.pid for w in service.dispatcher._workers],
@@ -261,7 +167,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         uid, send_seconds, sender_cpu = done.get(timeout=frames / max(rate, 1) * 10 + 600)
         at_end = service.store.get(uid)
         backlog = frames - (at_end.frames_fitted if at_end else 0)   # not yet fitted when the detector stopped
-        run = _wait_finished(service, uid, 600, progress, stall_s=STALL_S)
+        run = wait_finished(service, uid, 600, progress, stall_s=STALL_S)
         cpu_split = {k: _cpu_seconds(v) - cpu0[k] for k, v in pids.items()} | {"sender": sender_cpu}
         work = {k: v - work0.get(k, 0.0) for k, v in _worker_figures(service.metrics.registry).items()}
         threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu_seconds().items()}
@@ -300,53 +206,3 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         result.baseline_fps = baseline_pyfai_lmfit(ai, pool, mask, settings)
     return result
 
-
-def _wait_finished(service, uid: str, timeout: float, progress=None, stall_s: float | None = None):
-    """The run's store entry once it is no longer running, at the timeout, or when nothing was
-    fitted or finalised for `stall_s` seconds (frames and the stop document lost upstream: 0MQ
-    PUB/SUB drops at its high-water marks when the sender outruns the service for long)."""
-    deadline = time.monotonic() + timeout
-    last, since = None, time.monotonic()
-    while time.monotonic() < deadline:
-        run = service.store.get(uid)
-        if progress is not None and run is not None:
-            progress(run.frames_fitted, run.frames_final)
-        if run is not None and run.status != "running":
-            break
-        state = None if run is None else (run.frames_fitted, run.frames_final)
-        if state != last:
-            last, since = state, time.monotonic()
-        elif stall_s is not None and time.monotonic() - since > stall_s:
-            log.warning("bench: no progress for %.0f s; the stop document was lost upstream", stall_s)
-            break
-        time.sleep(0.2)
-    return service.store.get(uid)
-
-
-def baseline_pyfai_lmfit(ai, pool: np.ndarray, mask: np.ndarray, settings, n: int = 8) -> float:
-    """Frames/s of the usual per-frame path: pyFAI integrate1d (bbox CSR) then an lmfit Model
-    of the same peaks and background, warm-started from the previous frame."""
-    import lmfit
-    cfg = settings.fit
-    model = None
-    params = None
-    t0 = time.perf_counter()
-    for k in range(n):
-        res = ai.integrate1d(pool[k % len(pool)], settings.reduction.npt, unit="q_nm^-1",
-                             method=("bbox", "csr", "cython"), mask=mask, polarization_factor=0.95,
-                             error_model="poisson", dummy=-1, delta_dummy=0.5)
-        q, i, s = res.radial, res.intensity, res.sigma
-        sel = (q >= cfg.q_range[0]) & (q <= cfg.q_range[1]) & (s > 0)
-        if model is None:
-            model = lmfit.models.PowerLawModel(prefix="bg_") + lmfit.models.ConstantModel(prefix="c_")
-            for p in cfg.peaks:
-                model = model + lmfit.models.PseudoVoigtModel(prefix=f"{p.name}_")
-            params = model.make_params(bg_amplitude=600.0, bg_exponent=-3.0, c_c=10.0)
-            for p in cfg.peaks:
-                params[f"{p.name}_center"].set(value=p.center, min=p.center_min, max=p.center_max)
-                params[f"{p.name}_sigma"].set(value=p.fwhm / 2, min=0.005)
-                params[f"{p.name}_amplitude"].set(value=50.0, min=0)
-                params[f"{p.name}_fraction"].set(value=0.5, min=0, max=1)
-        out = model.fit(i[sel], params, x=q[sel], weights=1 / s[sel])
-        params = out.params
-    return n / (time.perf_counter() - t0)

@@ -1,0 +1,56 @@
+"""The FastAPI app: read-only REST under /api/v1, Prometheus at /metrics, the live dashboard at /.
+
+`build_app` receives its collaborators (run store, metrics, a status callable), as tiled's
+`build_app` does, so tests inject them; routers reach them through ``app.state.context``
+(dependencies.py). The app serves the routes of the resource routers as its own:
+`include_router` (FastAPI >= 0.137) would list each router as one node in ``app.routes``.
+
+Every route is read-only (GET; other methods answer 405). When an API key is set, every route
+but ``/static`` (the dashboard's code) needs it, given as header ``X-API-Key: KEY``,
+``Authorization: Bearer KEY`` (what Prometheus' scrape ``authorization`` sends) or query
+``api_key=KEY`` (the dashboard passes the key of its own URL on, as EventSource cannot set
+headers); else 401. ``/metrics`` is behind the key too: its counters reveal run activity, and
+Prometheus sends bearer tokens natively. So is ``/api/v1/health``: the container healthchecks
+read the key from their secret file, and nothing answers an unauthenticated caller.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from pydantic import SecretStr
+
+from ..config import secret
+from ..metrics import Metrics
+from ..publish.state import RunStore
+from . import dashboard, events, health, images, results, runs
+from .dependencies import ApiContext
+
+ROUTERS = (health.router, runs.router, results.router, images.router, events.router, dashboard.router)
+
+
+def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
+              api_key: str | SecretStr | None = None, stream_interval_s: float = 0.5,
+              stream_max_s: float = 20.0) -> FastAPI:
+    """The service's web app.
+
+    api_key : None or empty: no authentication (the configuration allows that on loopback only).
+
+    stream_interval_s : how often (s) an open event stream looks for new results (> 0).
+    stream_max_s : an event stream ends after this long (s, > 0) and the browser reconnects
+        where it left off (``Last-Event-ID``), so a stopping server never waits on a stream.
+    """
+    if not stream_interval_s > 0:
+        raise ValueError(f"stream_interval_s must be > 0, got {stream_interval_s!r}")
+    if not stream_max_s > 0:
+        raise ValueError(f"stream_max_s must be > 0, got {stream_max_s!r}")
+    app = FastAPI(title="scatterflow", version="0.1.0",
+                  description="Live reduction and peak fitting of operando X-ray scattering runs.",
+                  routes=[route for router in ROUTERS for route in router.routes])
+    app.state.context = ApiContext(store=store, metrics=metrics, status=status, api_key=secret(api_key),
+                                   started=time.time(), stream_interval_s=stream_interval_s,
+                                   stream_max_s=stream_max_s)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,84 @@
+"""Health, service status and metrics: ``/api/v1/health``, ``/api/v1/status``,
+``/api/v1/metrics/summary`` (JSON) and ``/metrics`` (Prometheus text)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..metrics import Metrics, histogram_quantile
+from .dependencies import Context, check_api_key
+from .schemas import Health, LatencySummary, MetricsSummary
+
+router = APIRouter(dependencies=[Depends(check_api_key)])
+
+
+@router.get("/api/v1/health", response_model=Health)
+def health(ctx: Context) -> Health:
+    return Health(status="ok", uptime_s=time.time() - ctx.started)
+
+
+@router.get("/api/v1/status", response_model=dict[str, Any])
+def get_status(ctx: Context) -> dict:
+    """Queues, rates, workers and devices, as the service reports them (service/server.py)."""
+    return ctx.status()
+
+
+@router.get("/api/v1/metrics/summary", response_model=MetricsSummary)
+def metrics_json(ctx: Context) -> MetricsSummary:
+    return metrics_summary(ctx.metrics)
+
+
+@router.get("/metrics")
+def prometheus(ctx: Context) -> Response:
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_summary(metrics: Metrics) -> MetricsSummary:
+    """The service's Prometheus metrics as JSON: counters by label, gauges, and latency
+    (count, mean, p50/p95/p99 in s, interpolated within histogram buckets) per stage."""
+    def by_label(metric) -> dict[str, float]:
+        out = {}
+        for fam in metric.collect():
+            for s in fam.samples:
+                if fam.type == "counter" and not s.name.endswith("_total"):
+                    continue
+                key = ",".join(s.labels.values()) or "total"
+                out[key] = out.get(key, 0.0) + s.value
+        return out
+
+    def total(metric) -> float:
+        return float(sum(by_label(metric).values()))
+
+    return MetricsSummary(
+        frames_received=total(metrics.frames_in), frames_fitted=total(metrics.frames_fitted),
+        frames_final=total(metrics.frames_final), frames_dropped=total(metrics.frames_dropped),
+        frames_failed=by_label(metrics.frames_failed), rejected=by_label(metrics.rejected),
+        lost_upstream=by_label(metrics.lost_upstream), reseeds=total(metrics.reseeds),
+        change_points=total(metrics.change_points), queue_depth=by_label(metrics.queue_depth),
+        runs_active=total(metrics.runs_active), tiled_requests=total(metrics.tiled_requests),
+        tiled_failures=total(metrics.tiled_failures), latency=_latency(metrics))
+
+
+def _latency(metrics: Metrics) -> dict[str, LatencySummary]:
+    """Count, mean and quantiles (s) of the latency histogram, by stage."""
+    per: dict[str, dict] = {}
+    for fam in metrics.latency.collect():
+        for s in fam.samples:
+            d = per.setdefault(s.labels.get("stage", ""), {"buckets": [], "count": 0.0, "sum": 0.0})
+            if s.name.endswith("_bucket"):
+                d["buckets"].append((float(s.labels["le"]), s.value))
+            elif s.name.endswith("_count"):
+                d["count"] = s.value
+            elif s.name.endswith("_sum"):
+                d["sum"] = s.value
+    out = {}
+    for stage, d in per.items():
+        b = sorted(d["buckets"])
+        out[stage] = LatencySummary(count=int(d["count"]), mean_s=d["sum"] / d["count"] if d["count"] else None,
+                                    p50_s=histogram_quantile(b, 0.5), p95_s=histogram_quantile(b, 0.95),
+                                    p99_s=histogram_quantile(b, 0.99))
+    return out

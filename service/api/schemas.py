@@ -1,0 +1,162 @@
+"""Response models of the REST API: the JSON bodies clients get, documented in /openapi.json.
+
+Non-finite numbers travel as null. Open-ended parts stay open: a run summary carries
+``modality``, ``source_run`` and ``detector`` only when the run has them (routes leave unset
+fields out), the start document is free-form, and the columns of a table are those of the rows
+the workers send (workers/columns.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.columns import PEAK_COLUMNS, PHASE_COLUMNS
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    uptime_s: float = Field(description="seconds since the app was built")
+
+
+class RunSummary(BaseModel):
+    """One analysis run as the run store holds it."""
+    model_config = ConfigDict(extra="allow")
+
+    uid: str
+    status: str = Field(description='"running", then the exit_status of its stop document')
+    reason: str
+    plan_name: str | None
+    scan_id: int | None
+    created: float = Field(description="s since the epoch")
+    stopped: float | None = Field(description="s since the epoch; null while running")
+    frames_received: int
+    frames_fitted: int
+    frames_final: int
+    frames_failed: dict[str, int] = Field(description="frames counted as failed, by reason")
+    reseeds: int = Field(0, description="fits re-seeded after divergence")
+    peak_rows: int
+    unit: str = Field(description="unit of the profiles' radial axis")
+    modality: str | None = Field(None, description="only for runs analysed with a setup")
+    source_run: str | None = Field(None, description="only for one detector of a multi-detector run")
+    detector: str | None = Field(None, description="only for one detector of a multi-detector run")
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+
+
+class RunDetail(RunSummary):
+    start: dict[str, Any] = Field(description="the run's start document")
+
+
+class PeakTable(BaseModel):
+    columns: dict[str, list[Any]] = Field(
+        description="equal-length lists, one row per frame and peak: " + ", ".join(PEAK_COLUMNS))
+    next_since: int = Field(description="row index to ask from next")
+
+
+class Transition(BaseModel):
+    """A confirmed phase transition (workers/phase.py)."""
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+    seq_num: int
+    time: float | None = Field(description="s; null when the rows carry no time")
+    time_sigma: float | None = Field(description="s")
+    frame_sigma: float | None = Field(description="frames")
+    change_point: bool = Field(description="located at a fit change point")
+
+
+class PhaseTable(BaseModel):
+    columns: dict[str, list[Any]] = Field(
+        description="equal-length lists, one row per frame: " + ", ".join(PHASE_COLUMNS))
+    next_since: int = Field(description="row index to ask from next")
+    transitions: list[Transition] = Field(description="all confirmed transitions so far, in time order")
+
+
+class InversionTable(BaseModel):
+    columns: dict[str, list[Any]] = Field(
+        description="equal-length lists, one row per frame: seq_num, radius (nm), pd, volfraction, i0, "
+                    "background, each with _err and _encoder, chi2; empty before the first row")
+    next_since: int = Field(description="row index to ask from next")
+
+
+class Profiles(BaseModel):
+    unit: str
+    radial: list[float] = Field(description="bin centres, in `unit`")
+    seq_num: list[int]
+    time: list[float] = Field(description="s since the epoch")
+    intensity: list[list[float | None]] = Field(description="(frames, bins)")
+    sigma: list[list[float | None]] = Field(description="(frames, bins)")
+
+
+class LatestProfile(BaseModel):
+    uid: str
+    seq_num: int
+    time: float = Field(description="s since the epoch")
+    unit: str
+    radial: list[float | None]
+    intensity: list[float | None]
+    sigma: list[float | None]
+    peaks: dict[str, list[Any]] = Field(description="that frame's peak rows, columns as /peaks")
+
+
+class QMap(BaseModel):
+    uid: str
+    seq_num: int
+    unit: Literal["1/nm"]
+    dims: list[str] = Field(description='["q_z", "q_xy"]: the axes of intensity')
+    q_xy: list[float]
+    q_z: list[float]
+    intensity: list[list[float | None]] = Field(description="(Nz, Nxy); null: missing wedge, no pixel")
+
+
+class ExtraProfile(BaseModel):
+    seq_num: int
+    radial: list[float | None]
+    unit: str
+    intensity: list[float | None]
+    sigma: list[float | None]
+
+
+class Series(BaseModel):
+    seq_num: list[int]
+    value: list[float | None]
+
+
+class QMapRef(BaseModel):
+    seq_num: int
+
+
+class Extras(BaseModel):
+    profiles: dict[str, ExtraProfile] = Field(description="latest extra profile by name (in_plane, vertical_cut)")
+    scalars: dict[str, Series] = Field(description="per-frame scalar series by name (hermans_orientation)")
+    qmap: QMapRef | None = Field(description="the latest q-map's frame, null without one")
+
+
+class LatencySummary(BaseModel):
+    count: int
+    mean_s: float | None
+    p50_s: float | None = Field(description="interpolated within histogram buckets")
+    p95_s: float | None
+    p99_s: float | None
+
+
+class MetricsSummary(BaseModel):
+    """The Prometheus metrics as JSON: totals, counts by label (``total`` when unlabelled)."""
+    frames_received: float
+    frames_fitted: float
+    frames_final: float
+    frames_dropped: float
+    frames_failed: dict[str, float]
+    rejected: dict[str, float]
+    lost_upstream: dict[str, float]
+    reseeds: float
+    change_points: float
+    queue_depth: dict[str, float]
+    runs_active: float
+    tiled_requests: float
+    tiled_failures: float
+    latency: dict[str, LatencySummary] = Field(description="arrival to result, by stage")

@@ -1,0 +1,186 @@
+"""The edge where a run's settings become the workers' frozen `RunSpec` (workers/pipeline.py):
+configuration, then the start document's keys (service/detectors.py), geometry, mask, dark and
+flat images, the phase classifier and inversion encoder (each read once per service).
+
+Bad values raise ValueError naming the key; a missing checkpoint is a ConfigError at start.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from workers.specs import GRAZING, GrazingSpec, ReductionSpec
+
+from .config import FitConfig, ReductionConfig, Settings
+from .detectors import run_settings
+from .errors import ConfigError
+from .images import read_image
+
+log = logging.getLogger(__name__)
+
+MODELS = Path(__file__).parent / "models"          # checkpoints shipped with the service
+
+
+def reduction_spec(r: ReductionConfig, fit: FitConfig) -> ReductionSpec:
+    """The ReductionSpec of merged settings; ValueError naming the key where a grazing
+    modality lacks what it needs."""
+    grazing = grazing_spec(r, fit) if r.modality in GRAZING else None
+    return ReductionSpec(npt=r.npt, unit=r.unit, method=r.method, polarization=r.polarization,
+                         radial_range=r.radial_range, azimuth_range=r.azimuth_range,
+                         snapshot_every=r.snapshot_every, modality=r.modality, grazing=grazing)
+
+
+def grazing_spec(r: ReductionConfig, fit: FitConfig) -> GrazingSpec:
+    modality = r.modality
+    if r.incident_angle is None:
+        raise ValueError(f"modality {modality!r} needs reduction.incident_angle (rad), "
+                         "or start['scatterflow']['incident_angle']")
+    if r.method not in ("no", "bbox"):
+        raise ValueError(f"modality {modality!r} supports reduction.method 'no' or 'bbox', got {r.method!r}")
+    if r.unit != "q_nm^-1":
+        raise ValueError(f"modality {modality!r} works in q_nm^-1, got reduction.unit {r.unit!r}")
+    if r.azimuth_range is not None:
+        raise ValueError(f"reduction.azimuth_range applies to saxs/waxs only, got {r.azimuth_range!r}")
+    band = None
+    if modality == "gisaxs":
+        if r.critical_angle is None:
+            raise ValueError("modality 'gisaxs' needs reduction.critical_angle (rad) for the Yoneda cut")
+        if r.yoneda_half_width is not None and not r.yoneda_half_width < r.critical_angle:
+            raise ValueError(f"reduction.yoneda_half_width must be < critical_angle {r.critical_angle}, "
+                             f"got {r.yoneda_half_width!r}")
+        band = rod_band(r, fit)
+    return GrazingSpec(modality=modality, incident_angle=r.incident_angle, tilt_angle=r.tilt_angle,
+                       sample_orientation=r.sample_orientation, critical_angle=r.critical_angle,
+                       yoneda_half_width=r.yoneda_half_width, rod_q_xy_band=band,
+                       out_of_plane_sector=r.out_of_plane_sector, in_plane_sector=r.in_plane_sector,
+                       orientation_q_band=r.orientation_q_band, orientation_chi_range=r.orientation_chi_range,
+                       qmap_npt=r.qmap_npt, qmap_q_xy_range=r.qmap_q_xy_range, qmap_q_z_range=r.qmap_q_z_range)
+
+
+def rod_band(r: ReductionConfig, fit: FitConfig) -> tuple[float, float]:
+    """q_xy band (1/nm) of the GISAXS vertical cut: ``reduction.rod_q_xy_band``, else the
+    first fitted peak's centre ± its FWHM."""
+    band = r.rod_q_xy_band
+    if band is None:
+        if not fit.peaks:
+            raise ValueError("reduction.rod_q_xy_band is unset and the fit has no peak to centre it on")
+        c, w = float(fit.peaks[0].center), float(fit.peaks[0].fwhm)
+        band = (c - w, c + w)
+    lo, hi = (float(v) for v in band)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"rod q_xy band must satisfy 0 < lo < hi (1/nm), got {tuple(band)!r}")
+    return lo, hi
+
+
+class RunSpecBuilder:
+    """``build(start, calibrated)`` -> RunSpec for the analysis of ``start`` (a detector's copy
+    for a multi-detector run). Checkpoints are read at construction: a bad path fails the
+    service's start, not each run."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.phases = self._phase_spec()
+        self.phase_checkpoint = self._phase_checkpoint()
+        self.inversion = self._inversion_spec()
+
+    def build(self, start: dict, calibrated=None):
+        """``calibrated``: the Geometry of the service's last calibrant run, used when the start
+        document names no detector geometry of its own."""
+        from workers.geometry import Geometry
+        from workers.pipeline import RunSpec
+        g = self.settings.geometry
+        run = run_settings(start, self.settings.reduction, self.settings.fit)   # modality, per-run/detector keys
+        reduction = reduction_spec(run.reduction, run.fit)
+        if run.geometry is not None:                        # the detector's own PONI mapping (start document)
+            geometry = Geometry.from_pyfai(_pyfai_load(run.geometry))
+        elif calibrated is not None:
+            geometry = calibrated
+        elif g.poni is not None:
+            geometry = Geometry.from_poni(g.poni)
+        elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
+            geometry = Geometry.from_pyfai(_pyfai_load(start["geometry"]))
+        else:       # fine for runs of reduced 1D profiles; 2D frames of this run fail as "no_geometry"
+            log.warning("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
+                        str(start.get("uid", "?"))[:8])
+            geometry = None
+        mask = _image_for(g.mask, geometry, "mask")
+        mask = mask.astype(bool) if mask is not None else None
+        if mask is not None and geometry is not None:
+            mask = mask | geometry.detector_mask()
+        calibrant = start.get("calibrant")
+        if calibrant is not None and not isinstance(calibrant, str):
+            raise ValueError(f"start document 'calibrant' must be a calibrant name, got {calibrant!r}")
+        model = run.fit.model_spec()
+        phases = self.phases
+        if phases is not None:
+            names = [] if model is None else [p.name for p in model.peaks]
+            try:
+                if not names:
+                    raise ValueError("no peaks are fitted")
+                phases.check_peaks(names)
+            except ValueError as exc:
+                log.warning("run %s: no phase identification: %s", str(start.get("uid", "?"))[:8], exc)
+                phases = None
+        return RunSpec(geometry=geometry, reduction=reduction, model=model, regularizer=run.fit.regularizer,
+                       phases=phases, phase_checkpoint=self.phase_checkpoint if phases is not None else None,
+                       inversion=self.inversion, mask=mask, dark=_image_for(g.dark, geometry, "dark"),
+                       flat=_image_for(g.flat, geometry, "flat"), calibrant=calibrant)
+
+    def _phase_spec(self):
+        cfg = self.settings.phases
+        if not cfg.enabled:
+            return None
+        from workers.phase import phase_spec_from_dict
+        try:
+            return phase_spec_from_dict(dict(cfg.spec))
+        except ValueError as exc:
+            raise ConfigError(f"phases.spec: {exc}") from None
+
+    def _phase_checkpoint(self) -> dict | None:
+        cfg = self.settings.phases
+        if not cfg.enabled or cfg.checkpoint is None:
+            return None
+        path = MODELS / "phase_classifier.pt" if cfg.checkpoint == "default" else Path(cfg.checkpoint)
+        if not path.is_file():
+            if cfg.checkpoint != "default":
+                raise ConfigError(f"phases.checkpoint: no file {path}")
+            log.warning("no phase classifier at %s: phases from rules on the fitted parameters", path)
+            return None
+        import torch
+        log.info("phase classifier: %s", path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _inversion_spec(self):
+        cfg = self.settings.inversion
+        if not cfg.enabled:
+            return None
+        from workers.specs import InversionSpec
+        path = MODELS / "saxs_encoder.pt" if cfg.checkpoint == "default" else Path(cfg.checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"inversion.checkpoint: no file {path}")
+        import torch
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("model") != "sphere_hs":
+            raise ConfigError(f"inversion.checkpoint: {path} is a {state.get('model')!r} encoder; "
+                              "per-frame inversion takes SAXS profiles (sphere_hs)")
+        log.info("SAXS inversion encoder: %s", path)
+        return InversionSpec(state=state, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range)
+
+
+def _pyfai_load(mapping: dict):
+    import pyFAI
+    return pyFAI.load(mapping)
+
+
+def _image_for(path, geometry, what: str):
+    """The configured mask/dark/flat image, or None when unset or when its shape is not the
+    detector's (another detector of a multi-detector run: logged, not applied)."""
+    if not path:
+        return None
+    image = read_image(path)
+    if geometry is not None and geometry.shape is not None and tuple(image.shape) != tuple(geometry.shape):
+        log.warning("geometry.%s %s has shape %s, the detector %s: not applied", what, path, image.shape,
+                    tuple(geometry.shape))
+        return None
+    return image
