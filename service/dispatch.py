@@ -62,10 +62,11 @@ class _RunSlot:
 
 @dataclass
 class _Inflight:
-    """A batch sent to a worker and not answered yet."""
+    """A batch sent to a worker and not answered yet (``sent``: time.monotonic())."""
     uid: str
     frames: list[Frame]
     slot: SlotRef | None
+    sent: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -172,6 +173,16 @@ class Dispatcher:
     @property
     def devices(self) -> list[str]:
         return [w.device for w in self._workers]
+
+    def worker_health(self) -> list[dict]:
+        """Per worker: index, pid, device, alive, runs, batches in flight and the age (s) of the
+        oldest unanswered batch (None when idle): a worker that stopped answering shows here."""
+        now = time.monotonic()
+        with self._lock:
+            return [{"index": w.index, "pid": w.process.pid, "device": w.device, "alive": w.process.is_alive(),
+                     "runs": len(w.runs), "inflight_batches": len(w.inflight),
+                     "oldest_inflight_s": max((now - b.sent for b in w.inflight.values()), default=None)}
+                    for w in self._workers]
 
     def queue_depths(self) -> dict[str, int]:
         with self._lock:

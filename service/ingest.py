@@ -587,6 +587,7 @@ class ZmqSubscriber:
     """
 
     def __init__(self, config: IngestConfig, router: DocumentRouter, metrics: Metrics):
+        self._busy_since: float | None = None
         self.config = config
         self.router = router
         self.metrics = metrics
@@ -645,7 +646,17 @@ class ZmqSubscriber:
             except queue.Empty:
                 continue
             self._release(len(message))
-            self.handle(message, arrival)
+            self._busy_since = time.monotonic()
+            try:
+                self.handle(message, arrival)
+            finally:
+                self._busy_since = None
+
+    def route_busy_s(self) -> float | None:
+        """Seconds the routing thread has spent on the message it is handling now; None when idle
+        (for /health: a document that blocks routing shows here)."""
+        since = self._busy_since
+        return None if since is None else time.monotonic() - since
 
     def handle(self, message, arrival: float | None = None) -> None:
         """Decode and route one received message; every refusal is counted, none raises."""

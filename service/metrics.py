@@ -44,6 +44,14 @@ class Metrics:
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.worker_seconds = Counter("scatterflow_worker_seconds", "Worker wall time, by stage "
                                       "(integrate, fit, phases, inversion, snapshots)", ["stage"], registry=r)
+        self.runs_refused = Counter("scatterflow_runs_refused", "Runs refused at start, by reason "
+                                    "(limits, setup_error, too_many_runs, ...)", ["reason"], registry=r)
+        self.runs_evicted = Counter("scatterflow_runs_evicted", "Open runs closed to make room for new ones "
+                                    "(ingest.max_open_runs)", registry=r)
+        self.runs_quarantined = Counter("scatterflow_runs_quarantined", "Runs whose worker died twice while "
+                                        "reducing them, stopped instead of replayed", registry=r)
+        self.tiled_spooled = Counter("scatterflow_tiled_spooled", "Tiled writes spooled to local disk while "
+                                     "Tiled was unreachable", registry=r)
         self.publish_errors = Counter("scatterflow_publish_errors", "Results a sink refused, by sink "
                                       "(state, results, tiled, calibration)", ["sink"], registry=r)
         self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
