@@ -38,13 +38,26 @@ class IngestConfig(_Section):
     max_frame_pixels: int = Field(64 * 2**20, ge=1)     # larger frames are rejected ("frame_too_large")
     max_objects: int = Field(2**20, ge=1)   # msgpack objects per message ("too_complex"): ~60 bytes each once built
     max_depth: int = Field(64, ge=1)        # msgpack nesting per message ("too_complex"): JSON/Tiled recurse
-    max_open_runs: int = Field(64, ge=1)    # runs without a stop document kept at once ("too_many_runs")
+    max_open_runs: int = Field(64, ge=1)    # runs without a stop document kept at once; past it the idlest is evicted
+    max_seq_gap: int = Field(5000, ge=0)    # a seq_num further ahead is refused ("seq_num_out_of_range"), not counted lost
     max_queue_bytes: int = Field(2 * 2**30, ge=1)   # bytes waiting in the receive queue; receive blocks past it
     queue_size: int = 1000                  # bounded receive queue (documents)
     root_map: dict[str, str] = Field(default_factory=dict)   # resource roots -> local paths
+    # local directories documents may name without a root_map entry; none: such paths are refused
+    # ("path_outside_root"), as are paths that resolve (.., symlinks) outside their root
+    allowed_roots: list[str] = Field(default_factory=list)
     file_retries: int = Field(20, ge=0)     # waits for frames not yet in a file being written
     file_retry_delay_s: float = Field(0.05, ge=0)
+    file_open_timeout_s: float = Field(5.0, gt=0)   # a read blocked longer (plus its retry waits) is abandoned
     rcvhwm: int = 100_000
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not os.path.isabs(root):
+                raise ValueError(f"allowed_roots must be absolute paths, got {root!r}")
+        return roots
 
 
 class GeometryConfig(_Section):
@@ -210,6 +223,37 @@ class InversionConfig(_Section):
     q_range: tuple[float, float] | None = None
 
 
+class LimitsConfig(_Section):
+    """Ceilings on every size a run's settings can ask for (the configuration's and, above all,
+    a start document's ``reduction`` and ``fit`` keys, service/detectors.py), checked where the
+    RunSpec is built (service/run_spec.py) before anything is allocated. A run above one is
+    refused with the key, its value and the ceiling (``runs_refused{reason="limits"}``).
+    Defaults are far above what a beamline uses and far below what exhausts a worker."""
+    npt: int = Field(20_000, ge=2)          # radial bins of a run's profiles and cuts (reduction.npt)
+    qmap_npt: int = Field(2048, ge=2)       # bins per axis of a grazing q-map (reduction.qmap_npt)
+    peaks: int = Field(32, ge=0)            # peaks fitted per frame (fit.peaks)
+    window: int = Field(256, ge=2)          # frames in the temporal regularizer's window (fit.regularizer.window)
+    detector_pixels: int = Field(64 * 2**20, ge=1)   # pixels of a run's detector geometry (rows x cols)
+    detectors: int = Field(16, ge=1)        # detector entries of one start document (one analysis each)
+
+
+class HealthConfig(_Section):
+    """When ``/api/v1/health`` stops answering "ok", and how long `Service.close` may take (s).
+
+    route_stuck_s: the ingest routing thread on one message longer than this is "stuck" (a file
+    that hangs, or back-pressure from a worker that stopped reading); routing waits for a busy
+    worker to take a batch, which takes seconds. worker_stuck_s: a worker whose oldest unanswered
+    batch is older than this is "stuck" (a run's first batch builds its integrator and loads
+    models: up to tens of seconds for a 4 Mpx detector on CPU). restart_s: a dead worker not
+    replaced within this is "stuck" (before: "degraded"). close_timeout_s: `Service.close`
+    stops ingest, stops the open runs (final fits) and the workers within about this; a worker
+    that does not answer by then is killed and its runs closed as interrupted."""
+    route_stuck_s: float = Field(30.0, gt=0)
+    worker_stuck_s: float = Field(60.0, gt=0)
+    restart_s: float = Field(10.0, gt=0)
+    close_timeout_s: float = Field(10.0, gt=9.0)     # > ingest's 5 s + the workers' 4 s of it
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCATTERFLOW_", env_nested_delimiter="__",
                                       extra="forbid")
@@ -223,6 +267,8 @@ class Settings(BaseSettings):
     results: ResultsConfig = ResultsConfig()
     phases: PhasesConfig = PhasesConfig()
     inversion: InversionConfig = InversionConfig()
+    limits: LimitsConfig = LimitsConfig()
+    health: HealthConfig = HealthConfig()
     run_timeout_s: float = Field(600.0, gt=0)   # a run with no stop document is closed after this idle time
 
     @field_validator("api")

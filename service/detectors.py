@@ -25,7 +25,9 @@ Start document keys read here (all optional; angles in rad)::
 
 A detector entry is a mapping holding any of ``geometry``, ``reduction``, ``fit`` or the run
 keys; its keys win over the run-level ones, which win over the configuration. Other keys of
-``start["scatterflow"]`` (hints such as ``peaks`` or ``unit``) are not read.
+``start["scatterflow"]`` (hints such as ``peaks`` or ``unit``) are not read. Every size these
+keys can set (bins, q-map bins, peaks, regularizer window, detector pixels, detectors) has a
+ceiling in the configuration's ``limits``, checked in service/run_spec.py.
 """
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import FitConfig, ReductionConfig
+from .config import FitConfig, LimitsConfig, ReductionConfig
 
 log = logging.getLogger(__name__)
+
+MAX_DETECTORS = LimitsConfig().detectors      # ingest passes the configured limits.detectors
 
 DETECTOR_DOC_KEY = "scatterflow_detector"     # added to a detector's copy of the start document
 RUN_KEYS = ("modality", "incident_angle", "tilt_angle", "critical_angle", "sample_orientation")
@@ -59,9 +63,13 @@ def _valid_name(name: str) -> bool:
     return bool(name) and "/" not in name and not name.isspace()
 
 
-def run_detectors(start: dict, detector_fields=()) -> dict[str, str]:
-    """{detector name: analysis key} of a multi-detector run, or {} for a single-detector run."""
+def run_detectors(start: dict, detector_fields=(), max_detectors: int = MAX_DETECTORS) -> dict[str, str]:
+    """{detector name: analysis key} of a multi-detector run, or {} for a single-detector run.
+    A start document naming more than ``max_detectors`` (``limits.detectors``) entries opens
+    one analysis, which service/run_spec.py refuses ("limits"), not one per entry."""
     entries = list(detector_entries(start))
+    if len(entries) > max_detectors:          # the refusal is logged and counted where it happens
+        return {}
     names = entries if len(entries) >= 2 else list(detector_fields or ()) if len(detector_fields or ()) >= 2 else []
     bad = [n for n in names if not _valid_name(n)]
     if bad:

@@ -7,7 +7,12 @@ gets larger, cheaper-per-frame batches instead of a queue of small ones. With a 
 a batch leaves when it is full or its oldest frame is `latency_budget_s` old. Queues are
 bounded: `block` back-pressure (lossless) by default, `drop_oldest` (counted) when configured.
 A dead worker is restarted and its unacknowledged batches are sent again, so every accepted
-frame is published or counted failed.
+frame is published or counted failed; a run that was in flight at QUARANTINE_DEATHS deaths of
+its worker is not replayed again but quarantined (its unfinished frames counted failed).
+
+A run whose RunSpec cannot be built (a size above its ceiling in ``limits``, a bad value of its
+start document) or whose worker cannot set it up is refused: the sink closes it at once with the
+reason, and its frames are counted failed ("refused") until its stop document.
 
 Messages to and from workers are the dataclasses of service/messages.py; the interface
 (`start_run`, `submit`, `stop_run`, `close`) is what another engine implements too.
@@ -30,6 +35,7 @@ import numpy as np
 from workers.pipeline import BatchResult, RunFinal, RunSpec
 
 from .config import Settings
+from .errors import LimitExceeded
 from .frame_slots import SlotPool, SlotRef
 from .messages import (BatchFailed, BatchReduced, Frame, FrameBatch, RunStopped, SetupFailed, Shutdown, StartRun,
                        StopRun, WorkerReady)
@@ -37,6 +43,8 @@ from .metrics import Metrics
 from .worker import worker_main
 
 log = logging.getLogger(__name__)
+
+QUARANTINE_DEATHS = 2       # worker deaths with a run's batches in flight before it is quarantined
 
 
 class ResultSink(Protocol):
@@ -46,18 +54,22 @@ class ResultSink(Protocol):
     def frames_reduced(self, uid: str, frames: list[Frame], result: BatchResult) -> None: ...
     def frames_failed(self, uid: str, seq: np.ndarray, reason: str, detail: str) -> None: ...
     def run_stopped(self, uid: str, stop: dict, final: RunFinal | None) -> None: ...
+    def run_refused(self, uid: str, kind: str, reason: str) -> None: ...
+    def run_quarantined(self, uid: str, reason: str) -> None: ...
 
 
 @dataclass
 class _RunSlot:
     uid: str
-    worker: int
+    worker: int                                     # index; -1: none (refused at start)
     start: dict
     pending: deque = field(default_factory=deque)   # Frame
     oldest: float = 0.0
     stop: dict | None = None
     unfinal: dict = field(default_factory=dict)     # seq_num -> Frame sent but not yet final (replay on worker death)
     reduced: set = field(default_factory=set)       # seq_nums of `unfinal` already published provisionally
+    deaths: int = 0                                 # worker deaths while batches of this run were in flight
+    closed: str | None = None                       # "refused" | "quarantined": closed before its stop document
 
 
 @dataclass
@@ -77,7 +89,7 @@ class _Worker:
     slots: "SlotPool | _NoSlots"
     inflight: dict[int, _Inflight] = field(default_factory=dict)    # by batch_id
     runs: set = field(default_factory=set)
-    device: str = "?"
+    device: str = "?"              # "?" until its WorkerReady arrives (worker_health: "ready")
 
     def done(self, batch_id: int) -> _Inflight | None:
         """Forget an answered batch and free its shared-memory slot; returns it."""
@@ -154,20 +166,31 @@ class Dispatcher:
         return _Worker(index=index, process=proc, inbox=inbox, slots=slots or _NoSlots())
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers within about `timeout` s: each gets Shutdown after its queued batches;
+        one that has not exited by then (hung, or SIGSTOPped: SIGTERM waits for SIGCONT) is
+        SIGKILLed. Setting `_stop` first wakes a `_put` blocked on a full worker queue (ingest
+        under back-pressure) within 0.5 s, so closing never waits on a worker that stopped reading."""
+        deadline = time.monotonic() + timeout
+
+        def left(reserve: float = 0.0) -> float:
+            return max(0.05, deadline - reserve - time.monotonic())
         self._stop.set()
-        for w in self._workers:
+        workers = list(self._workers)
+        for w in workers:
             try:
-                w.inbox.put(Shutdown(), timeout=1.0)
+                w.inbox.put(Shutdown(), timeout=min(1.0, left()))
             except queue.Full:
                 pass
-        for w in self._workers:
-            w.process.join(timeout)
+        for w in workers:
+            w.process.join(left(reserve=1.0))
             if w.process.is_alive():
-                w.process.terminate()
+                log.warning("worker %d (pid %s) did not stop in time; killed", w.index, w.process.pid)
+                w.process.kill()
+                w.process.join(1.0)
             w.inbox.cancel_join_thread()   # never block interpreter exit on a queue nobody reads
         for t in self._threads:
-            t.join(timeout=2)
-        for w in self._workers:
+            t.join(timeout=min(2.0, left()))
+        for w in workers:
             w.slots.close()
 
     @property
@@ -175,35 +198,50 @@ class Dispatcher:
         return [w.device for w in self._workers]
 
     def worker_health(self) -> list[dict]:
-        """Per worker: index, pid, device, alive, runs, batches in flight and the age (s) of the
-        oldest unanswered batch (None when idle): a worker that stopped answering shows here."""
+        """Per worker: index, pid, device, alive, ready (its WorkerReady came: a restarted worker
+        is not ready while it starts), runs, batches in flight and the age (s) of the oldest
+        unanswered batch (None when idle): a worker that stopped answering shows here.
+
+        Lock-free (snapshots of the containers; each copy is atomic under the GIL), so that it
+        answers while ingest holds the lock, blocked on a worker's full queue."""
         now = time.monotonic()
-        with self._lock:
-            return [{"index": w.index, "pid": w.process.pid, "device": w.device, "alive": w.process.is_alive(),
-                     "runs": len(w.runs), "inflight_batches": len(w.inflight),
-                     "oldest_inflight_s": max((now - b.sent for b in w.inflight.values()), default=None)}
-                    for w in self._workers]
+        out = []
+        for w in list(self._workers):
+            sent = [b.sent for b in list(w.inflight.values())]
+            out.append({"index": w.index, "pid": w.process.pid, "device": w.device, "alive": w.process.is_alive(),
+                        "ready": w.device != "?", "runs": len(w.runs), "inflight_batches": len(sent),
+                        "oldest_inflight_s": now - min(sent) if sent else None})
+        return out
 
     def queue_depths(self) -> dict[str, int]:
-        with self._lock:
-            return {"pending_frames": sum(len(r.pending) for r in self._runs.values()),
-                    "inflight_batches": sum(len(w.inflight) for w in self._workers)}
+        """Frames waiting to be batched and batches in flight; lock-free, as `worker_health`."""
+        return {"pending_frames": sum(len(r.pending) for r in list(self._runs.values())),
+                "inflight_batches": sum(len(w.inflight) for w in list(self._workers))}
 
     # FrameSink ---------------------------------------------------------------------------
     def start_run(self, uid: str, start: dict) -> None:
+        """Open run `uid` on the least busy worker, or refuse it: a size above its ceiling
+        ("limits") or any other error building its RunSpec ("setup_error", the ValueError's
+        message naming the key) closes it at once in the sink, with that reason."""
+        spec, refusal = None, None
         try:
             spec = self.spec_for_run(start)
-        except Exception as exc:
-            log.error("run %s: cannot set up reduction: %s", uid[:8], exc)
-            spec = None
+        except LimitExceeded as exc:
+            refusal = ("limits", str(exc))
+        except Exception as exc:             # a bad value (ValueError naming the key), a geometry pyFAI refuses
+            refusal = ("setup_error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
         with self._lock:
-            worker = min(self._workers, key=lambda w: len(w.runs))
-            worker.runs.add(uid)
-            self._runs[uid] = _RunSlot(uid=uid, worker=worker.index, start=start)
-            if spec is not None:
+            if refusal is not None:
+                self._runs[uid] = _RunSlot(uid=uid, worker=-1, start=start, closed="refused")
+            else:
+                worker = min(self._workers, key=lambda w: len(w.runs))
+                worker.runs.add(uid)
+                self._runs[uid] = _RunSlot(uid=uid, worker=worker.index, start=start)
                 self._specs[uid] = spec
-                worker.inbox.put(StartRun(uid, spec))
+                self._control(worker, StartRun(uid, spec))
         self.sink.run_started(uid, start, spec)
+        if refusal is not None:
+            self.sink.run_refused(uid, *refusal)
 
     def submit(self, frame: Frame) -> None:
         self.metrics.frames_in.inc()
@@ -211,8 +249,9 @@ class Dispatcher:
         with self._lock:
             slot = self._runs.get(frame.run_uid)
             if slot is None or frame.run_uid not in self._specs:
-                self.sink.frames_failed(frame.run_uid, np.array([frame.seq_num]), "no_setup",
-                                        "no geometry for this run")
+                reason = "no_setup" if slot is None or slot.closed is None else slot.closed
+                self.sink.frames_failed(frame.run_uid, np.array([frame.seq_num]), reason,
+                                        "run not started" if slot is None else f"the run was {reason}")
                 return
             if not slot.pending:
                 slot.oldest = time.monotonic()
@@ -224,14 +263,22 @@ class Dispatcher:
             slot = self._runs.get(uid)
             if slot is None:
                 return
+            if slot.closed is not None:        # refused or quarantined: the sink closed it already
+                self._forget(slot)
+                return
             self._flush(slot, self._batch_limit(slot))
             slot.stop = stop
             if uid in self._specs:
-                self._workers[slot.worker].inbox.put(StopRun(uid))
+                self._control(self._workers[slot.worker], StopRun(uid))
                 return
-            self._runs.pop(uid)
-            self._workers[slot.worker].runs.discard(uid)
+            self._forget(slot)
         self.sink.run_stopped(uid, stop, None)
+
+    def _forget(self, slot: _RunSlot) -> None:
+        self._runs.pop(slot.uid, None)
+        self._specs.pop(slot.uid, None)
+        if slot.worker >= 0:
+            self._workers[slot.worker].runs.discard(slot.uid)
 
     # batching ----------------------------------------------------------------------------
     def _maybe_flush(self, slot: _RunSlot) -> None:
@@ -286,6 +333,17 @@ class Dispatcher:
         worker.inflight[batch_id] = _Inflight(slot.uid, frames, ref)
         return self._put(worker, msg, slot, frames, batch_id)
 
+    def _control(self, worker: _Worker, msg: StartRun | StopRun) -> bool:
+        """Send a run's start or stop to its worker; waits while the queue is full, but gives up
+        (False) when the worker died (its replacement gets the run again) or the dispatcher closes."""
+        while True:
+            try:
+                worker.inbox.put(msg, timeout=0.5)
+                return True
+            except queue.Full:
+                if not worker.process.is_alive() or self._stop.is_set():
+                    return False
+
     def _put(self, worker: _Worker, msg: FrameBatch, slot: _RunSlot, frames: list, batch_id: int) -> bool:
         if self.cfg.backpressure == "block":
             # lossless: blocks ingest while the worker is behind; a dead worker's frames stay in
@@ -295,7 +353,7 @@ class Dispatcher:
                     worker.inbox.put(msg, timeout=0.5)
                     return True
                 except queue.Full:
-                    if not worker.process.is_alive():
+                    if not worker.process.is_alive() or self._stop.is_set():   # dead, or closing: give up
                         return False
         try:
             worker.inbox.put_nowait(msg)
@@ -340,23 +398,53 @@ class Dispatcher:
         if isinstance(msg, BatchReduced):
             self._reduced(msg)
         elif isinstance(msg, BatchFailed):
-            with self._lock:
-                if msg.uid in self._runs:
-                    self._workers[self._runs[msg.uid].worker].done(msg.batch_id)
-            self.sink.frames_failed(msg.uid, msg.seq, msg.reason, msg.detail)
+            self._failed(msg)
         elif isinstance(msg, SetupFailed):
-            log.error("run %s: worker could not set up: %s\n%s", msg.uid[:8], msg.detail, msg.traceback)
-            with self._lock:
-                self._specs.pop(msg.uid, None)
+            self._setup_failed(msg)
         elif isinstance(msg, RunStopped):
             with self._lock:
-                slot = self._runs.pop(msg.uid, None)
-                self._specs.pop(msg.uid, None)
+                slot = self._runs.get(msg.uid)
                 if slot is not None:
-                    self._workers[slot.worker].runs.discard(msg.uid)
+                    self._forget(slot)
+            if slot is not None and slot.closed is not None:     # the sink closed it already
+                return
             self.sink.run_stopped(msg.uid, slot.stop if slot else {}, msg.final)
         elif isinstance(msg, WorkerReady):
             self._workers[msg.index].device = msg.device
+
+    def _failed(self, msg: BatchFailed) -> None:
+        """A batch a worker could not reduce: its frames are final (counted failed, never
+        replayed); "no_setup" means the run's setup failed there: counted "refused"."""
+        reason = msg.reason
+        with self._lock:
+            slot = self._runs.get(msg.uid)
+            if slot is not None:
+                self._workers[slot.worker].done(msg.batch_id)
+                if slot.closed == "quarantined":       # a dead worker's late answer: counted at quarantine
+                    return
+                for s in np.asarray(msg.seq).tolist():
+                    slot.unfinal.pop(int(s), None)
+                    slot.reduced.discard(int(s))
+            if reason == "no_setup" and (slot is None or slot.closed == "refused"):
+                reason = "refused"
+        self.sink.frames_failed(msg.uid, msg.seq, reason, msg.detail)
+
+    def _setup_failed(self, msg: SetupFailed) -> None:
+        """The worker could not build the run's pipeline (a bad value it alone detects): the run
+        is refused ("setup_error") as if at start; its frames not yet sent are counted failed."""
+        log.error("run %s: worker could not set up: %s\n%s", msg.uid[:8], msg.detail, msg.traceback)
+        with self._lock:
+            self._specs.pop(msg.uid, None)
+            slot = self._runs.get(msg.uid)
+            if slot is None or slot.closed is not None:
+                return
+            slot.closed = "refused"
+            self._workers[slot.worker].runs.discard(msg.uid)      # never replayed
+            pending = [f.seq_num for f in slot.pending]
+            slot.pending.clear()            # a StopRun sent already is answered: RunStopped forgets the slot
+        if pending:
+            self.sink.frames_failed(msg.uid, np.array(pending), "refused", msg.detail)
+        self.sink.run_refused(msg.uid, "setup_error", msg.detail)
 
     def _reduced(self, msg: BatchReduced) -> None:
         result, uid = msg.result, msg.uid
@@ -365,6 +453,9 @@ class Dispatcher:
         frames: list[Frame] = []
         with self._lock:
             slot = self._runs.get(uid)
+            if slot is not None and slot.closed is not None:     # a dead worker's late answer: counted failed
+                self._workers[slot.worker].done(msg.batch_id)
+                return
             if slot is not None:
                 entry = self._workers[slot.worker].done(msg.batch_id)
                 frames = entry.frames if entry else []
@@ -385,11 +476,13 @@ class Dispatcher:
         self.sink.frames_reduced(uid, frames, result)
 
     def _check_workers(self) -> None:
+        quarantined: list[tuple[str, list[int], str]] = []
         with self._lock:
             for i, w in enumerate(self._workers):
                 if w.process.is_alive():
                     continue
                 self.restarts += 1
+                in_flight = {b.uid for b in w.inflight.values()}
                 log.error("worker %d (pid %s) died with exit code %s; restarting and re-sending %d batch(es)",
                           i, w.process.pid, w.process.exitcode, len(w.inflight))
                 w.inbox.cancel_join_thread()       # its reader is gone: do not block exit on its pipe
@@ -400,13 +493,40 @@ class Dispatcher:
                 self._workers[i] = new
                 # The dead worker's regularizer windows are gone: replay, in order, every frame of
                 # its runs that has no final result yet (in flight or waiting in a window).
+                # A run in flight at QUARANTINE_DEATHS deaths is not replayed again (it may be the cause).
                 for uid in sorted(w.runs):
                     slot = self._runs.get(uid)
                     if slot is None or uid not in self._specs:
                         continue
-                    new.inbox.put(StartRun(uid, self._specs[uid]))
+                    if uid in in_flight:
+                        slot.deaths += 1
+                    if slot.deaths >= QUARANTINE_DEATHS:
+                        quarantined.append(self._quarantine(slot, new, w.process.exitcode))
+                        continue
+                    self._control(new, StartRun(uid, self._specs[uid]))
                     replay = [slot.unfinal[k] for k in sorted(slot.unfinal)]
                     for j in range(0, len(replay), self.cfg.max_batch):
                         self._send(new, slot, replay[j:j + self.cfg.max_batch])
                     if slot.stop is not None:
-                        new.inbox.put(StopRun(uid))
+                        self._control(new, StopRun(uid))
+        for uid, seq, reason in quarantined:
+            log.error("run %s quarantined: %s", uid[:8], reason)
+            if seq:
+                self.sink.frames_failed(uid, np.array(seq, dtype=np.int64), "quarantined", reason)
+            self.sink.run_quarantined(uid, reason)
+
+    def _quarantine(self, slot: _RunSlot, worker: _Worker, exitcode) -> tuple[str, list[int], str]:
+        """Close `slot`'s run without replaying it: (uid, seq_nums of its frames without a final
+        result, reason). Its later frames are counted failed "quarantined" until its stop."""
+        seq = sorted(slot.unfinal) + [f.seq_num for f in slot.pending]
+        reason = (f"its worker died {slot.deaths} times while reducing it (last exit code {exitcode}); "
+                  f"not replayed: {len(seq)} frame(s) without a final result counted failed")
+        slot.unfinal.clear()
+        slot.reduced.clear()
+        slot.pending.clear()
+        slot.closed = "quarantined"
+        self._specs.pop(slot.uid, None)
+        worker.runs.discard(slot.uid)
+        if slot.stop is not None:               # its stop document came already: nothing more will
+            self._runs.pop(slot.uid, None)
+        return slot.uid, seq, reason

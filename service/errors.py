@@ -16,3 +16,7 @@ class RejectedInput(ScatterflowError, ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class LimitExceeded(ScatterflowError, ValueError):
+    """A size a run asks for is above its ceiling in ``limits``: the run is refused ("limits")."""

@@ -9,13 +9,17 @@ back (`release`), so the worker never reads memory that is being overwritten.
 
 The pool is bounded: when every slot is busy `acquire` returns None and the dispatcher falls
 back to sending the batch through the queue, which is slower but never blocks or loses frames.
-Files are named ``scatterflow-<pid>-<tag>-<slot>-<generation>`` and removed by `close`; a slot
-that must grow for a larger batch gets a new file (the worker maps each name once).
+Files are named ``scatterflow-<pid>-<tag>-<slot>-<generation>`` (``pid``: the service process
+that owns them) and removed by `close`; a slot that must grow for a larger batch gets a new file
+(the worker maps each name once). A service that was killed cannot remove its files: the next
+one removes them at start (`remove_stale_segments`), once their owner's pid is gone.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+_POOL_NUMBERS = itertools.count()
 
 
 def shm_directory() -> Path:
@@ -56,17 +61,20 @@ class SlotPool:
     def __init__(self, tag: str, n_slots: int, directory: str | os.PathLike | None = None):
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots!r}")
-        self.tag = tag
+        if not re.fullmatch(r"[A-Za-z0-9_]+", tag):     # the file names must parse (segment_owner)
+            raise ValueError(f"tag must be letters, digits or _, got {tag!r}")
+        self.tag = f"{tag}_{next(_POOL_NUMBERS)}"    # unique in this process (two services, one process)
         self.directory = Path(directory) if directory else shm_directory()
         self._slots = [_Slot(i) for i in range(n_slots)]
         self.fallbacks = 0            # batches sent through the queue because every slot was busy
+        self._closed = False
 
     def put(self, arrays: list[np.ndarray], capacity: int = 1) -> SlotRef | None:
         """Copy equal-shape ``arrays`` into a free slot as one (B, ...) batch; None if all busy.
         A slot that must grow is sized for at least `capacity` such arrays (the largest batch
         expected), so that batches of varying size do not keep growing it: each new slot file
         costs a page fault per 4 KiB on first write."""
-        slot = next((s for s in self._slots if not s.busy), None)
+        slot = None if self._closed else next((s for s in self._slots if not s.busy), None)
         if slot is None:
             self.fallbacks += 1
             return None
@@ -108,8 +116,60 @@ class SlotPool:
                 pass
 
     def close(self) -> None:
+        """Remove the files; later `put` calls answer None (no new file after close)."""
+        self._closed = True
         for s in self._slots:
             self._remove(s)
+
+
+_SEGMENT_NAME = re.compile(r"scatterflow-(\d+)-[A-Za-z0-9_]+-\d+-\d+")
+
+
+def segment_owner(name: str) -> int | None:
+    """The pid in a slot file name ``scatterflow-<pid>-<tag>-<slot>-<generation>``; None for any
+    other name."""
+    m = _SEGMENT_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process `pid` exists (ours or another user's: then it is not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_segments(directory: str | os.PathLike | None = None) -> dict[int, int]:
+    """Remove the slot files of scatterflow processes that are gone (killed before `close`):
+    files named ``scatterflow-<pid>-...`` in `directory` (default `shm_directory`) whose pid is
+    not a live process. Never touches a live process's files (this one's included). Returns
+    {dead pid: files removed}. A pid reused by an unrelated process keeps its files until that
+    process ends too: the safe side."""
+    d = Path(directory) if directory else shm_directory()
+    removed: dict[int, int] = {}
+    try:
+        names = os.listdir(d)
+    except OSError as exc:
+        log.warning("cannot list %s for stale shared-memory files: %s", d, exc)
+        return removed
+    me = os.getpid()
+    for name in names:
+        pid = segment_owner(name)
+        if pid is None or pid == me or pid_alive(pid):
+            continue
+        try:
+            (d / name).unlink()
+        except FileNotFoundError:           # another starting service removed it first
+            continue
+        except OSError as exc:
+            log.warning("cannot remove stale shared-memory file %s: %s", d / name, exc)
+            continue
+        removed[pid] = removed.get(pid, 0) + 1
+    return removed
 
 
 class SlotReader:

@@ -8,7 +8,14 @@ msgpack-numpy by default, pickle only with ``allow_pickle``) -> `DocumentRouter.
 Every refusal raises `RejectedInput(reason)`; the router counts it and carries on. Hostile
 input is bounded before it costs memory: message bytes, msgpack objects and nesting depth
 (`DocumentDecoder`), array dtypes (`decode_numpy`: no pickle, no object pointers), frame pixels,
-open runs and bytes waiting in the receive queue (`IngestConfig`); tests/test_fuzz.py.
+open runs (the idlest is evicted past ``max_open_runs``), seq_num jumps and bytes waiting in the
+receive queue (`IngestConfig`); tests/test_fuzz.py, tests/test_hardening_ingest.py.
+
+Frames in files are read off the routing thread: a run that reads files gets a `RunLane` (a
+thread of its own through which all its frames and its stop pass, in document order), and each
+read runs with a timeout (`FrameResolver.read`), so a missing, slow or hung file holds back its
+own run only. Every message is counted once, accepted or refused, also when its frames were
+read on a lane (counted there, once they are).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import jsonschema
 import msgpack
@@ -28,18 +35,18 @@ import numpy as np
 from event_model import DocumentNames, schema_validators, unpack_event_page
 
 from .config import IngestConfig
-from .detectors import detector_start, match_field, run_detectors
+from .detectors import MAX_DETECTORS, detector_start, match_field, run_detectors
 from .errors import RejectedInput
-from .messages import Frame
+from .messages import Frame, FrameKind
 from .metrics import Metrics
-from .resolve import FrameResolver, frame_shape
+from .resolve import FileRead, FrameResolver, frame_shape
 
 log = logging.getLogger(__name__)
 
 DOCUMENT_NAMES = frozenset(n.name for n in DocumentNames)
 ARRAY_KINDS = frozenset("biufcSU")      # numpy dtype kinds accepted from the wire: no object, void or datetime
 REJECT_LOG_INTERVAL_S = 10.0            # at most one log line per refusal reason this often
-MAX_SEQ_GAP = 1_000_000                 # a seq_num further ahead is refused, not counted as that many lost
+LANE_MAX_ITEMS = 1000                   # frames of one run waiting for files; past it refused ("read_backlog")
 MAX_NAME_BYTES = max(len(n) for n in DOCUMENT_NAMES)
 
 
@@ -239,6 +246,7 @@ class StreamInfo:
     profile: tuple[str, str, str | None] | None = None   # (intensity, q, sigma) fields of reduced 1D profiles
     external_profile: str | None = None  # field holding datum_ids of reduced profiles in files (NXcanSAS)
     last_seq_num: int = 0
+    gap_lost: int = 0                   # events counted lost upstream from seq_num gaps
     fanout: list = field(default_factory=list)   # multi-detector run: [(analysis key, StreamInfo of one detector)]
 
 
@@ -248,7 +256,6 @@ class RunInfo:
     uid: str
     start: dict
     streams: dict[str, StreamInfo] = field(default_factory=dict)   # descriptor uid -> stream
-    frames: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     detectors: dict[str, str] = field(default_factory=dict)   # name -> analysis key (service/detectors.py); {}: one
 
@@ -262,6 +269,75 @@ class FrameSink(Protocol):
     def start_run(self, uid: str, start: dict) -> None: ...
     def submit(self, frame: Frame) -> None: ...
     def stop_run(self, uid: str, stop: dict) -> None: ...
+
+
+# --------------------------------------------------------------------------- runs that read files
+@dataclass
+class FileFrames:
+    """Frames of analysis `key` still in a file: read on the run's lane, each frame checked
+    against `stream` (None for profiles) and submitted. `alone`: a refusal is counted on its own
+    (one detector of a multi-detector event) instead of refusing the whole document."""
+    key: str
+    read: FileRead
+    time: float                 # event time, s since epoch
+    arrival: float
+    scalars: dict[str, float]
+    kind: FrameKind
+    stream: StreamInfo | None
+    alone: bool = False
+
+
+@dataclass
+class DocumentEnd:
+    """The last item of one document in a lane: the document is counted there, accepted, or
+    refused with `error` or the first refusal of its items."""
+    name: str
+    error: RejectedInput | None = None
+
+
+@dataclass
+class RunEnd:
+    """A run closed: `stop` (None at service shutdown) to the sink for each of `keys`, then its
+    files closed; the lane's thread ends after it."""
+    keys: list[str]
+    stop: dict | None
+    resources: list
+
+
+class RunLane:
+    """The items of one run that reads files (`Frame`, `FileFrames`, `DocumentEnd`, `RunEnd`),
+    handled in order on a thread of the run's own by `handle(item, lane)`."""
+
+    def __init__(self, uid: str, handle: Callable[[Any, "RunLane"], None]):
+        self.uid = uid
+        self.failed: RejectedInput | None = None      # first refusal among the current document's items
+        self._items: queue.Queue = queue.Queue()
+        self._handle = handle
+        self.thread = threading.Thread(target=self._run, name=f"ingest-files-{uid[:8]}", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        """Queue an item (or a threading.Event, set when reached); frames past LANE_MAX_ITEMS
+        waiting are refused ("read_backlog")."""
+        if isinstance(item, (Frame, FileFrames)) and self._items.qsize() >= LANE_MAX_ITEMS:
+            raise RejectedInput("read_backlog", f"run {self.uid[:8]}: {LANE_MAX_ITEMS} frames wait for their files")
+        self._items.put(item)
+
+    def _run(self) -> None:
+        while True:
+            item = self._items.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            self._handle(item, self)
+            if isinstance(item, RunEnd):
+                return
+
+
+def abort_stop(uid: str, reason: str) -> dict:
+    """The stop document ingest writes for a run it closes itself (timeout, eviction)."""
+    return {"run_start": uid, "exit_status": "abort", "reason": reason, "time": time.time(), "uid": "",
+            "num_events": {}}
 
 
 def with_fixed_shapes(descriptor: dict) -> dict:
@@ -319,47 +395,70 @@ class DocumentRouter:
     into events. State of a run is dropped at its stop document.
     """
 
-    def __init__(self, sink: FrameSink, metrics: Metrics, config: IngestConfig | None = None):
+    def __init__(self, sink: FrameSink, metrics: Metrics, config: IngestConfig | None = None, *,
+                 max_detectors: int = MAX_DETECTORS):
         self.sink = sink
         self.metrics = metrics
         self.config = config or IngestConfig()
+        self.max_detectors = max_detectors               # limits.detectors
         self.runs: dict[str, RunInfo] = {}
         self._descriptor_run: dict[str, str] = {}      # descriptor uid -> run uid
-        self.resolver = FrameResolver(root_map=self.config.root_map, retries=self.config.file_retries,
+        self.resolver = FrameResolver(root_map=self.config.root_map, allowed_roots=self.config.allowed_roots,
+                                      retries=self.config.file_retries,
                                       retry_delay_s=self.config.file_retry_delay_s,
                                       max_frame_pixels=self.config.max_frame_pixels)
         self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
         self._last_log: dict[str, tuple[float, int]] = {}    # reason -> (time of last line, refusals since)
+        self._lanes: dict[str, RunLane] = {}            # open run uid -> its lane (runs that read files)
+        self._ending: list[RunLane] = []                # lanes of closed runs, finishing their items
+        self._deferred: RunLane | None = None           # the lane that took items of the document being routed
+        self._deadline: float | None = None             # set by close(): reads get what is left until then
 
     # entry point ---------------------------------------------------------------------------
     def route(self, name: str, doc: dict, arrival: float | None = None) -> None:
+        """Validate and handle one document; count it accepted or refused (on its run's lane,
+        after its frames, when it handed frames to one)."""
         arrival = time.monotonic() if arrival is None else arrival
-        try:
-            with self._lock:
+        error: RejectedInput | None = None
+        with self._lock:
+            try:
                 self._validate(name, doc)
                 handler = getattr(self, f"_on_{name}", None)
                 if handler is None:
                     raise RejectedInput("unsupported_document", name)
                 handler(doc, arrival)
+            except RejectedInput as exc:
+                error = exc
+            except Exception as exc:  # a bug must not stop ingest; count and log it
+                log.exception("internal error handling %s document", name)
+                error = RejectedInput("internal_error", f"{type(exc).__name__}: {exc}")
+            lane, self._deferred = self._deferred, None
+            if lane is not None:                # before any RunEnd another thread could queue
+                lane.put(DocumentEnd(name, error))
+                return
+        if error is None:
             self.metrics.documents.labels(name).inc()
-        except RejectedInput as exc:
-            self.reject(exc)
-        except Exception as exc:  # a bug must not stop ingest; count and log it
-            log.exception("internal error handling %s document", name)
-            self.reject(RejectedInput("internal_error", f"{type(exc).__name__}: {exc}"))
+        else:
+            self.reject(error)
 
     def reject(self, exc: RejectedInput) -> None:
         """Count a refusal; log it, at most one line per reason every REJECT_LOG_INTERVAL_S
         (a flood of bad messages must not flood the log: the counter has every one)."""
         self.metrics.rejected.labels(exc.reason).inc()
+        self._log_limited(exc.reason, f"rejected input: {exc}")
+
+    def _log_limited(self, key: str, message: str) -> None:
+        """Log a warning, at most one line per `key` every REJECT_LOG_INTERVAL_S."""
         now = time.monotonic()
-        last, since = self._last_log.get(exc.reason, (-math.inf, 0))
-        if now - last < REJECT_LOG_INTERVAL_S:
-            self._last_log[exc.reason] = (last, since + 1)
-            return
-        self._last_log[exc.reason] = (now, 0)
-        more = f" (and {since} more '{exc.reason}' in the last {now - last:.0f} s)" if since else ""
-        log.warning("rejected input: %s%s", exc, more)
+        with self._log_lock:
+            last, since = self._last_log.get(key, (-math.inf, 0))
+            if now - last < REJECT_LOG_INTERVAL_S:
+                self._last_log[key] = (last, since + 1)
+                return
+            self._last_log[key] = (now, 0)
+        more = f" (and {since} more '{key}' in the last {now - last:.0f} s)" if since else ""
+        log.warning("%s%s", message, more)
 
     @staticmethod
     def _validate(name: str, doc: dict) -> None:
@@ -374,9 +473,10 @@ class DocumentRouter:
         uid = doc["uid"]
         if uid in self.runs:
             raise RejectedInput("duplicate_start", uid)
-        if len(self.runs) >= self.config.max_open_runs:    # bounded state: runs that never stop expire later
-            raise RejectedInput("too_many_runs", f"{len(self.runs)} runs open (ingest.max_open_runs)")
-        run = self.runs[uid] = RunInfo(uid=uid, start=doc, detectors=run_detectors(doc, self.config.detector_fields))
+        if len(self.runs) >= self.config.max_open_runs:    # bounded state: room made for the newest run
+            self._evict_idlest()
+        run = self.runs[uid] = RunInfo(uid=uid, start=doc, detectors=run_detectors(doc, self.config.detector_fields,
+                                                                               self.max_detectors))
         if not run.detectors:
             self.sink.start_run(uid, doc)
         for name, key in run.detectors.items():             # one analysis per detector
@@ -401,6 +501,10 @@ class DocumentRouter:
         self._descriptor_run[doc["uid"]] = run.uid
 
     def _on_event(self, doc: dict, arrival: float) -> None:
+        """seq_num (bluesky counts from 1, one by one, per stream): a gap counts the events
+        between as lost upstream, at most ``ingest.max_seq_gap`` of them: an event further ahead
+        is refused ("seq_num_out_of_range") and counts no loss (a corrupt seq_num, not a million
+        lost events); below 1 it is refused ("bad_seq_num"); a repeated or late one is taken."""
         run_uid = self._descriptor_run.get(doc["descriptor"])
         if run_uid is None:
             raise RejectedInput("event_before_descriptor", doc["descriptor"])
@@ -410,27 +514,50 @@ class DocumentRouter:
         seq = int(doc["seq_num"])
         if not math.isfinite(doc["time"]):
             raise RejectedInput("bad_time", repr(doc["time"]))
-        if not 1 <= seq <= stream.last_seq_num + MAX_SEQ_GAP:     # bluesky counts from 1, one by one
+        if seq < 1:
             raise RejectedInput("bad_seq_num", f"{seq} after {stream.last_seq_num}")
-        if seq > stream.last_seq_num + 1:
-            self.metrics.lost_upstream.labels("event").inc(seq - stream.last_seq_num - 1)
+        gap = seq - stream.last_seq_num - 1
+        if gap > self.config.max_seq_gap:
+            raise RejectedInput("seq_num_out_of_range", f"{seq} after {stream.last_seq_num}: more than "
+                                                        f"ingest.max_seq_gap ({self.config.max_seq_gap}) ahead")
+        if gap > 0:
+            self.metrics.lost_upstream.labels("event").inc(gap)
+            stream.gap_lost += gap
             log.warning("run %s: seq_num gap %d -> %d (lost upstream)", run_uid[:8], stream.last_seq_num, seq)
         stream.last_seq_num = max(stream.last_seq_num, seq)
         if stream.fanout:
             self._submit_fanout(run, stream, doc, seq, arrival)
             return
         if stream.external_profile is not None and isinstance(doc["data"].get(stream.external_profile), str):
-            frame, kind = self.resolver.fill_profile(doc, stream.external_profile), "profile"
+            data, kind = self.resolver.plan_profile(doc, stream.external_profile), "profile"
         elif stream.profile is None and (stream.frame_field is None or stream.external_stream):
             return              # no frames (baseline), or frames that come by stream_datum
         elif stream.profile is not None:
-            frame, kind = self._extract_profile(doc, stream.profile), "profile"
+            data, kind = self._extract_profile(doc, stream.profile), "profile"
         else:
-            frame, kind = self._extract_frame(doc, stream), "frame"
+            data, kind = self._extract_frame(doc, stream), "frame"
         scalars = {k: float(v) for k, v in doc["data"].items()
                    if k != stream.frame_field and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
-        run.frames += 1
-        self.sink.submit(Frame(run_uid, seq, float(doc["time"]), frame, arrival, scalars, kind))
+        self._emit(run, self._item(run_uid, seq, float(doc["time"]), data, arrival, scalars, kind, stream))
+
+    @staticmethod
+    def _item(key: str, seq: int, t: float, data: np.ndarray | FileRead, arrival: float, scalars: dict,
+              kind: FrameKind, stream: StreamInfo, alone: bool = False) -> Frame | FileFrames:
+        if isinstance(data, FileRead):
+            return FileFrames(key, data, t, arrival, scalars, kind, stream if kind == "frame" else None, alone)
+        return Frame(key, seq, t, data, arrival, scalars, kind)
+
+    def _emit(self, run: RunInfo, item: Frame | FileFrames) -> None:
+        """Hand a frame on: to the sink now, or through the run's lane once the run reads files
+        (its first file read opens the lane; from then on all its frames go through it, in order)."""
+        lane = self._lanes.get(run.uid)
+        if lane is None and isinstance(item, FileFrames):
+            lane = self._lanes[run.uid] = RunLane(run.uid, self._lane_item)
+        if lane is None:
+            self.sink.submit(item)
+            return
+        lane.put(item)
+        self._deferred = lane
 
     def _fanout_descriptor(self, run: RunInfo, doc: dict, fixed: dict) -> None:
         """A descriptor of a multi-detector run: each detector's 2D field (service/detectors.py
@@ -457,27 +584,53 @@ class DocumentRouter:
             if sub.external_stream:
                 continue        # frames by stream_datum: not routed per detector (single-detector runs only)
             try:
-                frame = self._extract_frame(doc, sub)
+                data = self._extract_frame(doc, sub)
+                self._emit(run, self._item(key, seq, float(doc["time"]), data, arrival, scalars, "frame", sub,
+                                           alone=True))
             except RejectedInput as exc:
                 self.reject(exc)
-                continue
-            run.frames += 1
-            self.sink.submit(Frame(key, seq, float(doc["time"]), frame, arrival, scalars))
 
     def _on_event_page(self, doc: dict, arrival: float) -> None:
         for event in unpack_event_page(doc):
             self._on_event(event, arrival)
 
     def _on_stop(self, doc: dict, arrival: float) -> None:
-        run = self.runs.pop(doc["run_start"], None)
+        """The run's stop to the sink (after its frames), with ``scatterflow_missing_events``
+        when events it announced never arrived (`_missing_events`)."""
+        run = self.runs.get(doc["run_start"])
         if run is None:
             self.metrics.lost_upstream.labels("start").inc()
             raise RejectedInput("stop_without_start", doc["run_start"])
-        for d in run.streams:
-            self._descriptor_run.pop(d, None)
-        self.resolver.forget_run(run.uid)
-        for key in run.keys:
-            self.sink.stop_run(key, doc)
+        missing = self._missing_events(run, doc)
+        self._close(run.uid, doc if not missing else {**doc, "scatterflow_missing_events": missing})
+
+    def _missing_events(self, run: RunInfo, stop: dict) -> int:
+        """Events of `run` that never arrived: the seq_num gaps (counted lost upstream when they
+        showed) plus, per stream, the events its stop's ``num_events`` announces beyond the last
+        seq_num seen (counted lost upstream here, once). Streams whose descriptor never arrived
+        are left out (their events, if any came, were refused), and so is an announcement more
+        than ``ingest.max_seq_gap`` beyond the last event (logged, not counted)."""
+        announced = stop.get("num_events") or {}
+        last: dict[str, int] = {}
+        gaps = 0
+        for stream in run.streams.values():
+            name = stream.descriptor.get("name")
+            last[name] = max(last.get(name, 0), stream.last_seq_num)
+            gaps += stream.gap_lost
+        tail = 0
+        for name, seen in last.items():
+            n = announced.get(name) if isinstance(name, str) else None
+            if isinstance(n, bool) or not isinstance(n, int) or n <= seen:
+                continue
+            if n - seen > self.config.max_seq_gap:
+                log.warning("run %s: stop announces %d %r events after %d: not counted as lost", run.uid[:8], n,
+                            name, seen)
+                continue
+            tail += n - seen
+        if tail:
+            self.metrics.lost_upstream.labels("event").inc(tail)
+            log.warning("run %s: %d event(s) announced by the stop never arrived (lost upstream)", run.uid[:8], tail)
+        return gaps + tail
 
     # frames in files (service/resolve.py) --------------------------------------------------
     def _open_run_of(self, doc: dict) -> None:
@@ -509,19 +662,19 @@ class DocumentRouter:
             raise RejectedInput("stream_datum_before_descriptor", doc["descriptor"])
         run = self.runs[run_uid]
         run.last_seen = time.monotonic()
-        kind = self.resolver.stream_kind(doc)
-        for seq, frame in self.resolver.stream_datum(doc):
-            run.frames += 1
-            if kind == "frame":
-                frame = self._checked(frame, run.streams[doc["descriptor"]])
-            self.sink.submit(Frame(run_uid, int(seq), time.time(), frame, arrival, {}, kind))
+        plan = self.resolver.plan_stream_datum(doc)
+        if plan is not None:
+            kind = self.resolver.stream_kind(doc)
+            self._emit(run, FileFrames(run_uid, plan, time.time(), arrival, {}, kind,
+                                       run.streams[doc["descriptor"]] if kind == "frame" else None))
 
-    def _extract_frame(self, doc: dict, stream: StreamInfo) -> np.ndarray:
+    def _extract_frame(self, doc: dict, stream: StreamInfo) -> np.ndarray | FileRead:
+        """The event's frame, checked; or, when it is in a file, the read of it (checked once read)."""
         value = doc["data"].get(stream.frame_field)
         if value is None:
             raise RejectedInput("missing_frame", stream.frame_field)
         if isinstance(value, str) or doc.get("filled", {}).get(stream.frame_field) is False:
-            frame = self.resolver.fill_event(doc, stream.descriptor, stream.frame_field)
+            return self.resolver.plan_event(doc, stream.descriptor, stream.frame_field)
         else:
             try:
                 frame = np.asarray(value)
@@ -561,21 +714,133 @@ class DocumentRouter:
     def expire(self, idle_s: float) -> list[str]:
         """Close runs idle for longer than `idle_s` (no stop document); returns their uids."""
         now = time.monotonic()
-        keys: dict[str, list[str]] = {}
+        ends = []
         with self._lock:
             stale = [u for u, r in self.runs.items() if now - r.last_seen > idle_s]
             for uid in stale:
-                run = self.runs.pop(uid)
-                keys[uid] = run.keys
-                for d in run.streams:
-                    self._descriptor_run.pop(d, None)
-                self.resolver.forget_run(uid)
+                end, lane = self._detach(uid, abort_stop(uid, "timeout: no stop document"))
+                if lane is not None:
+                    lane.put(end)
+                else:
+                    ends.append(end)
         for uid in stale:
             log.warning("run %s: no stop document after %.0f s idle; closed as timed out", uid[:8], idle_s)
-            for key in keys[uid]:
-                self.sink.stop_run(key, {"run_start": uid, "exit_status": "abort", "reason": "timeout: no stop document",
-                                         "time": time.time(), "uid": "", "num_events": {}})
+        for end in ends:                        # the sink may block (back-pressure): not under the lock
+            self._end_run(end)
         return stale
+
+    def _evict_idlest(self) -> None:
+        """Make room for a new run at ``ingest.max_open_runs``: the open run idle longest is
+        closed as the run timeout closes it (exit_status "abort") and counted (runs_evicted)."""
+        victim = min(self.runs.values(), key=lambda r: r.last_seen)
+        idle = time.monotonic() - victim.last_seen
+        self._log_limited("evicted", f"run {victim.uid[:8]}: closed after {idle:.1f} s idle to make room for a "
+                                     f"new run (ingest.max_open_runs = {self.config.max_open_runs})")
+        self.metrics.runs_evicted.inc()
+        self._close(victim.uid, abort_stop(victim.uid, f"evicted: {len(self.runs)} runs open (ingest.max_open_runs), "
+                                                        f"this one idle longest ({idle:.1f} s)"))
+
+    def _close(self, uid: str, stop: dict) -> None:
+        """Close an open run: its stop to the sink after its frames (through its lane, if any)."""
+        end, lane = self._detach(uid, stop)
+        if lane is not None:
+            lane.put(end)
+        else:
+            self._end_run(end)
+
+    def _detach(self, uid: str, stop: dict | None) -> tuple[RunEnd, RunLane | None]:
+        """Forget open run `uid` (under the lock): what closing it still needs, and its lane."""
+        run = self.runs.pop(uid)
+        for d in run.streams:
+            self._descriptor_run.pop(d, None)
+        lane = self._lanes.pop(uid, None)
+        if lane is not None:
+            self._ending = [x for x in self._ending if x.thread.is_alive()]
+            self._ending.append(lane)
+        return RunEnd(run.keys, stop, self.resolver.detach_run(uid)), lane
+
+    def _end_run(self, end: RunEnd) -> None:
+        for key in end.keys if end.stop is not None else ():
+            self.sink.stop_run(key, end.stop)
+        self.resolver.close_files(end.resources)
+
+    # the lanes (their own threads) ---------------------------------------------------------
+    def _lane_item(self, item, lane: RunLane) -> None:
+        """One item of a run's lane. Items of a document after one refused are dropped, as the
+        routing thread stops at a document's first refusal; the document is counted at its end."""
+        try:
+            if isinstance(item, DocumentEnd):
+                error, lane.failed = item.error or lane.failed, None
+                if error is None:
+                    self.metrics.documents.labels(item.name).inc()
+                else:
+                    self.reject(error)
+            elif isinstance(item, RunEnd):
+                self._end_run(item)
+            elif lane.failed is None:
+                try:
+                    self._submit_item(item)
+                except RejectedInput as exc:
+                    if isinstance(item, FileFrames) and item.alone:
+                        self.reject(exc)
+                    else:
+                        lane.failed = exc
+        except Exception as exc:  # a bug must not stop the lane; count and log it
+            log.exception("internal error on the file lane of run %s", lane.uid[:8])
+            self.reject(RejectedInput("internal_error", f"{type(exc).__name__}: {exc}"))
+
+    def _submit_item(self, item: Frame | FileFrames) -> None:
+        if isinstance(item, Frame):
+            self.sink.submit(item)
+            return
+        for seq, data in self.resolver.read(item.read, self._read_timeout()):
+            if item.stream is not None:
+                data = self._checked(data, item.stream)
+            self.sink.submit(Frame(item.key, int(seq), item.time, data, item.arrival, item.scalars, item.kind))
+
+    def _read_timeout(self) -> float:
+        """Seconds one read may take: ``file_open_timeout_s`` plus its retry waits; at
+        shutdown, at most what is left until close()'s deadline."""
+        c = self.config
+        timeout = c.file_open_timeout_s + c.file_retries * c.file_retry_delay_s
+        deadline = self._deadline
+        return timeout if deadline is None else min(timeout, deadline - time.monotonic())
+
+    def hung_reads(self) -> int:
+        """File reads abandoned after their timeout whose threads are still blocked (for /health)."""
+        return self.resolver.hung_reads()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every lane has handled what it holds now; False if one has not after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            marks = [threading.Event() for _ in self._lanes]
+            for lane, mark in zip(self._lanes.values(), marks):
+                lane.put(mark)
+            ending = list(self._ending)
+        for mark in marks:
+            mark.wait(max(0.0, deadline - time.monotonic()))
+        for lane in ending:
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
+        return all(m.is_set() for m in marks) and not any(x.thread.is_alive() for x in ending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Service shutdown, after the routing thread has stopped: lanes finish their items
+        within `timeout` s (reads get what is left of it, then are refused); lanes of runs still
+        open end without a stop (the service stops those runs itself, after this)."""
+        with self._lock:
+            self._deadline = time.monotonic() + timeout
+            lanes = [*self._lanes.values(), *self._ending]
+            for lane in self._lanes.values():
+                lane.put(RunEnd([], None, []))
+            self._lanes.clear()
+        for lane in lanes:                      # a read refused at the deadline takes a moment more
+            lane.thread.join(max(0.0, self._deadline + 1.0 - time.monotonic()))
+        stuck = [lane.uid[:8] for lane in lanes if lane.thread.is_alive()]
+        if stuck:
+            log.error("ingest: the file lanes of runs %s did not finish at shutdown", ", ".join(stuck))
+        else:
+            self.resolver.close()               # files of runs still open (no reader holds them now)
 
 
 # --------------------------------------------------------------------------- the socket
@@ -644,7 +909,9 @@ class ZmqSubscriber:
             try:
                 message, arrival = self.queue.get(timeout=0.1)
             except queue.Empty:
+                self.metrics.queue_depth.labels("ingest").set(self.queue.qsize())    # idle: 0
                 continue
+            self.metrics.queue_depth.labels("ingest").set(self.queue.qsize())
             self._release(len(message))
             self._busy_since = time.monotonic()
             try:
@@ -684,7 +951,11 @@ class ZmqSubscriber:
             self._queued_bytes -= nbytes
             self._room.notify_all()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop receiving, route what is queued, then let the runs' file lanes finish
+        (router.close), within about `timeout` s in all."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.router.close(max(0.1, deadline - time.monotonic() - 1.0))

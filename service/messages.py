@@ -79,7 +79,10 @@ class BatchReduced:
     result: "BatchResult"
 
 
-FailReason = Literal["no_setup", "no_geometry", "reduction_error"]
+FailReason = Literal["no_setup", "no_geometry", "reduction_error", "refused", "quarantined"]
+
+#: added by ingest to a stop document: events its num_events announced that never arrived
+MISSING_EVENTS_KEY = "scatterflow_missing_events"
 
 
 @dataclass

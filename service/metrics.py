@@ -52,6 +52,11 @@ class Metrics:
                                         "reducing them, stopped instead of replayed", registry=r)
         self.tiled_spooled = Counter("scatterflow_tiled_spooled", "Tiled writes spooled to local disk while "
                                      "Tiled was unreachable", registry=r)
+        self.stale_segments_removed = Counter("scatterflow_stale_segments_removed", "Shared-memory frame files "
+                                              "of dead scatterflow processes removed at start", registry=r)
+        self.runs_interrupted_at_start = Counter("scatterflow_runs_interrupted_at_start", "Runs an earlier "
+                                                 "(killed) process left running in Tiled, marked interrupted",
+                                                 registry=r)
         self.publish_errors = Counter("scatterflow_publish_errors", "Results a sink refused, by sink "
                                       "(state, results, tiled, calibration)", ["sink"], registry=r)
         self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)

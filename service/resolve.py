@@ -18,20 +18,38 @@ DAWN write): a resource with spec ``NXcanSAS`` and datums ``{entry: name}`` and/
 ``application/x-nxcansas`` whose stream_datum indices are rows of ``I``. They are returned as
 ``(3, N)`` arrays of q (1/nm), I and σ and go straight to fitting.
 
+Paths are confined to the local directory of the root_map entry that matched or, for roots
+root_map does not name, to one of ``allowed_roots`` (none by default: refused), refused as
+``path_outside_root``. When the resource arrives its path is checked as text (``..`` resolved,
+no file system access: a hung mount must not stop the routing thread); a path outside refuses
+the resource document and every frame that points into it. Each time a file is opened its real
+path (``os.path.realpath``: symlinks followed) is checked against the root's real path, on the
+reader thread: a frame behind a symlink that leads outside is refused, however old the link.
+
 Files are opened with h5py (``swmr=True``), cached per resource and refreshed when a frame
 lies beyond the dataset's current length; a file still being written is re-read up to
 ``retries`` times, ``retry_delay_s`` apart, then refused as ``file_unavailable``. Compressed
 chunks (Bitshuffle/LZ4, Blosc, Zstd, ...) are readable when ``hdf5plugin`` is installed; it is
 imported here for that. Every refusal is a `RejectedInput` with a metrics reason.
 
-Not thread-safe: one routing thread calls it (DocumentRouter holds its own lock). Calls that
-wait for a file block that thread for at most ``retries * retry_delay_s`` seconds.
+Threads: documents are registered, and the frames an event or stream_datum asks for are
+planned (`plan_event`, `plan_profile`, `plan_stream_datum`: look-ups and checks, no I/O), on
+the routing thread, which owns the registry. The I/O of a plan (`FileRead.read`) touches only
+its `_Resource`; `read(plan, timeout_s)` runs it on a reader thread of its own and gives up
+after `timeout_s` (``file_unavailable``), leaving that thread behind. Before h5py or numpy
+opens a file it is checked with ``os.stat`` to be a regular file: libhdf5 holds the GIL while
+it blocks (a FIFO would stop every thread of the process), ``os.stat`` does not, so a hung
+mount blocks only the reader thread. A mount that hangs after a file is open still blocks
+inside libhdf5, GIL held: that, only a reader process could contain. `fill_event`,
+`fill_profile`, `read_datum` and `stream_datum` plan and read at once, in the caller's thread.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,6 +80,7 @@ AD_DATASET = "/entry/data/data"
 Q_UNITS_TO_NM = {"1/nm": 1.0, "nm^-1": 1.0, "1/angstrom": 10.0, "1/A": 10.0, "A^-1": 10.0, "1/Å": 10.0,
                  "Å^-1": 10.0, "angstrom^-1": 10.0, "1/m": 1e-9, "m^-1": 1e-9}
 REOPEN_EVERY = 10          # re-open a file (not just refresh) every N waits: writers without SWMR
+MAX_HUNG_READS = 16        # reader threads left blocked at once; past this, reads are refused at once
 
 
 # --------------------------------------------------------------------------- data keys
@@ -95,18 +114,48 @@ class _Resource:
     file: h5py.File | None = None
     waits: int = 0               # waits since the file was last (re)opened
     filters_checked: bool = False
+    root: str = "/"              # real local directory the path must stay inside
+    refusal: RejectedInput | None = None      # path_outside_root: every frame of it refused so
+    hung: threading.Thread | None = None      # a reader thread abandoned on this file, maybe still blocked
+
+
+@dataclass
+class FileRead:
+    """Frames that one document points at, planned on the routing thread; ``read()`` does the
+    I/O (with the waits for a file still being written) and returns ``[(seq_num, array)]``:
+    frames ``(rows, cols)`` or profiles ``(3, N)``."""
+    resource: _Resource
+    read: Callable[[], list[tuple[int, np.ndarray]]]
+
+
+def probe_regular_file(path: str) -> None:
+    """OSError when `path` is missing; RejectedInput ``file_unavailable`` unless it is a regular
+    file (a FIFO or device would block libhdf5 with the GIL held). ``os.stat`` releases the GIL,
+    so a hung mount blocks only the calling thread."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise RejectedInput("file_unavailable", f"{path}: not a regular file")
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _lexical(path: str) -> str:
+    """`path` absolute and normalized as text (``..`` and ``.`` resolved), without touching the file system."""
+    return os.path.normpath(os.path.abspath(path))
 
 
 class FrameResolver:
     """Per-run registry of resource/datum and stream_resource/stream_datum documents, reading frames with h5py.
 
     `root_map` maps document roots (``resource['root']``, or a leading part of a stream
-    resource's path) to local directories, as databroker's ``root_map`` does. Frames are
+    resource's path) to local directories, as databroker's ``root_map`` does; `allowed_roots`
+    are local directories that documents may name directly (default none). Frames are
     returned as read: ``(rows, cols)`` arrays of the detector's dtype, row-major.
     """
 
-    def __init__(self, *, root_map: dict[str, str] | None = None, retries: int = 50, retry_delay_s: float = 0.1,
-                 max_frame_pixels: int = 64 * 2**20):
+    def __init__(self, *, root_map: dict[str, str] | None = None, allowed_roots: list[str] | None = None,
+                 retries: int = 50, retry_delay_s: float = 0.1, max_frame_pixels: int = 64 * 2**20):
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         if not isinstance(retry_delay_s, (int, float)) or not math.isfinite(retry_delay_s) or retry_delay_s < 0:
@@ -117,7 +166,13 @@ class FrameResolver:
         for k, v in root_map.items():
             if not isinstance(k, str) or not isinstance(v, str) or not k:
                 raise ValueError(f"root_map must map non-empty str roots to str paths, got {k!r}: {v!r}")
+        for root in allowed_roots or []:
+            if not isinstance(root, str) or not os.path.isabs(root):
+                raise ValueError(f"allowed_roots must be absolute paths, got {root!r}")
         self.root_map = root_map
+        # (as written, normalized; real path) of every local root, resolved once, here
+        self._real = {r: os.path.realpath(r) for r in [*root_map.values(), *(allowed_roots or [])]}
+        self.allowed_roots = [(_lexical(r), self._real[r]) for r in allowed_roots or []]
         self.retries = retries
         self.retry_delay_s = float(retry_delay_s)
         self.max_frame_pixels = max_frame_pixels
@@ -126,36 +181,80 @@ class FrameResolver:
         self._frame_keys: dict[str, dict[str, tuple[int, int, int]]] = {}   # descriptor uid -> key -> shape
         self._runs: dict[str | None, set[str]] = {}           # run uid -> resource uids
         self._run_descriptors: dict[str, set[str]] = {}       # run uid -> descriptor uids
+        self._hung: set[threading.Thread] = set()             # abandoned reader threads (any run)
+        self._hung_lock = threading.Lock()
         if HDF5PLUGIN_VERSION is None:
             log.warning("hdf5plugin is not installed: compressed HDF5 frames (bitshuffle/LZ4, blosc) cannot be read")
 
     # ----------------------------------------------------------------------- paths
-    def _local(self, path: str) -> str:
-        """Apply root_map to an absolute path: the longest matching leading directory is replaced."""
+    def _local(self, path: str) -> tuple[str, str] | None:
+        """Apply root_map to an absolute path: the longest matching leading directory is
+        replaced. ``(local path, local root)``, or None when no root_map entry matches."""
         best = None
         for root in self.root_map:
             r = root.rstrip("/") or "/"
-            if path == r or path.startswith(r.rstrip("/") + "/"):
+            if _within(path, r):
                 if best is None or len(r) > len(best[0]):
                     best = (r, self.root_map[root])
         if best is None:
-            return path
+            return None
         rest = path[len(best[0]):].lstrip("/")
-        return os.path.join(best[1], rest) if rest else best[1]
+        return (os.path.join(best[1], rest) if rest else best[1]), best[1]
 
-    def _path(self, doc: dict) -> str:
+    def _path(self, doc: dict) -> tuple[str, str]:
+        """``(local path, real root it must stay inside)`` of a resource or stream_resource;
+        RejectedInput ``path_outside_root`` when it resolves outside every root it may use."""
         if doc.get("uri"):
             parsed = urlparse(doc["uri"])
             if parsed.scheme not in ("", "file"):
                 raise RejectedInput("unsupported_uri", doc["uri"][:200])
-            return self._local(unquote(parsed.path))
+            path = unquote(parsed.path)
+            mapped = self._local(path)
+        else:
+            try:
+                root, rel = doc.get("root") or "", doc["resource_path"]
+            except KeyError:
+                raise RejectedInput("malformed_document", "resource without uri or resource_path") from None
+            if not isinstance(root, str) or not isinstance(rel, str):
+                raise RejectedInput("malformed_document", "root and resource_path must be strings")
+            path = os.path.join(root, rel)
+            mapped = (os.path.join(self.root_map[root], rel), self.root_map[root]) if root in self.root_map \
+                else self._local(path)
+        if "\x00" in path:
+            raise RejectedInput("path_outside_root", "NUL in path")
+        local = path if mapped is None else mapped[0]
+        lexical = _lexical(local)
+        roots = self.allowed_roots if mapped is None else [(_lexical(mapped[1]), self._real[mapped[1]])]
+        for root, real_root in roots:
+            if _within(lexical, root):
+                return local, real_root
+        where = "ingest.allowed_roots" if mapped is None else f"root_map {mapped[1]!r}"
+        raise RejectedInput("path_outside_root", f"{path[:200]!r} is {lexical[:200]!r}, outside {where}")
+
+    def _confined(self, res: _Resource, path: str) -> str:
+        """`path` resolved again at open time (a symlink may have been swapped in since the
+        resource arrived), checked inside the resource's root and to be a regular file."""
+        real = os.path.realpath(path)
+        if not _within(real, res.root):
+            raise RejectedInput("path_outside_root", f"{path[:200]!r} resolves to {real[:200]!r}, outside {res.root!r}")
+        probe_regular_file(real)
+        return real
+
+    def _located(self, res: _Resource, doc: dict) -> _Resource:
+        """`res` with its local path and root, or marked refused (path_outside_root): the refusal
+        is raised by `_add_checked` after registering it, and again for each frame asked of it."""
         try:
-            root, rel = doc.get("root") or "", doc["resource_path"]
-        except KeyError:
-            raise RejectedInput("malformed_document", "resource without uri or resource_path") from None
-        if root in self.root_map:
-            return os.path.join(self.root_map[root], rel)
-        return self._local(os.path.join(root, rel))
+            res.path, res.root = self._path(doc)
+        except RejectedInput as exc:
+            if exc.reason != "path_outside_root":
+                raise
+            res.refusal = exc
+        return res
+
+    def _add_checked(self, res: _Resource) -> None:
+        self._add(res)
+        if res.refusal is not None:
+            raise res.refusal
 
     # ----------------------------------------------------------------------- v1 documents
     def resource(self, doc: dict) -> None:
@@ -164,7 +263,8 @@ class FrameResolver:
         kind = ("AD_HDF5" if spec in AD_HDF5_SPECS else "NPY_SEQ" if spec in NPY_SPECS
                 else "NXCANSAS" if spec in NXCANSAS_SPECS else "unsupported")
         kwargs = doc.get("resource_kwargs") or {}
-        res = _Resource(uid=doc["uid"], kind=kind, spec=spec, path=self._path(doc), run_start=doc.get("run_start"))
+        res = self._located(_Resource(uid=doc["uid"], kind=kind, spec=spec, path="", run_start=doc.get("run_start")),
+                            doc)
         if kind == "AD_HDF5":
             fpp = kwargs.get("frame_per_point", 1)
             if isinstance(fpp, bool) or not isinstance(fpp, (int, np.integer)) or fpp < 1:
@@ -172,7 +272,7 @@ class FrameResolver:
             res.frame_per_point = int(fpp)
         if kind == "NXCANSAS":
             res.dataset_entry = _entry_name(kwargs)
-        self._add(res)
+        self._add_checked(res)
 
     def datum(self, doc: dict) -> None:
         res = self._resources.get(doc["resource"])
@@ -187,49 +287,71 @@ class FrameResolver:
 
     def fill_event(self, event: dict, descriptor: dict, field: str) -> np.ndarray:
         """The frame ``(rows, cols)`` that ``event["data"][field]`` (a datum_id) refers to."""
+        return self.plan_event(event, descriptor, field).read()[0][1]
+
+    def plan_event(self, event: dict, descriptor: dict, field: str) -> FileRead:
+        """The read of the frame ``(rows, cols)`` that ``event["data"][field]`` (a datum_id) refers to."""
         datum_id = event["data"].get(field)
         if not isinstance(datum_id, str):
             raise RejectedInput("unknown_datum", f"{field} is not a datum_id")
-        frames = self.read_datum(datum_id)
-        if frames.shape[0] != 1:
-            raise RejectedInput("unsupported_frames_per_point", f"{frames.shape[0]} frames for one event")
-        frame = frames[0]
+        res, read_all = self._plan_datum(datum_id)
         expected = frame_shape(descriptor.get("data_keys", {}).get(field, {}))
-        if expected is not None and tuple(frame.shape) != expected[1:]:
-            raise RejectedInput("wrong_shape", f"{frame.shape} != descriptor {expected[1:]}")
-        return frame
+        seq = event.get("seq_num")
+
+        def read():
+            frames = read_all()
+            if frames.shape[0] != 1:
+                raise RejectedInput("unsupported_frames_per_point", f"{frames.shape[0]} frames for one event")
+            if expected is not None and tuple(frames.shape[1:]) != expected[1:]:
+                raise RejectedInput("wrong_shape", f"{frames.shape[1:]} != descriptor {expected[1:]}")
+            return [(seq, frames[0])]
+        return FileRead(res, read)
 
     def read_datum(self, datum_id: str) -> np.ndarray:
         """All frames of one datum, ``(frame_per_point, rows, cols)``."""
+        return self._plan_datum(datum_id)[1]()
+
+    def _plan_datum(self, datum_id: str) -> tuple[_Resource, Callable[[], np.ndarray]]:
         try:
             res_uid, kwargs = self._datums[datum_id]
         except KeyError:
             raise RejectedInput("unknown_datum", datum_id[:200]) from None
-        res = self._resources[res_uid]
+        res = self._usable(self._resources[res_uid])
         if res.kind == "AD_HDF5":
             n = _int_kwarg(kwargs, "point_number")
             fpp = res.frame_per_point
-            return self._read_rows(res, n * fpp, (n + 1) * fpp)
+            return res, lambda: self._read_rows(res, n * fpp, (n + 1) * fpp)
         if res.kind == "NPY_SEQ":
-            frame = self._read_npy(res, _int_kwarg(kwargs, "index"))
-            return frame[np.newaxis]
+            index = _int_kwarg(kwargs, "index")
+            return res, lambda: self._read_npy(res, index)[np.newaxis]
         raise RejectedInput("unsupported_spec", f"{res.spec!r} (resource {res.uid})")
+
+    @staticmethod
+    def _usable(res: _Resource) -> _Resource:
+        if res.refusal is not None:
+            raise RejectedInput(res.refusal.reason, res.refusal.detail)
+        return res
 
     def fill_profile(self, event: dict, field: str) -> np.ndarray:
         """The reduced profile ``(3, N)`` (q 1/nm, I, σ) that ``event["data"][field]`` (a datum_id of
         an NXcanSAS resource) refers to."""
+        return self.plan_profile(event, field).read()[0][1]
+
+    def plan_profile(self, event: dict, field: str) -> FileRead:
+        """The read of the reduced profile that ``event["data"][field]`` refers to (`fill_profile`)."""
         datum_id = event["data"].get(field)
         if not isinstance(datum_id, str) or datum_id not in self._datums:
             raise RejectedInput("unknown_datum", f"{field} is not a known datum_id")
         res_uid, kwargs = self._datums[datum_id]
-        res = self._resources[res_uid]
+        res = self._usable(self._resources[res_uid])
         if res.kind != "NXCANSAS":
             raise RejectedInput("unsupported_spec", f"{res.spec!r} holds no 1D profiles (resource {res.uid})")
         entry = kwargs.get("entry")
         if entry is not None and not isinstance(entry, str):
             raise RejectedInput("bad_datum", f"datum_kwargs['entry'] = {entry!r}")
         row = _int_kwarg(kwargs, "frame") if "frame" in kwargs else None
-        return self._read_profiles(res, entry, row, None)[0]
+        seq = event.get("seq_num")
+        return FileRead(res, lambda: [(seq, self._read_profiles(res, entry, row, None)[0])])
 
     # ----------------------------------------------------------------------- stream documents
     def stream_resource(self, doc: dict) -> None:
@@ -238,12 +360,12 @@ class FrameResolver:
         params = doc.get("parameters") or {}
         hdf5 = spec in HDF5_MIMETYPES or spec in HDF5_STREAM_SPECS
         kind = "HDF5_STREAM" if hdf5 else "NXCANSAS_STREAM" if spec in NXCANSAS_MIMETYPES else "unsupported"
-        res = _Resource(uid=doc["uid"], kind=kind, spec=spec,
-                        path=self._path(doc), run_start=doc.get("run_start"), data_key=doc.get("data_key"),
-                        dataset=str(params.get("dataset") or params.get("path") or AD_DATASET))
+        res = self._located(_Resource(uid=doc["uid"], kind=kind, spec=spec, path="", run_start=doc.get("run_start"),
+                                      data_key=doc.get("data_key"),
+                                      dataset=str(params.get("dataset") or params.get("path") or AD_DATASET)), doc)
         if kind == "NXCANSAS_STREAM":
             res.dataset_entry = _entry_name(params)
-        self._add(res)
+        self._add_checked(res)
 
     def stream_data_keys(self, descriptor: dict) -> dict[str, tuple[int, int]]:
         """External ``STREAM:`` data keys of a descriptor that hold 2D frames: ``{key: (rows, cols)}``.
@@ -266,36 +388,45 @@ class FrameResolver:
     def stream_datum(self, doc: dict) -> list[tuple[int, np.ndarray]]:
         """``(seq_num, frame (rows, cols))`` for every frame the stream_datum covers; [] for non-frame keys.
         For an NXcanSAS stream_resource, ``(seq_num, profile (3, N))`` per row of I."""
+        plan = self.plan_stream_datum(doc)
+        return [] if plan is None else plan.read()
+
+    def plan_stream_datum(self, doc: dict) -> FileRead | None:
+        """The read of the frames a stream_datum covers (`stream_datum`); None when there is nothing to read."""
         res = self._resources.get(doc["stream_resource"])
         if res is None:
             raise RejectedInput("unknown_resource", f"stream_datum {doc['uid']} refers to {doc['stream_resource']}")
+        self._usable(res)
         start, stop = _range(doc, "indices")
         seq_start, seq_stop = _range(doc, "seq_nums")
         if stop - start != seq_stop - seq_start:
             raise RejectedInput("bad_stream_datum", f"indices {start}:{stop} vs seq_nums {seq_start}:{seq_stop}")
         if res.kind == "NXCANSAS_STREAM":
             if stop == start:
-                return []
-            profiles = self._read_profiles(res, None, start, stop)
-            return [(seq_start + i, profiles[i]) for i in range(stop - start)]
+                return None
+            return FileRead(res, lambda: list(zip(range(seq_start, seq_stop),
+                                                  self._read_profiles(res, None, start, stop))))
         known = self._frame_keys.get(doc.get("descriptor", ""))
-        per_event = 1
+        shape = None
         if known is not None:
             if res.data_key not in known:
-                return []                                     # a scalar/1D key of the same detector
-            per_event, rows, cols = known[res.data_key]
+                return None                                   # a scalar/1D key of the same detector
+            per_event, *shape = known[res.data_key]
             if per_event != 1:
                 raise RejectedInput("unsupported_frames_per_event", f"{res.data_key}: {per_event} frames per event")
         if res.kind != "HDF5_STREAM":
             raise RejectedInput("unsupported_spec", f"{res.spec!r} (stream_resource {res.uid})")
         if stop == start:
-            return []
-        if known is None and not self._is_frame_dataset(res):
-            return []
-        frames = self._read_rows(res, start, stop)
-        if known is not None and tuple(frames.shape[1:]) != (rows, cols):
-            raise RejectedInput("wrong_shape", f"{frames.shape[1:]} != descriptor {(rows, cols)}")
-        return [(seq_start + i, frames[i]) for i in range(stop - start)]
+            return None
+
+        def read():
+            if shape is None and not self._is_frame_dataset(res):
+                return []
+            frames = self._read_rows(res, start, stop)
+            if shape is not None and tuple(frames.shape[1:]) != tuple(shape):
+                raise RejectedInput("wrong_shape", f"{frames.shape[1:]} != descriptor {tuple(shape)}")
+            return [(seq_start + i, frames[i]) for i in range(stop - start)]
+        return FileRead(res, read)
 
     # ----------------------------------------------------------------------- per-run state
     def _add(self, res: _Resource) -> None:
@@ -307,20 +438,37 @@ class FrameResolver:
 
     def forget_run(self, run_start_uid: str) -> None:
         """Drop resources, datums and descriptors of a run and close its files (at its stop document)."""
+        self.close_files(self.detach_run(run_start_uid))
+
+    def detach_run(self, run_start_uid: str) -> list[_Resource]:
+        """Drop resources, datums and descriptors of a run; returns its resources, whose files
+        the caller closes (`close_files`) once no read of them is pending."""
+        detached = []
         for uid in self._runs.pop(run_start_uid, set()):
             res = self._resources.pop(uid, None)
             if res is None:
                 continue
             for datum_id in res.datums:
                 self._datums.pop(datum_id, None)
-            self._close(res)
+            detached.append(res)
         for d in self._run_descriptors.pop(run_start_uid, set()):
             self._frame_keys.pop(d, None)
+        return detached
+
+    def close_files(self, resources: list[_Resource]) -> None:
+        for res in resources:
+            if res.hung is None or not res.hung.is_alive():     # a blocked reader may still hold it
+                self._close(res)
 
     def close(self) -> None:
         """Close every open file (service shutdown)."""
-        for res in self._resources.values():
-            self._close(res)
+        self.close_files(list(self._resources.values()))
+
+    def hung_reads(self) -> int:
+        """Reader threads abandoned after their timeout and still blocked (for /health)."""
+        with self._hung_lock:
+            self._hung = {t for t in self._hung if t.is_alive()}
+            return len(self._hung)
 
     @staticmethod
     def _close(res: _Resource) -> None:
@@ -332,6 +480,41 @@ class FrameResolver:
             res.file = None
 
     # ----------------------------------------------------------------------- reading
+    def read(self, plan: FileRead, timeout_s: float) -> list[tuple[int, np.ndarray]]:
+        """Run `plan` on a reader thread; RejectedInput ``file_unavailable`` when it has not
+        returned after `timeout_s` seconds (the thread is abandoned, and later reads of the same
+        file are refused at once while it stays blocked), or at once when MAX_HUNG_READS
+        readers are blocked already or no time is left (`timeout_s` <= 0)."""
+        res = plan.resource
+        with self._hung_lock:
+            self._hung = {t for t in self._hung if t.is_alive()}
+            if res.hung is not None and res.hung.is_alive():
+                raise RejectedInput("file_unavailable", f"{res.path}: an earlier read has not returned")
+            if len(self._hung) >= MAX_HUNG_READS:
+                raise RejectedInput("file_unavailable", f"{res.path}: {len(self._hung)} reads of files hung already")
+        if timeout_s <= 0:
+            raise RejectedInput("file_unavailable", f"{res.path}: no time left to read (service stopping)")
+        outcome: list = []
+
+        def target():
+            try:
+                outcome.append((True, plan.read()))
+            except BaseException as exc:  # handed to the waiting thread, which raises it there
+                outcome.append((False, exc))
+        reader = threading.Thread(target=target, name=f"file-read-{res.uid[:8]}", daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if reader.is_alive():
+            with self._hung_lock:
+                self._hung.add(reader)
+                res.hung = reader
+            log.warning("file %s: no answer after %.1f s; reader thread abandoned", res.path, timeout_s)
+            raise RejectedInput("file_unavailable", f"{res.path}: no answer after {timeout_s:.1f} s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
     def _retry(self, res: _Resource, attempt: Callable[[], Any]) -> Any:
         """Call `attempt` until it returns non-None, at most retries + 1 times; file_unavailable after."""
         last = ""
@@ -350,11 +533,14 @@ class FrameResolver:
                 time.sleep(self.retry_delay_s)
         raise RejectedInput("file_unavailable", f"{res.path} after {self.retries} retries: {last}"[:400])
 
-    def _dataset(self, res: _Resource) -> h5py.Dataset:
+    def _open(self, res: _Resource) -> h5py.File:
         if res.file is None or not res.file.id.valid:
-            res.file = h5py.File(res.path, "r", swmr=True)
+            res.file = h5py.File(self._confined(res, res.path), "r", swmr=True)
             res.waits = 0
-        return res.file[res.dataset]
+        return res.file
+
+    def _dataset(self, res: _Resource) -> h5py.Dataset:
+        return self._open(res)[res.dataset]
 
     def _is_frame_dataset(self, res: _Resource) -> bool:
         return self._retry(res, lambda: _frame_rows(self._dataset(res)))
@@ -393,9 +579,7 @@ class FrameResolver:
             raise RejectedInput("frame_out_of_range", f"rows {start}:{stop}")
 
         def attempt():
-            if res.file is None or not res.file.id.valid:
-                res.file = h5py.File(res.path, "r", swmr=True)
-            q, i_ds, sigma_ds, mask = _nxcansas_data(res.file, entry or res.dataset_entry, res.path)
+            q, i_ds, sigma_ds, mask = _nxcansas_data(self._open(res), entry or res.dataset_entry, res.path)
             if i_ds.ndim == 1:
                 rows = [i_ds[()]], [sigma_ds[()] if sigma_ds is not None else None]
                 if start not in (None, 0) or (stop is not None and stop != 1):
@@ -418,7 +602,7 @@ class FrameResolver:
         path = f"{res.path}_{index}.npy"
 
         def attempt():
-            frame = np.load(path, allow_pickle=False)     # never unpickle from files named by the network
+            frame = np.load(self._confined(res, path), allow_pickle=False)   # never unpickle network-named files
             if frame.ndim != 2:
                 raise RejectedInput("wrong_shape", f"{path}: {frame.shape}")
             if frame.size > self.max_frame_pixels:

@@ -2,7 +2,9 @@
 configuration, then the start document's keys (service/detectors.py), geometry, mask, dark and
 flat images, the phase classifier and inversion encoder (each read once per service).
 
-Bad values raise ValueError naming the key; a missing checkpoint is a ConfigError at start.
+Bad values raise ValueError naming the key; a size above its ceiling (``limits``) raises
+LimitExceeded naming the key, the value and the ceiling, before anything is allocated; a
+missing checkpoint, or configured settings above a ceiling, is a ConfigError at start.
 """
 from __future__ import annotations
 
@@ -12,14 +14,28 @@ from pathlib import Path
 
 from workers.specs import GRAZING, GrazingSpec, ReductionSpec
 
-from .config import FitConfig, ReductionConfig, Settings
-from .detectors import run_settings
-from .errors import ConfigError
+from .config import FitConfig, LimitsConfig, ReductionConfig, Settings
+from .detectors import DETECTOR_DOC_KEY, detector_entries, run_settings
+from .errors import ConfigError, LimitExceeded
 from .images import read_image
 
 log = logging.getLogger(__name__)
 
 MODELS = Path(__file__).parent / "models"          # checkpoints shipped with the service
+
+
+def check_limits(r: ReductionConfig, fit: FitConfig, limits: LimitsConfig) -> None:
+    """LimitExceeded naming the first size of these settings above its ceiling."""
+    sizes = (("reduction.npt", r.npt, "npt"), ("reduction.qmap_npt", max(r.qmap_npt), "qmap_npt"),
+             ("fit.peaks", len(fit.peaks), "peaks"), ("fit.regularizer.window", fit.regularizer.window, "window"))
+    for key, value, ceiling in sizes:
+        _check(key, value, ceiling, limits)
+
+
+def _check(key: str, value: int, ceiling: str, limits: LimitsConfig) -> None:
+    most = getattr(limits, ceiling)
+    if value > most:
+        raise LimitExceeded(f"{key} = {value} is above the ceiling limits.{ceiling} = {most}")
 
 
 def reduction_spec(r: ReductionConfig, fit: FitConfig) -> ReductionSpec:
@@ -80,6 +96,10 @@ class RunSpecBuilder:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        try:
+            check_limits(settings.reduction, settings.fit, settings.limits)
+        except LimitExceeded as exc:
+            raise ConfigError(f"configuration: {exc}") from None
         self.phases = self._phase_spec()
         self.phase_checkpoint = self._phase_checkpoint()
         self.inversion = self._inversion_spec()
@@ -89,21 +109,26 @@ class RunSpecBuilder:
         document names no detector geometry of its own."""
         from workers.geometry import Geometry
         from workers.pipeline import RunSpec
-        g = self.settings.geometry
+        g, limits = self.settings.geometry, self.settings.limits
+        if DETECTOR_DOC_KEY not in start:          # above the ceiling, ingest opened one analysis for them all
+            _check("start.scatterflow detector entries", len(detector_entries(start)), "detectors", limits)
         run = run_settings(start, self.settings.reduction, self.settings.fit)   # modality, per-run/detector keys
+        check_limits(run.reduction, run.fit, limits)        # before any array is sized by them
         reduction = reduction_spec(run.reduction, run.fit)
         if run.geometry is not None:                        # the detector's own PONI mapping (start document)
-            geometry = Geometry.from_pyfai(_pyfai_load(run.geometry))
+            geometry = Geometry.from_pyfai(_pyfai_load(run.geometry, "start.scatterflow detector geometry"))
         elif calibrated is not None:
             geometry = calibrated
         elif g.poni is not None:
             geometry = Geometry.from_poni(g.poni)
         elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
-            geometry = Geometry.from_pyfai(_pyfai_load(start["geometry"]))
+            geometry = Geometry.from_pyfai(_pyfai_load(start["geometry"], "start.geometry"))
         else:       # fine for runs of reduced 1D profiles; 2D frames of this run fail as "no_geometry"
             log.warning("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
                         str(start.get("uid", "?"))[:8])
             geometry = None
+        if geometry is not None and geometry.shape is not None:     # before a mask or matrix of that size
+            _check("detector pixels", int(geometry.shape[0]) * int(geometry.shape[1]), "detector_pixels", limits)
         mask = _image_for(g.mask, geometry, "mask")
         mask = mask.astype(bool) if mask is not None else None
         if mask is not None and geometry is not None:
@@ -168,8 +193,24 @@ class RunSpecBuilder:
         return InversionSpec(state=state, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range)
 
 
-def _pyfai_load(mapping: dict):
+def _pyfai_load(mapping: dict, where: str):
+    """pyFAI's integrator of a start document's PONI mapping. pyFAI reads a file for a detector
+    named by a path (NexusDetector) and for a spline file: a document may name neither
+    (ValueError naming the key), so that it reads nothing outside ingest's confined roots."""
     import pyFAI
+    import pyFAI.detectors
+    config = mapping.get("detector_config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}.detector_config must be a mapping, got {type(config).__name__}")
+    files = [str(k) for k, v in (*mapping.items(), *config.items()) if "file" in str(k).lower() and v]
+    if files:
+        raise ValueError(f"{where}: a start document may not name files ({files[0]})")
+    name = mapping.get("detector", "Detector")
+    known = pyFAI.detectors.Detector.registry
+    cls = getattr(pyFAI.detectors, name, None) if isinstance(name, str) else None
+    if not (isinstance(name, str) and (name.lower() in known or name.lower().replace(" ", "_") in known
+                                       or isinstance(cls, type) and issubclass(cls, pyFAI.detectors.Detector))):
+        raise ValueError(f"{where}.detector: {name!r} is not a pyFAI detector name")
     return pyFAI.load(mapping)
 
 

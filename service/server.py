@@ -1,7 +1,9 @@
 """The running service: ingest -> dispatch -> workers -> publish, plus the REST API.
 
 `Service(settings).start()` wires the parts built from one `Settings` object; `close()` stops
-them in reverse order. `scatterflow serve` and `scatterflow demo` both use it.
+them in reverse order, within `health.close_timeout_s` for ingest and the workers even when
+one of them hangs. `health()` is what ``/api/v1/health`` reports. `scatterflow serve` and
+`scatterflow demo` both use it.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 
 
 from . import __version__
+from .api.schemas import Health, WorkerHealth
 from .config import Settings, secret
 from .dispatch import Dispatcher
+from .frame_slots import remove_stale_segments, shm_directory
 from .ingest import DocumentRouter, ZmqSubscriber
 from .memory import reuse_freed_buffers
 from .metrics import Metrics
@@ -23,12 +27,18 @@ from .run_spec import RunSpecBuilder
 
 log = logging.getLogger(__name__)
 STOPPED_REASON = "service stopped before the run ended"
+WORKERS_CLOSE_S = 4.0       # of the close budget, kept for Dispatcher.close (Shutdown 1 s, join, kill)
+INGEST_CLOSE_S = 5.0        # of the close budget, at most for ingest to stop
 
 
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.limits = settings.health
         self.metrics = Metrics()
+        self._seen = {"tiled_spooled": 0, "tiled_interrupted": 0}     # writer counts already in the counters
+        self._first_seen: dict[tuple[str, int], float] = {}           # (dead|starting, pid) -> time.monotonic()
+        self._deadline = float("inf")                                 # of close(), time.monotonic()
         self.store = RunStore()
         self.started = time.time()
         self._closers: list = []
@@ -48,6 +58,7 @@ class Service:
     def start(self) -> "Service":
         s = self.settings
         reuse_freed_buffers()                # frames must not cost page faults (service/memory.py)
+        self._remove_stale_segments()
         self.specs = RunSpecBuilder(s)       # a bad phases or inversion checkpoint fails here, not per run
         tiled = self._start_tiled()
         results = None
@@ -62,12 +73,12 @@ class Service:
         self.dispatcher.start()
         # at close, reversed: open runs flushed and stopped, workers stopped, any run left marked interrupted
         self._closers.append(lambda: self.hub.interrupt_open_runs(STOPPED_REASON))
-        self._closers.append(self.dispatcher.close)
+        self._closers.append(lambda: self.dispatcher.close(self._time_left()))
         self._closers.append(self._stop_open_runs)
-        self.router = DocumentRouter(self.dispatcher, self.metrics, s.ingest)
+        self.router = DocumentRouter(self.dispatcher, self.metrics, s.ingest, max_detectors=s.limits.detectors)
         self.subscriber = ZmqSubscriber(s.ingest, self.router, self.metrics)
         self.subscriber.start()
-        self._closers.append(self.subscriber.stop)
+        self._closers.append(self._stop_ingest)
         self._start_api()
         t = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         t.start()
@@ -119,7 +130,7 @@ class Service:
         import uvicorn
         from .api import build_app
         a = self.settings.api
-        app = build_app(self.store, self.metrics, self.status, api_key=a.api_key)
+        app = build_app(self.store, self.metrics, self.status, health=self.health, api_key=a.api_key)
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                                                      timeout_graceful_shutdown=2))
         t = threading.Thread(target=self._uvicorn.run, name="api", daemon=True)
@@ -133,29 +144,113 @@ class Service:
         self._closers.append(self._stop_api)
         log.info("REST API on http://%s:%d/api/v1 (dashboard at /)", a.host, self.api_port)
 
-    def _stop_open_runs(self, timeout: float = 10.0) -> None:
+    def _remove_stale_segments(self) -> None:
+        """Shared-memory frame files left by scatterflow processes that were killed: removed,
+        counted (scatterflow_stale_segments_removed) and logged per dead process."""
+        removed = remove_stale_segments()
+        for pid, n in sorted(removed.items()):
+            log.warning("removed %d shared-memory frame file(s) of dead scatterflow process %d from %s",
+                        n, pid, shm_directory())
+        self.metrics.stale_segments_removed.inc(sum(removed.values()))
+
+    def _stop_ingest(self) -> None:
+        """Stop ingest (ZmqSubscriber.stop: routes what is queued, file reads finish) for at most
+        INGEST_CLOSE_S: a routing thread blocked on a worker that stopped reading is only woken by
+        Dispatcher.close, after this, so waiting longer would not help."""
+        stopper = threading.Thread(target=self.subscriber.stop, name="close-ingest", daemon=True)
+        stopper.start()
+        stopper.join(INGEST_CLOSE_S)
+        if stopper.is_alive():
+            log.warning("ingest did not stop within %.0f s (%s); going on", INGEST_CLOSE_S,
+                        "; ".join(self.health().problems) or "busy")
+
+    def _time_left(self, reserve: float = 0.0) -> float:
+        """Seconds of the close budget left, less `reserve` (at least 0.1)."""
+        return max(0.1, self._deadline - reserve - time.monotonic())
+
+    def _stop_open_runs(self) -> None:
         """Runs without their stop document when the service stops (ingest closed already):
         stopped through the workers, so their windows' final fits are published, with
-        exit_status "abort" and STOPPED_REASON; waits up to `timeout` s for every open run."""
-        for uid, run in list(self.router.runs.items()):
-            for key in run.keys:                            # one analysis per detector
-                self.dispatcher.stop_run(key, {"run_start": uid, "exit_status": "abort", "reason": STOPPED_REASON,
-                                               "time": time.time(), "uid": "", "num_events": {}})
-        deadline = time.monotonic() + timeout
-        while self.hub.open_runs() and time.monotonic() < deadline:
+        exit_status "abort" and STOPPED_REASON. Waits for every open run until the close budget
+        less WORKERS_CLOSE_S is spent. The stops are sent from a helper thread: sending waits on
+        the dispatcher, which a worker that stopped reading blocks until Dispatcher.close wakes it."""
+        def send() -> None:
+            for uid, run in list(self.router.runs.items()):
+                for key in run.keys:                        # one analysis per detector
+                    self.dispatcher.stop_run(key, {"run_start": uid, "exit_status": "abort",
+                                                   "reason": STOPPED_REASON, "time": time.time(), "uid": "",
+                                                   "num_events": {}})
+        sender = threading.Thread(target=send, name="close-open-runs", daemon=True)
+        sender.start()
+        sender.join(self._time_left(reserve=WORKERS_CLOSE_S))
+        while self.hub.open_runs() and self._time_left(reserve=WORKERS_CLOSE_S) > 0.1:
             time.sleep(0.05)
+        left = self.hub.open_runs()
+        if left:
+            problems = self.health().problems
+            log.warning("%d run(s) did not end in time (%s); closed as interrupted",
+                        len(left), "; ".join(problems) or "workers busy")
 
     def _stop_api(self) -> None:
         self._uvicorn.should_exit = True
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(1.0):
+            self._update_metrics()                      # first: expire may wait on the dispatcher
             self.router.expire(self.settings.run_timeout_s)
-            for name, depth in self.dispatcher.queue_depths().items():
-                self.metrics.queue_depth.labels(name).set(depth)
-            if getattr(self, "tiled", None) is not None:
-                self.metrics.tiled_requests.set(getattr(self.tiled, "requests", 0))
-                self.metrics.tiled_failures.set(getattr(self.tiled, "failures", 0))
+
+    def _update_metrics(self) -> None:
+        """Gauges of the queues, and the Tiled writer's own counts into the service's metrics."""
+        for name, depth in self.dispatcher.queue_depths().items():
+            self.metrics.queue_depth.labels(name).set(depth)
+        tiled = getattr(self, "tiled", None)
+        if tiled is None:
+            return
+        self.metrics.tiled_requests.set(tiled.requests)
+        self.metrics.tiled_failures.set(tiled.failures)
+        for key, now, counter in (("tiled_spooled", tiled.spooled, self.metrics.tiled_spooled),
+                                  ("tiled_interrupted", tiled.interrupted, self.metrics.runs_interrupted_at_start)):
+            counter.inc(now - self._seen[key])
+            self._seen[key] = now
+
+    def health(self) -> Health:
+        """What /api/v1/health reports: "stuck" when the ingest routing thread has been on one
+        message longer than `limits.route_stuck_s`, a worker has an unanswered batch older than
+        `limits.worker_stuck_s`, or a dead worker was not replaced within `limits.restart_s`;
+        else "degraded" while a worker restarts or Tiled writes wait in the spool; else "ok".
+        Reads counters only, never waits on a lock."""
+        lim, now = self.limits, time.monotonic()
+        stuck: list[str] = []
+        degraded: list[str] = []
+        busy = self.subscriber.route_busy_s() if hasattr(self, "subscriber") else None
+        if busy is not None and busy > lim.route_stuck_s:
+            stuck.append(f"ingest routing thread on one message for {busy:.1f} s (limit {lim.route_stuck_s:g} s)")
+        workers = [WorkerHealth(**w) for w in self.dispatcher.worker_health()] if hasattr(self, "dispatcher") else []
+        current = set()
+        for w in workers:
+            name = f"worker {w.index} (pid {w.pid})"
+            if not w.alive or not w.ready:
+                state = "dead" if not w.alive else "starting"
+                current.add((state, w.pid))
+                since = now - self._first_seen.setdefault((state, w.pid), now)
+                limit = lim.restart_s if state == "dead" else lim.worker_stuck_s
+                if since > limit:
+                    stuck.append(f"{name} {'dead and not restarted' if state == 'dead' else 'not ready'} "
+                                 f"for {since:.1f} s (limit {limit:g} s)")
+                else:
+                    degraded.append(f"{name} {'died; restarting' if state == 'dead' else 'starting'}")
+            elif w.oldest_inflight_s is not None and w.oldest_inflight_s > lim.worker_stuck_s:
+                stuck.append(f"{name} has not answered a batch for {w.oldest_inflight_s:.1f} s "
+                             f"(limit {lim.worker_stuck_s:g} s)")
+        for key in set(self._first_seen) - current:          # recovered: forget
+            self._first_seen.pop(key, None)
+        tiled = getattr(self, "tiled", None)
+        spool = tiled.spool_pending if tiled is not None else None
+        if spool:
+            degraded.append(f"{spool} Tiled write(s) waiting in the spool (Tiled unreachable, or draining)")
+        status = "stuck" if stuck else "degraded" if degraded else "ok"
+        return Health(status=status, uptime_s=time.time() - self.started, problems=stuck + degraded,
+                      routing_busy_s=busy, workers=workers, tiled_spool_pending=spool)
 
     def status(self) -> dict:
         m = self.metrics
@@ -172,7 +267,10 @@ class Service:
                 "calibration": self.calibration_info}
 
     def close(self) -> None:
+        """Stop everything, in reverse order of start: the API, ingest, the open runs (final
+        fits), the workers within `limits.close_timeout_s` in all, then the publishers."""
         self._stop.set()
+        self._deadline = time.monotonic() + self.limits.close_timeout_s
         for close in reversed(self._closers):
             try:
                 close()

@@ -8,6 +8,9 @@ dispatcher on a bounded queue and answers on a shared one:
   StopRun(uid)             -> flush the regularizer window, answer RunStopped
   Shutdown()               -> exit
 
+A worker exits by itself when the service process is gone (killed: no Shutdown comes), so a
+SIGKILLed service leaves no worker behind (`watch_parent`).
+
 A batch goes through two stages on two threads, `RunPipeline.reduce` (reads the frames) then
 `RunPipeline.complete` (fits: reads the profiles), so the fits of one batch overlap the
 integration of the next; answers keep batch order.
@@ -15,9 +18,11 @@ integration of the next; answers keep batch order.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import threading
+import time
 import traceback
 
 from .frame_slots import SlotReader, SlotRef
@@ -36,8 +41,26 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
+    """A daemon thread that ends this process (exit code 1) once its parent `parent_pid` is
+    gone, checked every `interval_s` s: the orphan is re-parented, so its parent pid changes.
+    Polling rather than prctl(PR_SET_PDEATHSIG): that signal follows the parent *thread* that
+    spawned the child, and the dispatcher restarts workers from its results thread."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        log.error("service process %d is gone; worker %d exiting", parent_pid, os.getpid())
+        os._exit(1)
+    t = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
 def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None) -> None:
     """Entry point of a worker process (spawned)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        watch_parent(parent.pid)
     import torch
 
     from workers.pipeline import IntegratorCache, NoGeometry, RunPipeline
@@ -50,6 +73,7 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
         torch.set_num_threads(threads)
     cache = IntegratorCache()
     runs: dict[str, RunPipeline] = {}
+    logged: set[tuple[str, str]] = set()       # (run uid, exception type) already logged
     slots = SlotReader()
     # reduce() here, complete() on the "fit" thread, in batch order through a queue of one
     # (torch releases the GIL in its kernels). The shared-memory frames are read by reduce() only.
@@ -73,9 +97,13 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 fits.put((msg, pipeline, pipeline.reduce(msg.seq, msg.times, frames, msg.kind)))
             elif isinstance(msg, StopRun):
                 fits.put((msg, runs.pop(msg.uid, None), None))
+                logged = {k for k in logged if k[0] != msg.uid}
         except Exception as exc:
-            log.error("worker %d: %s for run %s failed: %s", index, type(msg).__name__, msg.uid[:8], exc)
             detail = f"{type(exc).__name__}: {exc}"
+            if (msg.uid, type(exc).__name__) not in logged:    # once per run and kind: a hostile run cannot flood the log
+                logged.add((msg.uid, type(exc).__name__))
+                log.error("worker %d: %s for run %s failed: %s (further such failures of this run are counted, "
+                          "not logged)", index, type(msg).__name__, msg.uid[:8], exc)
             if isinstance(msg, FrameBatch):
                 reason = "no_geometry" if isinstance(exc, NoGeometry) else "reduction_error"
                 fits.put((BatchFailed(msg.uid, msg.batch_id, msg.seq, reason, detail), None, None))   # in order

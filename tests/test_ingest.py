@@ -169,9 +169,10 @@ def test_router_takes_frames_from_ophyd_async_hdf5_files(tmp_path):
     with init_devices():
         det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blob"), tmp_path))
     sink, metrics = Collect(), Metrics()
-    router = DocumentRouter(sink, metrics)
+    router = DocumentRouter(sink, metrics, IngestConfig(allowed_roots=[str(tmp_path)]))
     RE.subscribe(lambda name, doc: router.route(name, doc))
     RE(bp.count([det], num=4))
+    assert router.drain()                          # frames in files are read on the run's lane
     assert metrics.registry.get_sample_value("scatterflow_rejected_total", {"reason": "internal_error"}) is None
     with h5py.File(tmp_path / "blob.h5", "r", swmr=True) as f:
         truth = f["/entry/data/data"][()] if "/entry/data/data" in f else None
@@ -197,10 +198,11 @@ def test_router_fills_ophyd_v1_resource_datum(tmp_path):
     img = SynSignalWithRegistry(func=acquire, name="img", save_path=str(tmp_path))
     made.clear()                                   # SynSignal computes an initial value at construction
     sink, metrics = Collect(), Metrics()
-    router = DocumentRouter(sink, metrics)
+    router = DocumentRouter(sink, metrics, IngestConfig(allowed_roots=[str(tmp_path)]))
     RE = RunEngine()
     RE.subscribe(lambda name, doc: router.route(name, doc))
     RE(bp.count([img], num=3))
+    assert router.drain()
     assert [f.seq_num for f in sink.frames] == [1, 2, 3]
     for frame, truth in zip(sink.frames, made):
         np.testing.assert_array_equal(frame.data, truth)

@@ -43,7 +43,7 @@ def test_ophyd_async_blob_detector_stream_datum(tmp_path):
     with init_devices():
         det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blob"), tmp_path))
 
-    live = FrameResolver(retries=20, retry_delay_s=0.05)
+    live = FrameResolver(retries=20, retry_delay_s=0.05, allowed_roots=[str(tmp_path)])
     docs: list[tuple[str, dict]] = []
     live_frames: list[tuple[int, np.ndarray]] = []
     frame_keys = {}
@@ -75,7 +75,7 @@ def test_ophyd_async_blob_detector_stream_datum(tmp_path):
         truth = f[sr["parameters"]["dataset"]][()]
 
     event_seq = [d["seq_num"] for n, d in docs if n == "event"]
-    for frames in (live_frames, _replay(docs)):
+    for frames in (live_frames, _replay(docs, tmp_path)):
         assert [s for s, _ in frames] == event_seq == list(range(1, stop["num_events"]["primary"] + 1))
         assert len(frames) == truth.shape[0] == 5
         for i, (_, frame) in enumerate(frames):
@@ -85,9 +85,9 @@ def test_ophyd_async_blob_detector_stream_datum(tmp_path):
     assert truth.max() > 0                                               # real blobs, not empty frames
 
 
-def _replay(docs):
+def _replay(docs, root):
     """Validated, wire-encoded documents through a fresh resolver after the run (file closed)."""
-    r = FrameResolver(retries=0)
+    r = FrameResolver(retries=0, allowed_roots=[str(root)])
     out = []
     for name, doc in docs:
         doc = _wire(doc)
@@ -121,7 +121,7 @@ def test_ophyd_sim_npy_seq_fill_event(tmp_path):
     RE.subscribe(lambda name, doc: docs.append((name, _wire(doc))))
     RE(bp.count([img], num=4))
 
-    r = FrameResolver(retries=0)
+    r = FrameResolver(retries=0, allowed_roots=[str(tmp_path)])
     descriptor = None
     filled = []
     for name, doc in docs:
@@ -213,7 +213,7 @@ def test_missing_compression_filter_refused_at_once(tmp_path, monkeypatch):
     _ad_file(tmp_path / "c.h5", np.ones((2, 8, 8), np.uint32), **hdf5plugin.Bitshuffle(cname="lz4"))
     _, _, resource, datums, _, _ = _ad_run(str(tmp_path), "c.h5", 1, (8, 8))
     monkeypatch.setattr(h5py.h5z, "filter_avail", lambda code: code != hdf5plugin.BSHUF_ID)
-    r = FrameResolver(retries=50, retry_delay_s=1.0)
+    r = FrameResolver(retries=50, retry_delay_s=1.0, allowed_roots=[str(tmp_path)])
     r.resource(resource)
     r.datum(datums[0])
     t0 = time.monotonic()
@@ -226,7 +226,7 @@ def test_ad_hdf5_frames_per_point_and_refusals(tmp_path):
     truth = np.arange(4 * 5 * 6, dtype=np.uint32).reshape(4, 5, 6)
     _ad_file(tmp_path / "f.h5", truth)
     start, descriptor, resource, datums, events, _ = _ad_run(str(tmp_path), "f.h5", 2, (5, 6), fpp=2)
-    r = FrameResolver(retries=1, retry_delay_s=0.01)
+    r = FrameResolver(retries=1, retry_delay_s=0.01, allowed_roots=[str(tmp_path)])
     r.resource(resource)
     for d in datums:
         r.datum(d)
@@ -259,14 +259,14 @@ def test_ad_hdf5_frames_per_point_and_refusals(tmp_path):
     assert reason(r.read_datum, "fixed/9") == "frame_out_of_range"
     r.datum({"datum_id": "fixed/x", "resource": "fixed", "datum_kwargs": {"index": 0}})
     assert reason(r.read_datum, "fixed/x") == "bad_datum"
-    small = FrameResolver(max_frame_pixels=29)
+    small = FrameResolver(max_frame_pixels=29, allowed_roots=[str(tmp_path)])
     small.resource({**resource, "resource_kwargs": {}})
     small.datum(datums[0])
     assert reason(small.read_datum, datums[0]["datum_id"]) == "frame_too_large"
 
 
 @pytest.mark.parametrize("bad", [{"retries": -1}, {"retry_delay_s": float("nan")}, {"max_frame_pixels": 0},
-                                 {"root_map": {"": "/x"}}])
+                                 {"root_map": {"": "/x"}}, {"allowed_roots": ["relative/dir"]}])
 def test_bad_options_rejected(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
@@ -324,7 +324,7 @@ def test_swmr_file_still_being_written(tmp_path, monkeypatch):
         desc = run.compose_descriptor(name="primary", data_keys={
             "det": {"source": "sim", "dtype": "array", "shape": [1, 9, 11], "external": "STREAM:",
                     "dtype_numpy": "<u2"}})
-        r = FrameResolver(retries=60, retry_delay_s=0.02)
+        r = FrameResolver(retries=60, retry_delay_s=0.02, allowed_roots=[str(tmp_path)])
         assert r.stream_data_keys(desc.descriptor_doc) == {"det": (9, 11)}
         r.stream_resource(sr_bundle.stream_resource_doc)
         first = r.stream_datum(_datum(sr_bundle, desc, 0, 1))
@@ -341,7 +341,7 @@ def test_swmr_file_still_being_written(tmp_path, monkeypatch):
         assert waited > 0.1                                               # it did wait for the writer
         assert r._resources[sr_bundle.stream_resource_doc["uid"]].file is handle   # refreshed, not re-opened
 
-        never = FrameResolver(retries=5, retry_delay_s=0.02)
+        never = FrameResolver(retries=5, retry_delay_s=0.02, allowed_roots=[str(tmp_path)])
         never.stream_resource(sr_bundle.stream_resource_doc)
         t0 = time.monotonic()
         with pytest.raises(RejectedInput) as exc:

@@ -1,6 +1,7 @@
 """ResultsPublisher -> stock bluesky RemoteDispatcher over loopback 0MQ, LiveTable on it."""
 
 import asyncio
+import json
 import pickle
 import threading
 
@@ -101,7 +102,7 @@ def test_remote_dispatcher_receives_analysis_run(serializer):
         schema_validators[DocumentNames[name]].validate(doc)
     start, desc, stop = got.docs[0][1], got.docs[1][1], got.docs[-1][1]
     assert start["uid"] == ana_uid and start["source_run_uid"] == "source-run-1"
-    assert start["analysis"] == "scatterflow" and start["configuration"] == config
+    assert start["analysis"] == "scatterflow" and json.loads(start["configuration"]) == config   # a JSON string
     assert desc["name"] == "primary" and desc["run_start"] == ana_uid
     expected_keys = {f"{p}_{f}" for p in PEAKS for f in FIELDS}
     assert expected_keys | {"source_seq_num", "final", "change_point"} <= set(desc["data_keys"])

@@ -27,8 +27,8 @@ def service_and_socket(free_port, tmp_path):
     port = free_port()
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.bind(f"tcp://127.0.0.1:{port}")
-    settings = load_settings(None, ingest={"address": f"tcp://127.0.0.1:{port}"}, tiled={"enabled": False},
-                             results={"address": None}, api={"port": free_port()},
+    settings = load_settings(None, ingest={"address": f"tcp://127.0.0.1:{port}", "allowed_roots": [str(tmp_path)]},
+                             tiled={"enabled": False}, results={"address": None}, api={"port": free_port()},
                              fit={"q_range": [2.0, 4.6], "background": {"kind": "power_law"},
                                   "peaks": [{"name": "lamellar", "center": 3.2, "fwhm": 0.2,
                                              "center_min": 2.7, "center_max": 3.6}],
@@ -147,7 +147,7 @@ def test_nxcansas_reader_units_mask_and_uncertainties(tmp_path):
     mask = np.zeros(50, bool)
     mask[:5] = True
     write_nxcansas(tmp_path / "p.h5", q, intensity, sigma, mask)
-    r = FrameResolver(retries=0)
+    r = FrameResolver(retries=0, allowed_roots=[str(tmp_path)])
     r.resource({"uid": "r1", "spec": "NXcanSAS", "root": str(tmp_path), "resource_path": "p.h5",
                 "resource_kwargs": {}, "run_start": "run"})
     r.datum({"datum_id": "r1/1", "resource": "r1", "datum_kwargs": {"frame": 1}})

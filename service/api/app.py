@@ -1,6 +1,6 @@
 """The FastAPI app: read-only REST under /api/v1, Prometheus at /metrics, the live dashboard at /.
 
-`build_app` receives its collaborators (run store, metrics, a status callable), as tiled's
+`build_app` receives its collaborators (run store, metrics, status and health callables), as tiled's
 `build_app` does, so tests inject them; routers reach them through ``app.state.context``
 (dependencies.py). The app serves the routes of the resource routers as its own:
 `include_router` (FastAPI >= 0.137) would list each router as one node in ``app.routes``.
@@ -27,14 +27,18 @@ from ..metrics import Metrics
 from ..publish.state import RunStore
 from . import dashboard, events, health, images, results, runs
 from .dependencies import ApiContext
+from .schemas import Health
 
 ROUTERS = (health.router, runs.router, results.router, images.router, events.router, dashboard.router)
 
 
 def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
+              health: Callable[[], Health] | None = None,
               api_key: str | SecretStr | None = None, stream_interval_s: float = 0.5,
               stream_max_s: float = 20.0) -> FastAPI:
     """The service's web app.
+
+    health : what ``/api/v1/health`` reports (`service.server.Service.health`); None: always "ok".
 
     api_key : None or empty: no authentication (the configuration allows that on loopback only).
 
@@ -49,7 +53,8 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
     app = FastAPI(title="scatterflow", version="0.1.0",
                   description="Live reduction and peak fitting of operando X-ray scattering runs.",
                   routes=[route for router in ROUTERS for route in router.routes])
-    app.state.context = ApiContext(store=store, metrics=metrics, status=status, api_key=secret(api_key),
+    app.state.context = ApiContext(store=store, metrics=metrics, status=status, health=health,
+                                   api_key=secret(api_key),
                                    started=time.time(), stream_interval_s=stream_interval_s,
                                    stream_max_s=stream_max_s)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")

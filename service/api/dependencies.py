@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Query, Request
 
 from ..metrics import Metrics
 from ..publish.state import RunRecord, RunStore
+from .schemas import Health
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class ApiContext:
     store: RunStore
     metrics: Metrics
     status: Callable[[], dict]
+    health: Callable[[], Health] | None     # None: always "ok" (an app without a service behind it)
     api_key: str | None            # None: no authentication
     started: float                 # s since the epoch
     stream_interval_s: float       # how often an open event stream polls the store

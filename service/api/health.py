@@ -1,12 +1,16 @@
 """Health, service status and metrics: ``/api/v1/health``, ``/api/v1/status``,
-``/api/v1/metrics/summary`` (JSON) and ``/metrics`` (Prometheus text)."""
+``/api/v1/metrics/summary`` (JSON) and ``/metrics`` (Prometheus text).
+
+``/api/v1/health`` answers 200 only when the service is healthy, 503 when it is "degraded" or
+"stuck" (`service.server.Service.health` decides), so that a container healthcheck or a load
+balancer sees the truth; neither it nor ``/api/v1/status`` waits on a lock of the service."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..metrics import Metrics, histogram_quantile
@@ -16,9 +20,11 @@ from .schemas import Health, LatencySummary, MetricsSummary
 router = APIRouter(dependencies=[Depends(check_api_key)])
 
 
-@router.get("/api/v1/health", response_model=Health)
-def health(ctx: Context) -> Health:
-    return Health(status="ok", uptime_s=time.time() - ctx.started)
+@router.get("/api/v1/health", response_model=Health, responses={503: {"model": Health}})
+def health(ctx: Context) -> JSONResponse:
+    """200 and status "ok", or 503 and status "degraded" or "stuck" with the problems."""
+    report = ctx.health() if ctx.health is not None else Health(status="ok", uptime_s=time.time() - ctx.started)
+    return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.status == "ok" else 503)
 
 
 @router.get("/api/v1/status", response_model=dict[str, Any])

@@ -14,9 +14,30 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers.columns import PEAK_COLUMNS, PHASE_COLUMNS
 
 
+class WorkerHealth(BaseModel):
+    """One worker process as the dispatcher sees it (service/dispatch.py `worker_health`)."""
+    index: int
+    pid: int | None
+    device: str
+    alive: bool
+    ready: bool = Field(description="its ready message came (false while a restarted worker starts)")
+    runs: int
+    inflight_batches: int
+    oldest_inflight_s: float | None = Field(description="age (s) of its oldest unanswered batch; null when idle")
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
-    uptime_s: float = Field(description="seconds since the app was built")
+    """``/api/v1/health``: 200 with status "ok"; 503 with "degraded" (results still flow, e.g. Tiled
+    writes spooled, a worker restarting) or "stuck" (ingest or a worker has stopped making
+    progress), ``problems`` saying what, in words."""
+    status: Literal["ok", "degraded", "stuck"]
+    uptime_s: float = Field(description="seconds since the service (or, without one, the app) started")
+    problems: list[str] = Field(default_factory=list)
+    routing_busy_s: float | None = Field(None, description="seconds the ingest routing thread has spent on its "
+                                                           "current message; null when idle")
+    workers: list[WorkerHealth] = Field(default_factory=list)
+    tiled_spool_pending: int | None = Field(None, description="Tiled writes waiting in the local spool; null "
+                                                              "without Tiled")
 
 
 class RunSummary(BaseModel):
@@ -24,7 +45,8 @@ class RunSummary(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     uid: str
-    status: str = Field(description='"running", then the exit_status of its stop document')
+    status: str = Field(description='"running", then complete | incomplete | failed | refused | quarantined, '
+                                    'or the abort | fail of its stop document')
     reason: str
     plan_name: str | None
     scan_id: int | None

@@ -133,7 +133,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, **reuse_environment()})
     settings = load_settings(None, **{
-        "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
+        "ingest": {"address": f"tcp://127.0.0.1:{out_port}", "allowed_roots": [str(work)]},
         "geometry": {"mask": str(work / "mask.npy")},
         "workers": {"count": workers},
         "tiled": {"directory": str(work / "tiled")},

@@ -5,23 +5,64 @@ The two fail separately, as bluesky keeps ``make_callback_safe`` (live views) ap
 writers: a live view that raises is logged and counted (``scatterflow_publish_errors{sink}``)
 and the others go on; Tiled's writer retries and spools by itself, and a refusal at enqueue
 (bad data) is logged as an error and counted, never hidden, and never stops the live views.
+
+A run ends with one status (REST, and the reason with it), decided here (`run_outcome`):
+"complete"; the stop document's exit_status when not "success" ("abort", "fail"); "failed" when
+every frame failed; "incomplete" when events its stop document announced never arrived; or,
+before its stop document, "refused" (limits or a bad value at setup) or "quarantined" (its worker
+died twice while reducing it). Tiled and the results stream get exit_status "success" for
+"complete" only ("abort" for "abort", else "fail"), and the reason.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from workers.pipeline import BatchResult, RunFinal, RunSpec
 
 from ..detectors import analysis_info
-from ..messages import Frame
+from ..messages import MISSING_EVENTS_KEY, Frame
 from ..metrics import Metrics
 from .state import RunStore
 
 log = logging.getLogger(__name__)
+SERVICE_OUTCOMES = ("incomplete", "failed", "refused", "quarantined")   # statuses the service decides, not the stop
+
+
+
+@dataclass
+class _OpenRun:
+    """What the hub keeps of a run until it ends: arrival times (time.monotonic()) of frames
+    without a final result, and the counts that decide its status."""
+    arrivals: dict[int, float] = field(default_factory=dict)
+    received: int = 0
+    reduced: int = 0
+    failed: Counter = field(default_factory=Counter)      # reason -> frames
+
+
+def run_outcome(stop: dict, run: _OpenRun) -> tuple[str, str]:
+    """(status, reason) of a run at its stop document (module docstring)."""
+    exit_status = stop.get("exit_status", "unknown")
+    reason = str(stop.get("reason", "") or "")
+    if exit_status != "success":
+        return exit_status, reason
+    if run.received and not run.reduced and run.failed:
+        causes = ", ".join(f"{n} {why}" for why, n in sorted(run.failed.items()))
+        return "failed", f"every frame failed ({causes})"
+    missing = stop.get(MISSING_EVENTS_KEY) or 0
+    if isinstance(missing, int) and missing > 0:
+        return "incomplete", f"{missing} event(s) announced by the stop document never arrived"
+    return "complete", reason
+
+
+def sink_exit_status(status: str) -> str:
+    """The exit_status Tiled and the results stream get for a run's status."""
+    return {"complete": "success", "abort": "abort"}.get(status, "fail")
+
 
 QMAP_AXES = {"dims": ["snapshot", "q_z", "q_xy"], "unit": "1/nm",
              "description": "mean corrected intensity on a (q_xy, q_z) grid; NaN: no pixel (missing wedge, off detector)"}
@@ -36,7 +77,7 @@ class PublishHub:
         self.results = results        # service.publish.results.ResultsPublisher or None
         self.config = config or {}
         self.on_calibration = on_calibration      # called (uid, info) when a calibrant run was calibrated
-        self._arrivals: dict[str, dict[int, float]] = {}
+        self._open: dict[str, _OpenRun] = {}
         # exact recent latencies (s) for benchmarks and the dashboard; Prometheus has the histogram
         self.latencies = {"provisional": deque(maxlen=100_000), "final": deque(maxlen=100_000)}
 
@@ -56,7 +97,7 @@ class PublishHub:
         info = analysis_info(start, spec)
         names = [] if spec is None else spec.peak_names
         self.metrics.runs_active.inc()
-        self._arrivals[uid] = {}
+        self._open[uid] = _OpenRun()
         self._guarded("state", self._state_started, uid, start, info)
         if self.results is not None:
             self._guarded("results", self.results.start_run, uid, start, self.config, names)
@@ -70,9 +111,10 @@ class PublishHub:
 
     def frame_accepted(self, frame: Frame) -> None:
         self._guarded("state", self._state_accepted, frame)
-        arrivals = self._arrivals.get(frame.run_uid)
-        if arrivals is not None:
-            arrivals[frame.seq_num] = frame.arrival
+        run = self._open.get(frame.run_uid)
+        if run is not None:
+            run.arrivals[frame.seq_num] = frame.arrival
+            run.received += 1
 
     def _state_accepted(self, frame: Frame) -> None:
         self.store.frame_received(frame.run_uid, frame.seq_num, frame.scalars)
@@ -81,6 +123,9 @@ class PublishHub:
 
     def frames_reduced(self, uid: str, frames: list[Frame], result: BatchResult) -> None:
         now = time.monotonic()
+        run = self._open.get(uid)
+        if run is not None:
+            run.reduced += len(result.seq)
         for f in frames:
             self.metrics.latency.labels("provisional").observe(now - f.arrival)
             self.latencies["provisional"].append(now - f.arrival)
@@ -160,7 +205,8 @@ class PublishHub:
         if _has_rows(peaks):
             self.metrics.change_points.inc(int(np.sum(np.asarray(peaks["change_point"], bool)
                                                       & np.asarray(peaks["final"], bool))))
-        arrivals = self._arrivals.get(uid, {})
+        run = self._open.get(uid)
+        arrivals = run.arrivals if run is not None else {}
         for s in final_seq:
             a = arrivals.pop(int(s), None)
             if a is not None:
@@ -183,7 +229,7 @@ class PublishHub:
 
     def open_runs(self) -> list[str]:
         """Uids of the runs started and not stopped yet."""
-        return list(self._arrivals)
+        return list(self._open)
 
     def interrupt_open_runs(self, reason: str) -> list[str]:
         """Close every open run as interrupted (exit_status "abort", `reason`) without more
@@ -195,34 +241,65 @@ class PublishHub:
         return uids
 
     def frames_failed(self, uid: str, seq, reason: str, detail: str) -> None:
-        log.warning("run %s: %d frame(s) failed: %s %s", uid[:8], len(seq), reason, detail)
-        self.metrics.frames_failed.labels(reason).inc(len(seq))
-        self._guarded("state", self.store.add_failed, uid, len(seq), reason)
-        arrivals = self._arrivals.get(uid, {})
+        """Counted (metrics, REST) each time; logged once per run and reason (a refused run's
+        frames are not logged: its refusal was)."""
+        n = len(seq)
+        self.metrics.frames_failed.labels(reason).inc(n)
+        self._guarded("state", self.store.add_failed, uid, n, reason)
+        run = self._open.get(uid)
+        if run is None:
+            return
+        if not run.failed[reason]:
+            log.warning("run %s: %d frame(s) failed: %s %s (more of this run counted, not logged)",
+                        uid[:8], n, reason, detail)
+        run.failed[reason] += n
         for s in np.asarray(seq).tolist():
-            arrivals.pop(int(s), None)
+            run.arrivals.pop(int(s), None)
+
+    def run_refused(self, uid: str, kind: str, reason: str) -> None:
+        """Close run ``uid`` as "refused" before its stop document: ``kind`` "limits" (a size
+        above its ceiling) or "setup_error" (a bad value), counted in runs_refused{kind};
+        ``reason`` names the key and value."""
+        self.metrics.runs_refused.labels(kind).inc()
+        log.error("run %s refused (%s): %s", uid[:8], kind, reason)
+        self._close(uid, None, "refused", reason)
+
+    def run_quarantined(self, uid: str, reason: str) -> None:
+        """Close run ``uid`` as "quarantined" (its worker died twice while reducing it)."""
+        self.metrics.runs_quarantined.inc()
+        self._close(uid, None, "quarantined", reason)
 
     def run_stopped(self, uid: str, stop: dict, final: RunFinal | None) -> None:
-        if uid not in self._arrivals:           # stopped already (interrupt_open_runs, then the worker's answer)
+        run = self._open.get(uid)
+        if run is None:           # stopped already (interrupt_open_runs, then the worker's answer)
             log.warning("run %s: stop after the run was closed; ignored", uid[:8])
+            return
+        status, reason = run_outcome(stop, run)
+        if status in ("failed", "incomplete"):
+            log.warning("run %s %s: %s", uid[:8], status, reason)
+        self._close(uid, final, status, reason)
+
+    def _close(self, uid: str, final: RunFinal | None, status: str, reason: str) -> None:
+        """Publish the final rows of open run ``uid`` and end it with ``status`` everywhere."""
+        if uid not in self._open:
+            log.warning("run %s: %s after the run was closed; ignored", uid[:8], status)
             return
         final = final or RunFinal()
         done = set() if final.peaks is None else _final_seq(final.peaks)
         self._count(uid, final.peaks, final.phases, final.transitions, final.reseeds, done, time.monotonic())
-        exit_status = stop.get("exit_status", "unknown")
-        reason = stop.get("reason", "")
-        status = {"success": "complete"}.get(exit_status, exit_status)
+        exit_status = sink_exit_status(status)
         self._guarded("state", self._state_stopped, uid, final, status, reason)
         if self.results is not None:
             self._guarded("results", self._results_rows, uid, final.peaks, final.phases, final.transitions)
-            self._guarded("results", self.results.stop_run, uid, exit_status)
+            self._guarded("results", self.results.stop_run, uid, exit_status, reason)
         if self.tiled is not None:
             if _has_rows(final.peaks):
                 self._guarded("tiled", self.tiled.add_peaks, uid, final.peaks)
             self._tiled_phases(uid, final.phases, final.transitions)
-            self._guarded("tiled", self.tiled.stop_run, uid, exit_status, reason)
+            own = status if status in SERVICE_OUTCOMES else None     # else Tiled's own "complete"/"interrupted"
+            self._guarded("tiled", self.tiled.stop_run, uid, exit_status, reason, own)
         self.metrics.runs_active.dec()
-        self._arrivals.pop(uid, None)
+        self._open.pop(uid, None)
 
     def _state_stopped(self, uid: str, final: RunFinal, status: str, reason: str) -> None:
         self._state_rows(uid, final.peaks, final.phases, final.transitions, final.reseeds)

@@ -1,7 +1,7 @@
 """Analysis results as Bluesky documents on a 0MQ PUB socket.
 
 For each source run, one analysis run (event-model `compose_run`): a start document
-(``source_run_uid``, ``analysis: "scatterflow"``, configuration, peak names), one
+(``source_run_uid``, ``analysis: "scatterflow"``, ``configuration``, peak names), one
 descriptor ``primary``, one event per frame and result (a provisional event when the frame
 is first fitted, ``final=False``, and a final one when it leaves the regularizer window,
 ``final=True``), and a stop document.
@@ -11,6 +11,13 @@ Event fields, per peak ``<p>``: ``<p>_center``, ``<p>_center_err``, ``<p>_fwhm``
 ``<p>_amplitude_err`` (integrated intensity), ``<p>_chi2`` (reduced chi^2); per frame:
 ``source_seq_num``, ``source_time`` (s since the epoch), ``final``, ``change_point`` (any
 peak flagged), ``converged`` (all peaks converged).
+
+``configuration`` is the service's configuration as a JSON string (``json.loads`` gives the
+mapping back): event-model's run-start schema refuses any key, at any depth, containing "." or
+"/", and configurations have such keys (``ingest.root_map`` maps roots like ``/data``; phase
+names and other user mappings may hold dots). Escaping keys would give a consumer a mapping
+whose keys it must know to unescape; a JSON string is lossless, and any consumer decodes it
+with the standard library.
 
 Wire format is bluesky's 0MQ framing, one frame ``prefix + b" " + name + b" " + payload``
 (`bluesky.callbacks.zmq.Publisher`), payload msgpack with msgpack-numpy by default. A
@@ -22,6 +29,7 @@ stock `bluesky.callbacks.zmq.RemoteDispatcher` consumes it with
 from __future__ import annotations
 
 import functools
+import json
 import pickle
 import threading
 import time as ttime
@@ -49,6 +57,14 @@ def msgpack_deserializer():
     import msgpack_numpy
 
     return functools.partial(msgpack.unpackb, object_hook=msgpack_numpy.decode)
+
+
+def configuration_json(config: dict) -> str:
+    """The configuration as it goes into the analysis start document: a JSON string (see the
+    module docstring); non-finite numbers become null."""
+    from ..jsonsafe import jsonable
+
+    return json.dumps(jsonable(config), sort_keys=True, allow_nan=False)
 
 
 def _data_keys(peak_names) -> dict:
@@ -220,7 +236,7 @@ class ResultsPublisher:
             "source_run_uid": uid, "analysis": "scatterflow",
             "plan_name": "scatterflow_analysis", "plan_type": "analysis",
             "scan_id": jsonable(start_doc.get("scan_id", 0)),
-            "configuration": jsonable(config), "peaks": list(peak_names),
+            "configuration": configuration_json(config), "peaks": list(peak_names),
             "software": software_versions(),
             "hints": {"dimensions": [[["source_seq_num"], "primary"]]},
         }

@@ -22,8 +22,8 @@ from ..jsonsafe import jsonable
 class RunRecord:
     uid: str
     start: dict
-    status: str = "running"
-    reason: str = ""
+    status: str = "running"     # then complete | abort | fail | failed | incomplete | refused | quarantined (hub.py)
+    reason: str = ""            # why, when not complete
     created: float = field(default_factory=time.time)
     stopped: float | None = None
     frames_received: int = 0

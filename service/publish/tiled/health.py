@@ -70,10 +70,15 @@ def mark_interrupted(layout: TiledLayout, writer: str, keep: Collection[str]) ->
         return
     layout.stats.requests += 1
     uids = list(top.search(Key("status") == "running").search(Key("writer") == writer))
+    marked = 0
     for uid in uids:          # listed first: updating changes what the search matches
         if uid in keep:
             continue
         layout.stats.requests += 2
         top[uid].update_metadata(metadata=interrupted_metadata())
         layout.stats.interrupted += 1
+        marked += 1
         log.warning("Tiled: run %s was left running by an earlier process; marked interrupted", uid)
+    if marked:
+        log.warning("Tiled: %d run(s) left running by an earlier process on %s marked interrupted; rows "
+                    "they had not flushed when it died (up to one flush interval) are not in Tiled", marked, writer)

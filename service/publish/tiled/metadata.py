@@ -28,12 +28,14 @@ def start_metadata(start_doc: dict, config: dict, writer: str, extra: dict | Non
             "exit_status": None, "reason": "", "writer": writer, **jsonable(extra or {})}
 
 
-def stop_metadata(exit_status: str, reason: str) -> dict:
-    """A stopped run's status: "complete" on success, else "interrupted"."""
+def stop_metadata(exit_status: str, reason: str, status: str | None = None) -> dict:
+    """A stopped run's status: ``status`` as the service decided it (complete, incomplete,
+    failed, refused, quarantined, ...), or from ``exit_status``: "complete" on success, else
+    "interrupted"."""
     if exit_status not in EXIT_STATUS_TO_STATUS:
         raise ValueError(f"exit_status must be one of {sorted(EXIT_STATUS_TO_STATUS)}, "
                          f"got {exit_status!r}")
-    return {"status": EXIT_STATUS_TO_STATUS[exit_status], "exit_status": exit_status,
+    return {"status": status or EXIT_STATUS_TO_STATUS[exit_status], "exit_status": exit_status,
             "reason": str(reason)}
 
 

@@ -182,9 +182,9 @@ class TiledPublisher:
                              f"got {snap.image.shape}")
         self._put(Add(uid, snap))
 
-    def stop_run(self, uid: str, exit_status: str, reason: str = "") -> None:
-        """Flush run ``uid`` and set status "complete" (success) or "interrupted"."""
-        metadata = stop_metadata(exit_status, reason)
+    def stop_run(self, uid: str, exit_status: str, reason: str = "", status: str | None = None) -> None:
+        """Flush run ``uid`` and set its status (`stop_metadata`)."""
+        metadata = stop_metadata(exit_status, reason, status)
         self._run(uid)
         del self._open[uid]
         self._put(Stop(uid, metadata))

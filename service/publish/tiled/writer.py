@@ -71,6 +71,7 @@ class Writer:
         self._runs: dict[str, RunBuffer] = {}
         self._recover_due = True        # runs an earlier process left open: marked once the old spool is in
         self._last_drain = 0.0          # time.monotonic() of the last drain step
+        self._drained = 0               # spool files written to Tiled since the spool was last empty
 
     def run(self) -> None:
         """The thread's loop, until `Close`; never dies of an error (logged and counted)."""
@@ -188,8 +189,11 @@ class Writer:
         return False
 
     def _spool(self, op: Op) -> None:
+        """Into the spool; the first write of an outage logs a warning (the drain logs the end)."""
         if not self.spool.pending:
             self._probe.later()
+            log.warning("Tiled: %s; spooling writes to %s until it answers",
+                        "closing with writes left" if self.spool_only else "unreachable", self.spool.directory)
         self.spool.add(op)
         self.stats.spooled += 1
 
@@ -219,3 +223,7 @@ class Writer:
                     self._probe.later()
                     return
             self.spool.remove(paths)
+            self._drained += len(paths)
+            if not self.spool.pending:
+                log.info("Tiled: spool drained, %d spooled write(s) now in Tiled", self._drained)
+                self._drained = 0
