@@ -2,7 +2,7 @@
 
 Each input is one received 0MQ message, handed to `ZmqSubscriber.handle` (decode, validate,
 route) as the routing thread does, with the real decoder, router, resolver and metrics and a
-sink that drops frames. service/ingest.py and service/resolve.py are instrumented for
+sink that drops frames. service/decode.py, service/ingest.py and service/resolve.py are instrumented
 coverage; the corpus starts from valid Bluesky runs (inline frames, event_page, reduced
 profiles) framed as bluesky's Publisher sends them. A crash is: an exception escaping
 `handle`, a message that is neither accepted nor counted as rejected, or one that reaches the
@@ -29,7 +29,7 @@ import msgpack_numpy
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-with atheris.instrument_imports(include=["service.ingest", "service.resolve"]):
+with atheris.instrument_imports(include=["service.decode", "service.ingest", "service.resolve"]):
     from service.config import IngestConfig
     from service.ingest import DocumentRouter, ZmqSubscriber
     from service.metrics import Metrics

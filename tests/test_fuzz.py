@@ -41,7 +41,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.config import IngestConfig
-from service.ingest import DOCUMENT_NAMES, DocumentRouter, ZmqSubscriber
+from service.decode import DOCUMENT_NAMES
+from service.ingest import DocumentRouter, ZmqSubscriber
 from service.metrics import Metrics
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -584,7 +585,7 @@ def test_structure_check_matches_a_reference(value, single_float):
     """The header walk counts what msgpack encodes, for every type and length class
     (fixint..int64, float32/64, fixstr..str16, bin8/16, ext/fixext, fix/16-bit containers)."""
     from service.errors import RejectedInput
-    from service.ingest import check_msgpack_structure
+    from service.decode import check_msgpack_structure
     try:
         payload = msgpack.packb(value, use_single_float=single_float)
     except OverflowError:                       # a double beyond float32's range
@@ -600,7 +601,7 @@ def test_structure_check_matches_a_reference(value, single_float):
 
 
 def test_structure_check_32_bit_headers():
-    from service.ingest import check_msgpack_structure
+    from service.decode import check_msgpack_structure
     for value in ([None] * 70_000, {str(i): i for i in range(70_000)}, "x" * 70_000, b"y" * 70_000):
         count, depth = _ref_count_depth(value)
         check_msgpack_structure(msgpack.packb(value), max_objects=count, max_depth=1)

@@ -11,7 +11,8 @@ from event_model import compose_run
 
 from service.config import IngestConfig
 from service.errors import RejectedInput
-from service.ingest import DocumentDecoder, DocumentRouter, choose_frame_field
+from service.decode import DocumentDecoder
+from service.ingest import DocumentRouter, choose_frame_field
 from service.metrics import Metrics
 
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
