@@ -42,7 +42,7 @@ from service.config import load_settings
 from service.server import Service
 from service.sim import AzoCycle
 
-from helpers import wait_for, wait_stopped
+from helpers import one_tiled_attempt, wait_for, wait_stopped
 
 pytestmark = pytest.mark.slow
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
@@ -318,13 +318,8 @@ class CrashServe:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    """The module's service. tiled's client retries a refused connection for up to 45 s before
-    the writer sees it (then spools); one attempt here, so a few seconds of outage reach the spool."""
-    import tiled.client.utils
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
-        mp.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
+    """The module's service, with one Tiled attempt per write (helpers.one_tiled_attempt)."""
+    with one_tiled_attempt():
         r = Rig(tmp_path_factory.mktemp("faults"))
         try:
             yield r

@@ -30,7 +30,7 @@ from service.config import load_settings
 from service.frame_slots import segment_owner, shm_directory
 from service.server import STOPPED_REASON, Service
 
-from helpers import wait_for, wait_stopped
+from helpers import one_tiled_attempt, wait_for, wait_stopped
 from test_faults import BIN, FIT, ProfileRun, TcpRelay, alive, children, free_port, pack
 
 pytestmark = pytest.mark.slow
@@ -121,12 +121,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    """tiled's client retries a refused connection for up to 45 s; one attempt here, so that a
-    cut relay reaches the spool at once (as in test_faults)."""
-    import tiled.client.utils
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
-        mp.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
+    """The module's service, with one Tiled attempt per write (helpers.one_tiled_attempt)."""
+    with one_tiled_attempt():
         r = Rig(tmp_path_factory.mktemp("health"))
         try:
             yield r
