@@ -134,8 +134,9 @@ def rig(tmp_path_factory):
 def test_results_stream_with_root_map_reaches_remote_dispatcher(rig):
     """ingest.root_map {"/data": ...} in the configuration: the analysis start document carries
     the configuration as a JSON string (event-model refuses keys with "/" or "."), and a stock
-    RemoteDispatcher receives start, descriptor, one provisional and one final event per frame,
-    and the stop; every document valid; nothing counted as a publish error."""
+    RemoteDispatcher receives start, the descriptors of ``primary`` (final fits) and
+    ``provisional``, one event per frame in each, and the stop; every document valid; nothing
+    counted as a publish error."""
     service, n = rig.service, 12
     run = ProfileRun(rig.emit, seed=11).begin()
     run.events(1, n, pace=0.01)
@@ -145,17 +146,20 @@ def test_results_stream_with_root_map_reaches_remote_dispatcher(rig):
     names = [name for name, _ in docs]
     print("figures:", {"frames": n, "documents": len(docs), "events": names.count("event")})
     assert rec.status == "complete" and rec.frames_final == n
-    assert names == ["start", "descriptor"] + ["event"] * (2 * n) + ["stop"]
+    assert names == ["start", "descriptor", "descriptor"] + ["event"] * (2 * n) + ["stop"]
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
     start, stop = docs[0][1], docs[-1][1]
     config = json.loads(start["configuration"])
     assert config["ingest"]["root_map"] == rig.settings.ingest.root_map
     assert "api_key" not in config["tiled"] and "api_key" not in config["api"]
-    events = [d["data"] for name, d in docs if name == "event"]
-    assert sorted(e["source_seq_num"] for e in events if e["final"]) == list(range(1, n + 1))
-    assert sorted(e["source_seq_num"] for e in events if not e["final"]) == list(range(1, n + 1))
-    assert stop["exit_status"] == "success" and stop["num_events"] == {"primary": 2 * n}
+    streams = {d["uid"]: d["name"] for name, d in docs if name == "descriptor"}
+    assert sorted(streams.values()) == ["primary", "provisional"]
+    seqs = {s: [d["data"]["source_seq_num"] for name, d in docs if name == "event" and streams[d["descriptor"]] == s]
+            for s in ("primary", "provisional")}
+    assert seqs["primary"] == list(range(1, n + 1))             # final fits: one per frame, in order
+    assert sorted(seqs["provisional"]) == list(range(1, n + 1))
+    assert stop["exit_status"] == "success" and stop["num_events"] == {"primary": n, "provisional": n}
     assert metric(service, "scatterflow_publish_errors_total", 'sink="results"') == 0
 
 

@@ -82,3 +82,19 @@ def test_joint_fit_quadratic_is_stationary_point_of_penalised_chi2():
     z = minimize(lambda z: objective(start + z * se), np.zeros(th.size), method="BFGS", options={"gtol": 1e-8}).x
     assert np.abs((start + z * se - th) / se).max() < 1e-3
     assert objective(th) <= objective(start + z * se) + 1e-6
+
+
+def test_joint_fit_converged_flag_tells_the_truth():
+    """Windows started from per-frame fits, with TrajectoryFitter's defaults: the LM stop test
+    holds (converged True, and the returned point is where a longer run ends up, to 0.03 se);
+    stopped by max_iter=1 before the stop test can hold, converged is False for every window."""
+    bound, Y, S, p0, _, scale = _windows([0, 20, STEP_AT - 4, STEP_AT + 10])
+    links = torch.ones(4, 7, dtype=torch.bool)
+    kw = {"strength": 2.0, "penalty": "huber"}
+    jr = joint_fit(bound, Y, S, p0, scale, links, **kw)
+    assert jr.converged.tolist() == [True] * 4
+    long = joint_fit(bound, Y, S, p0, scale, links, **kw, ftol=1e-10, max_iter=200)
+    sd = torch.sqrt(torch.diagonal(long.cov, dim1=-2, dim2=-1))
+    assert ((jr.params - long.params).abs() / sd).max() < 0.1
+    one = joint_fit(bound, Y, S, p0, scale, links, **kw, max_iter=1)
+    assert one.converged.tolist() == [False] * 4

@@ -4,16 +4,18 @@ Two clients with one interface, both keyed by the *source* run uid (the uid a bl
 gets from ``yield from bps.open_run()``):
 
 * `ResultsFollower` subscribes to the service's results stream (`service.publish.results`:
-  one analysis run of Bluesky documents per source run, 0MQ PUB, msgpack) with a plain pyzmq
-  SUB socket on a dedicated thread. Events do not name the source run: the follower maps
-  event -> descriptor (``descriptor``) -> analysis start (``run_start``) -> ``source_run_uid``.
+  one analysis run of Bluesky documents per source run, 0MQ PUB, msgpack; final fits in stream
+  ``primary``, provisional ones in ``provisional``) with a plain pyzmq SUB socket on a
+  dedicated thread. Events do not name the source run: the follower maps event -> descriptor
+  (``descriptor``) -> analysis start (``run_start``) -> ``source_run_uid``.
 * `RestFollower` polls ``GET /api/v1/runs/{uid}/peaks?since=N`` (incremental, columnar JSON)
   and ``GET /api/v1/runs/{uid}`` (status) on a thread, for clients behind a firewall that
   lets HTTP through but not 0MQ.
 
 Per source run both keep the latest provisional and final value of every peak parameter with
 its standard error (``center``, ``fwhm`` in 1/nm; ``amplitude`` = ``area``, the integrated
-intensity; ``chi2``, reduced chi^2, error NaN), a bounded history, the seq_nums flagged as
+intensity; ``chi2``, the reduced chi^2 of the frame's whole-profile fit, the same for every
+peak of a frame, error NaN), a bounded history, the seq_nums flagged as
 change points, and the analysis status ("unseen", "running", "complete", "abort", "fail").
 "Latest" means the highest source ``seq_num`` seen, not the last message received.
 
@@ -35,12 +37,15 @@ import threading
 import time
 from typing import Callable, Literal, NamedTuple
 
+from ..publish.results import stream_field
+
 log = logging.getLogger(__name__)
 
 PARAMS = ("center", "fwhm", "amplitude", "chi2")
 _ALIASES = {"area": "amplitude"}
 _ERR = {"center": "center_err", "fwhm": "fwhm_err", "amplitude": "amplitude_err", "chi2": None}
 TERMINAL = ("complete", "abort", "fail")
+_PEAK_STREAMS = {"primary": True, "provisional": False}     # stream -> its fits are final
 
 
 class FitValue(NamedTuple):
@@ -369,7 +374,7 @@ class ResultsFollower(_Follower):
         self.address, self.prefix = address, prefix
         self.stats = collections.Counter()
         self._analysis: dict[str, str] = {}       # analysis start uid -> source uid
-        self._descriptors: dict[str, str] = {}    # descriptor uid -> source uid (primary streams)
+        self._descriptors: dict[str, tuple[str, str]] = {}   # descriptor uid -> (source uid, stream)
         self._other_descriptors: dict[str, str] = {}   # other streams of analysis runs: not orphans
         self._event_seq: dict[str, int] = {}      # descriptor uid -> last event seq_num
         self._asked: dict[str, float] = {}        # source uid -> first asked (monotonic)
@@ -470,37 +475,43 @@ class ResultsFollower(_Follower):
         run.peaks = tuple(doc.get("peaks", ()))
 
     def _on_descriptor(self, doc: dict) -> None:
-        """Follow the analysis run's ``primary`` stream (peak fits); its other streams
-        (phases, phase_transitions) are not peak rows and are left to other consumers."""
+        """Follow the analysis run's ``primary`` (final fits) and ``provisional`` streams; its
+        other streams (phases, phase_transitions) are not peak fits and are left to other
+        consumers."""
         src = self._analysis.get(doc["run_start"])
-        if src is not None and doc.get("name", "primary") == "primary":
-            self._descriptors[doc["uid"]] = src
+        name = doc.get("name", "primary")
+        if src is not None and name in _PEAK_STREAMS:
+            self._descriptors[doc["uid"]] = (src, name)
         elif src is not None:
             self._other_descriptors[doc["uid"]] = src
 
     def _on_event(self, doc: dict) -> None:
         desc = doc["descriptor"]
-        src = self._descriptors.get(desc)
-        if src is None:
+        if desc not in self._descriptors:
             if desc not in self._other_descriptors:
                 self.stats["orphans"] += 1
             return
+        src, stream = self._descriptors[desc]
         last = self._event_seq.get(desc, 0)
         if doc["seq_num"] > last + 1:
             self.stats["lost"] += doc["seq_num"] - last - 1
         self._event_seq[desc] = max(last, doc["seq_num"])
-        self._add_event(self._runs.get(src) or self._run(src), doc["data"])
+        self._add_event(self._runs.get(src) or self._run(src), doc["data"], _PEAK_STREAMS[stream])
 
     def _on_event_page(self, doc: dict) -> None:
         from event_model import unpack_event_page
         for ev in unpack_event_page(doc):
             self._on_event(ev)
 
-    def _add_event(self, run: RunResults, data: dict) -> None:
-        seq, final = int(data["source_seq_num"]), bool(data["final"])
+    def _add_event(self, run: RunResults, data: dict, final: bool) -> None:
+        seq = int(data["source_seq_num"])
+
+        def get(peak, f):
+            name = "chi2_red" if f == "chi2" else f"{peak}_{f}"     # chi2: the frame's
+            return data.get(stream_field(name, final))
         for peak in run.peaks:
-            self._add_columns(run, peak, seq, final, lambda f: data.get(f"{peak}_{f}"))
-        run.add_frame(seq, final, bool(data.get("change_point", False)))
+            self._add_columns(run, peak, seq, final, lambda f: get(peak, f))
+        run.add_frame(seq, final, bool(data.get(stream_field("change_point", final), False)))
 
     def _on_stop(self, doc: dict) -> None:
         src = self._analysis.pop(doc["run_start"], None)
@@ -512,11 +523,11 @@ class ResultsFollower(_Follower):
         for d, s in list(self._other_descriptors.items()):
             if s == src:
                 del self._other_descriptors[d]
-        for d, s in list(self._descriptors.items()):
+        for d, (s, stream) in list(self._descriptors.items()):
             if s == src:
                 del self._descriptors[d]
                 got = self._event_seq.pop(d, 0)
-                n = (doc.get("num_events") or {}).get("primary")
+                n = (doc.get("num_events") or {}).get(stream)
                 if n is not None and n > got:
                     self.stats["lost"] += n - got
 

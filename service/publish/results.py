@@ -1,16 +1,30 @@
 """Analysis results as Bluesky documents on a 0MQ PUB socket.
 
 For each source run, one analysis run (event-model `compose_run`): a start document
-(``source_run_uid``, ``analysis: "scatterflow"``, ``configuration``, peak names), one
-descriptor ``primary``, one event per frame and result (a provisional event when the frame
-is first fitted, ``final=False``, and a final one when it leaves the regularizer window,
-``final=True``), and a stop document.
+(``source_run_uid``, the source's ``scan_id``, ``analysis: "scatterflow"``, ``configuration``,
+peak names, ``hints.dimensions`` = ``source_seq_num``), then per frame two events in two
+streams, and a stop document:
 
-Event fields, per peak ``<p>``: ``<p>_center``, ``<p>_center_err``, ``<p>_fwhm``,
+* ``primary``: the final fits, one event per frame when it leaves the regularizer window
+  (frames in seq order), so that a stock callback (``BestEffortCallback``,
+  ``LivePlot("lamellar_center", x="source_seq_num")``) shows the trajectory as one clean line;
+* ``provisional``: the per-frame fits as they come (low latency), which the final fit replaces.
+
+Fields of ``primary``, per peak ``<p>``: ``<p>_center``, ``<p>_center_err``, ``<p>_fwhm``,
 ``<p>_fwhm_err`` (1/nm, or the radial unit of the run), ``<p>_amplitude``,
-``<p>_amplitude_err`` (integrated intensity), ``<p>_chi2`` (reduced chi^2); per frame:
-``source_seq_num``, ``source_time`` (s since the epoch), ``final``, ``change_point`` (any
-peak flagged), ``converged`` (all peaks converged).
+``<p>_amplitude_err`` (integrated intensity); per frame: ``source_seq_num``, ``source_time``
+(s since the epoch), ``chi2_red`` (the reduced chi^2 of the frame's whole-profile fit: every
+peak and the background together, so one value per frame, not per peak), ``converged`` (every
+peak's fit converged), ``change_point`` (any peak flagged). ``provisional`` has the same
+quantities, each fit quantity named ``provisional_<field>`` (``provisional_lamellar_center``,
+``provisional_chi2_red``, ...); ``source_seq_num`` and ``source_time`` keep their names. The
+distinct names keep a callback that follows a field by name (LivePlot, LiveTable) on the final
+values: bluesky's LivePlot does not look at the stream an event belongs to.
+
+Descriptors name one object per peak (``object_keys``: ``<p>`` -> its fields, ``frame`` -> the
+per-frame fields) with hints ``<p>_center`` per peak and ``chi2_red`` in ``primary``
+(BestEffortCallback's table and plots, against ``source_seq_num``) and empty hints in
+``provisional`` (BestEffortCallback shows none of it). Every data key has a ``description``.
 
 ``configuration`` is the service's configuration as a JSON string (``json.loads`` gives the
 mapping back): event-model's run-start schema refuses any key, at any depth, containing "." or
@@ -37,9 +51,11 @@ from typing import Literal
 
 import numpy as np
 
-PEAK_FIELDS = ("center", "center_err", "fwhm", "fwhm_err", "amplitude", "amplitude_err",
-               "chi2")
-_ROW_COLUMNS = {"seq_num", "time", "peak", "converged", "change_point", "final", *PEAK_FIELDS}
+PEAK_FIELDS = ("center", "center_err", "fwhm", "fwhm_err", "amplitude", "amplitude_err")
+FRAME_FIELDS = ("source_seq_num", "source_time", "chi2_red", "converged", "change_point")
+PROVISIONAL = "provisional_"         # prefix of the provisional stream's fit quantities
+_UNPREFIXED = ("source_seq_num", "source_time")
+_ROW_COLUMNS = {"seq_num", "time", "peak", "converged", "change_point", "final", "chi2", *PEAK_FIELDS}
 Serializer = Literal["msgpack", "pickle"]
 
 
@@ -67,28 +83,55 @@ def configuration_json(config: dict) -> str:
     return json.dumps(jsonable(config), sort_keys=True, allow_nan=False)
 
 
-def _data_keys(peak_names) -> dict:
-    """Descriptor data keys (event-model DataKey) for the analysis stream."""
+_DESCRIPTIONS = {
+    "center": "peak centre", "center_err": "standard error of the peak centre",
+    "fwhm": "peak full width at half maximum", "fwhm_err": "standard error of the FWHM",
+    "amplitude": "integrated intensity of the peak",
+    "amplitude_err": "standard error of the integrated intensity",
+    "source_seq_num": "seq_num of the frame's event in the source run",
+    "source_time": "time of the frame's event in the source run",
+    "chi2_red": "reduced chi^2 of the frame's whole-profile fit (all peaks and background)",
+    "converged": "every peak's fit of this frame converged",
+    "change_point": "a change point was flagged at this frame (any peak)",
+}
+
+
+def stream_field(field: str, final: bool) -> str:
+    """The name of ``field`` (``lamellar_center``, ``chi2_red``, ...) in the stream of final
+    (``primary``) or provisional results."""
+    return field if final or field in _UNPREFIXED else PROVISIONAL + field
+
+
+def _data_keys(peak_names, final: bool) -> tuple[dict, dict]:
+    """Descriptor data keys (event-model DataKey) and object_keys of the stream of final
+    (``primary``) or provisional results."""
     src = "scatterflow"
+    what = "final" if final else "provisional"
 
-    def num(units=None):
-        key = {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "source": src,
-               "precision": 4}
+    def key(obj, desc, dtype="number", units=None):
+        k = {"dtype": dtype, "dtype_numpy": {"number": "<f8", "integer": "<i8", "boolean": "|b1"}[dtype],
+             "shape": [], "source": src, "object_name": obj, "description": f"{desc} ({what} fit)"}
+        if dtype == "number":
+            k["precision"] = 4
         if units:
-            key["units"] = units
-        return key
+            k["units"] = units
+        return k
 
-    keys = {}
+    keys, objects = {}, {}
     for p in peak_names:
+        objects[p] = []
         for f in PEAK_FIELDS:
             units = "1/nm" if f.startswith(("center", "fwhm")) else None
-            keys[f"{p}_{f}"] = num(units)
-    keys["source_seq_num"] = {"dtype": "integer", "dtype_numpy": "<i8", "shape": [],
-                              "source": src}
-    keys["source_time"] = num("s")
-    for b in ("final", "change_point", "converged"):
-        keys[b] = {"dtype": "boolean", "dtype_numpy": "|b1", "shape": [], "source": src}
-    return keys
+            name = stream_field(f"{p}_{f}", final)
+            keys[name] = key(p, f"{p}: {_DESCRIPTIONS[f]}", units=units)
+            objects[p].append(name)
+    dtypes = {"source_seq_num": "integer", "converged": "boolean", "change_point": "boolean"}
+    for f in FRAME_FIELDS:
+        name = stream_field(f, final)
+        keys[name] = key("frame", _DESCRIPTIONS[f], dtypes.get(f, "number"),
+                         "s" if f == "source_time" else None)
+    objects["frame"] = [stream_field(f, final) for f in FRAME_FIELDS]
+    return keys, objects
 
 
 def _num(v) -> float:
@@ -122,10 +165,13 @@ def _data_key(values: np.ndarray) -> dict:
     return {"dtype": "string", "shape": [], **_SRC}
 
 
-def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[dict]:
-    """Group PeakRows (one row per frame, peak, result) into event data, one per
-    (seq_num, final) in order of first appearance; missing peaks are NaN. Plain Python
-    types, so the documents validate and serialize with any serializer."""
+def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[tuple[bool, dict]]:
+    """Group PeakRows (one row per frame, peak, result) into ``(final, data)`` per
+    (seq_num, final) in order of first appearance; missing peaks are NaN. ``data`` has the
+    ``primary`` stream's field names (`stream_field` renames for ``provisional``); the row
+    column ``chi2``, the frame's reduced chi^2 repeated on each peak's row, becomes the one
+    ``chi2_red`` of the frame. Plain Python types, so the documents validate and serialize with
+    any serializer."""
     missing = _ROW_COLUMNS - set(rows)
     if missing:
         raise ValueError(f"peak rows lack columns {sorted(missing)}")
@@ -136,6 +182,7 @@ def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[dict]:
     if unknown:
         raise ValueError(f"peak rows name peaks {sorted(unknown)} not in {list(peak_names)}")
     cols = {f: np.asarray(rows[f], dtype=np.float64) for f in PEAK_FIELDS}
+    chi2 = np.asarray(rows["chi2"], dtype=np.float64)
     groups: dict[tuple[int, bool], list[int]] = {}
     for i, key in enumerate(zip(seq.tolist(), final.tolist())):
         groups.setdefault(key, []).append(i)
@@ -147,19 +194,19 @@ def rows_to_events(rows: dict[str, np.ndarray], peak_names) -> list[dict]:
                 data[f"{peaks[i]}_{f}"] = float(cols[f][i])
         data["source_seq_num"] = int(s)
         data["source_time"] = float(rows["time"][idx[0]])
-        data["final"] = bool(fin)
-        data["change_point"] = bool(np.any(np.asarray(rows["change_point"])[idx]))
+        data["chi2_red"] = float(chi2[idx[0]])
         data["converged"] = bool(np.all(np.asarray(rows["converged"])[idx]))
-        out.append(data)
+        data["change_point"] = bool(np.any(np.asarray(rows["change_point"])[idx]))
+        out.append((bool(fin), data))
     return out
 
 
 class _AnalysisRun:
     """Composers of one analysis run (start sent; descriptor sent)."""
 
-    def __init__(self, bundle, compose_event, peak_names):
+    def __init__(self, bundle, compose_event: dict, peak_names):
         self.bundle = bundle
-        self.compose_event = compose_event
+        self.compose_event = compose_event      # final (True: primary) / provisional -> compose_event
         self.peak_names = tuple(peak_names)
         self.events = 0
         self.streams: dict = {}         # other streams (phases, phase_transitions): name -> compose_event
@@ -232,6 +279,8 @@ class ResultsPublisher:
         peak_names = tuple(str(p) for p in peak_names)
         if len(set(peak_names)) != len(peak_names):
             raise ValueError(f"peak_names must be unique, got {peak_names}")
+        if "frame" in peak_names:
+            raise ValueError("a peak may not be named 'frame': the descriptors' per-frame object")
         metadata = {
             "source_run_uid": uid, "analysis": "scatterflow",
             "plan_name": "scatterflow_analysis", "plan_type": "analysis",
@@ -245,29 +294,33 @@ class ResultsPublisher:
                 raise ValueError(f"analysis run for source run {uid!r} already started")
             bundle = compose_run(metadata=metadata)
             self._send("start", bundle.start_doc)
-            compose_event = None            # no peaks fitted: no primary stream (other streams only)
-            if peak_names:
-                desc = bundle.compose_descriptor(
-                    name="primary", data_keys=_data_keys(peak_names),
-                    hints={"scatterflow": {"fields": [f"{p}_center" for p in peak_names]}})
+            compose_event = {}              # no peaks fitted: no peak streams (other streams only)
+            for final, name in ((True, "primary"), (False, "provisional")) if peak_names else ():
+                keys, objects = _data_keys(peak_names, final)
+                hints = ({**{p: {"fields": [f"{p}_center"]} for p in peak_names},
+                          "frame": {"fields": ["chi2_red"]}} if final
+                         else {obj: {"fields": []} for obj in objects})   # empty: BEC shows none
+                desc = bundle.compose_descriptor(name=name, data_keys=keys, object_keys=objects,
+                                                 hints=hints)
                 self._send("descriptor", desc.descriptor_doc)
-                compose_event = desc.compose_event
+                compose_event[final] = desc.compose_event
             self._runs[uid] = _AnalysisRun(bundle, compose_event, peak_names)
             return bundle.start_doc["uid"]
 
     def publish_rows(self, uid: str, rows: dict[str, np.ndarray]) -> int:
-        """Send one event per (frame, provisional/final) in ``rows`` (PeakRows); returns
-        the number of events sent."""
+        """Send one event per (frame, provisional/final) in ``rows`` (PeakRows), final ones to
+        ``primary``, provisional ones to ``provisional``; returns the number of events sent."""
         with self._lock:
             run = self._runs.get(uid)
             if run is None:
                 raise ValueError(f"no analysis run started for source run {uid!r}")
             now = ttime.time()
             events = rows_to_events(rows, run.peak_names)
-            for data in events:
+            for final, data in events:
+                data = {stream_field(k, final): v for k, v in data.items()}
                 ts = {k: now for k in data}
-                doc = run.compose_event(data=data, timestamps=ts, time=now,
-                                        validate=self.validate_events)
+                doc = run.compose_event[final](data=data, timestamps=ts, time=now,
+                                               validate=self.validate_events)
                 self._send("event", doc)
             run.events += len(events)
             self.events += len(events)
