@@ -333,9 +333,9 @@ class Dispatcher:
         worker.inflight[batch_id] = _Inflight(slot.uid, frames, ref)
         return self._put(worker, msg, slot, frames, batch_id)
 
-    def _control(self, worker: _Worker, msg: StartRun | StopRun) -> bool:
-        """Send a run's start or stop to its worker; waits while the queue is full, but gives up
-        (False) when the worker died (its replacement gets the run again) or the dispatcher closes."""
+    def _control(self, worker: _Worker, msg: StartRun | StopRun | FrameBatch) -> bool:
+        """Put ``msg`` on the worker's queue, waiting while it is full; gives up (False) when the
+        worker died (its replacement gets the run and its frames again) or the dispatcher closes."""
         while True:
             try:
                 worker.inbox.put(msg, timeout=0.5)
@@ -347,14 +347,8 @@ class Dispatcher:
     def _put(self, worker: _Worker, msg: FrameBatch, slot: _RunSlot, frames: list, batch_id: int) -> bool:
         if self.cfg.backpressure == "block":
             # lossless: blocks ingest while the worker is behind; a dead worker's frames stay in
-            # `unfinal` and are replayed to its replacement (_check_workers), so give up on it
-            while True:
-                try:
-                    worker.inbox.put(msg, timeout=0.5)
-                    return True
-                except queue.Full:
-                    if not worker.process.is_alive() or self._stop.is_set():   # dead, or closing: give up
-                        return False
+            # `unfinal` and are replayed to its replacement (_check_workers)
+            return self._control(worker, msg)
         try:
             worker.inbox.put_nowait(msg)
             return True

@@ -93,3 +93,21 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | 
             return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
         prev_le, prev_count = le, count
     return prev_le
+
+
+def by_label(metric) -> dict[str, float]:
+    """A counter's totals or a gauge's values by their labels' values joined with "," ("total"
+    when unlabelled)."""
+    out: dict[str, float] = {}
+    for fam in metric.collect():
+        for s in fam.samples:
+            if fam.type == "counter" and not s.name.endswith("_total"):
+                continue
+            key = ",".join(s.labels.values()) or "total"
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def total(metric) -> float:
+    """A counter's or gauge's sum over its labels."""
+    return float(sum(by_label(metric).values()))

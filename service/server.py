@@ -20,7 +20,7 @@ from .dispatch import Dispatcher
 from .frame_slots import remove_stale_segments, shm_directory
 from .ingest import DocumentRouter, ZmqSubscriber
 from .memory import reuse_freed_buffers
-from .metrics import Metrics
+from .metrics import Metrics, total
 from .publish.hub import PublishHub
 from .publish.state import RunStore
 from .run_spec import RunSpecBuilder
@@ -34,7 +34,6 @@ INGEST_CLOSE_S = 5.0        # of the close budget, at most for ingest to stop
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.limits = settings.health
         self.metrics = Metrics()
         self._seen = {"tiled_spooled": 0, "tiled_interrupted": 0}     # writer counts already in the counters
         self._first_seen: dict[tuple[str, int], float] = {}           # (dead|starting, pid) -> time.monotonic()
@@ -215,11 +214,11 @@ class Service:
 
     def health(self) -> Health:
         """What /api/v1/health reports: "stuck" when the ingest routing thread has been on one
-        message longer than `limits.route_stuck_s`, a worker has an unanswered batch older than
-        `limits.worker_stuck_s`, or a dead worker was not replaced within `limits.restart_s`;
+        message longer than `health.route_stuck_s`, a worker has an unanswered batch older than
+        `health.worker_stuck_s`, or a dead worker was not replaced within `health.restart_s`;
         else "degraded" while a worker restarts or Tiled writes wait in the spool; else "ok".
         Reads counters only, never waits on a lock."""
-        lim, now = self.limits, time.monotonic()
+        lim, now = self.settings.health, time.monotonic()
         stuck: list[str] = []
         degraded: list[str] = []
         busy = self.subscriber.route_busy_s() if hasattr(self, "subscriber") else None
@@ -254,8 +253,6 @@ class Service:
 
     def status(self) -> dict:
         m = self.metrics
-        def total(counter) -> float:
-            return sum(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total"))
         return {"version": __version__, "uptime_s": time.time() - self.started,
                 "devices": self.dispatcher.devices, "workers": len(self.dispatcher.devices),
                 "worker_restarts": self.dispatcher.restarts,
@@ -268,9 +265,9 @@ class Service:
 
     def close(self) -> None:
         """Stop everything, in reverse order of start: the API, ingest, the open runs (final
-        fits), the workers within `limits.close_timeout_s` in all, then the publishers."""
+        fits), the workers within `health.close_timeout_s` in all, then the publishers."""
         self._stop.set()
-        self._deadline = time.monotonic() + self.limits.close_timeout_s
+        self._deadline = time.monotonic() + self.settings.health.close_timeout_s
         for close in reversed(self._closers):
             try:
                 close()

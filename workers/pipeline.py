@@ -127,7 +127,7 @@ class BatchResult:
         """seq_nums whose final result this batch carries (every frame when no peaks are fitted)."""
         if self.peaks is None:
             return set(np.asarray(self.seq).tolist())
-        return set(np.asarray(self.peaks["seq_num"])[np.asarray(self.peaks["final"], bool)].tolist())
+        return final_seq(self.peaks)
 
     def without(self, again: set[int]) -> "BatchResult":
         """This result less what was published for the frames ``again`` (seq_nums) before a
@@ -166,6 +166,11 @@ class RunFinal:
     phases: Rows | None = None
     transitions: list[dict] = field(default_factory=list)
     reseeds: int = 0
+
+
+def final_seq(rows: Rows) -> set[int]:
+    """seq_nums of the final rows of a columnar table with ``seq_num`` and ``final``."""
+    return set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist())
 
 
 def pick_snapshots(seq: np.ndarray, every: int, first_pending: bool) -> np.ndarray:

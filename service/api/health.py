@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..metrics import Metrics, histogram_quantile
+from ..metrics import Metrics, by_label, histogram_quantile, total
 from .dependencies import Context, check_api_key
 from .schemas import Health, LatencySummary, MetricsSummary
 
@@ -46,19 +46,6 @@ def prometheus(ctx: Context) -> Response:
 def metrics_summary(metrics: Metrics) -> MetricsSummary:
     """The service's Prometheus metrics as JSON: counters by label, gauges, and latency
     (count, mean, p50/p95/p99 in s, interpolated within histogram buckets) per stage."""
-    def by_label(metric) -> dict[str, float]:
-        out = {}
-        for fam in metric.collect():
-            for s in fam.samples:
-                if fam.type == "counter" and not s.name.endswith("_total"):
-                    continue
-                key = ",".join(s.labels.values()) or "total"
-                out[key] = out.get(key, 0.0) + s.value
-        return out
-
-    def total(metric) -> float:
-        return float(sum(by_label(metric).values()))
-
     return MetricsSummary(
         frames_received=total(metrics.frames_in), frames_fitted=total(metrics.frames_fitted),
         frames_final=total(metrics.frames_final), frames_dropped=total(metrics.frames_dropped),

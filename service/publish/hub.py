@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.pipeline import BatchResult, RunFinal, RunSpec
+from workers.pipeline import BatchResult, RunFinal, RunSpec, final_seq
 
 from ..detectors import analysis_info
 from ..messages import MISSING_EVENTS_KEY, Frame
@@ -31,7 +31,6 @@ from .state import RunStore
 
 log = logging.getLogger(__name__)
 SERVICE_OUTCOMES = ("incomplete", "failed", "refused", "quarantined")   # statuses the service decides, not the stop
-
 
 
 @dataclass
@@ -285,7 +284,7 @@ class PublishHub:
             log.warning("run %s: %s after the run was closed; ignored", uid[:8], status)
             return
         final = final or RunFinal()
-        done = set() if final.peaks is None else _final_seq(final.peaks)
+        done = set() if final.peaks is None else final_seq(final.peaks)
         self._count(uid, final.peaks, final.phases, final.transitions, final.reseeds, done, time.monotonic())
         exit_status = sink_exit_status(status)
         self._guarded("state", self._state_stopped, uid, final, status, reason)
@@ -308,10 +307,6 @@ class PublishHub:
 
 def _has_rows(rows: dict | None) -> bool:
     return rows is not None and len(rows["seq_num"]) > 0
-
-
-def _final_seq(rows: dict) -> set[int]:
-    return set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist())
 
 
 def _analysis_metadata(spec: RunSpec) -> dict:
