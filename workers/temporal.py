@@ -5,9 +5,10 @@ objective, its solver and the sandwich covariance) gives the final rows.
 Per-frame fits (``workers.fit.fit_batch``) start from the previous good result (warm start,
 as sequential refinement in GSAS-II/TOPAS). A frame is re-seeded (``reseeds`` counts them) when
 its fit diverged: non-finite result, not converged, a centre or width at a bound, or a reduced
-chi2 above ``chi2_jump`` x the median of recent frames. Re-seeding tries the configured guess and
-a peak search (argmax within [center_min, center_max] after removing an edge-line background)
-and keeps the best chi2.
+chi2 above ``chi2_jump`` x the median of recent frames (of the batch itself while a run has fewer than
+three). Re-seeding tries the configured guess and a peak search (argmax within
+[center_min, center_max] after removing an edge-line background), then, for a frame still
+diverged, the fit of the nearest good frame of its batch; it keeps the best chi2.
 
 Change points: link (t, t+1) is cut when, for any centre or width,
 |theta_{t+1} - theta_t| > ``change_threshold`` x sqrt(se_t^2 + se_{t+1}^2) in the per-frame
@@ -183,6 +184,7 @@ class TrajectoryFitter:
                 better = better & torch.isfinite(alt.chi2_red)
                 best = _merge(best, alt, better)
             res = _scatter(res, idx, best)
+            res = self._from_neighbours(y, sg, res)
         good = res.converged & torch.isfinite(res.chi2_red) & ~self._diverged(res)
         if bool(good.any()):
             last = int(torch.nonzero(good)[-1, 0])
@@ -192,6 +194,22 @@ class TrajectoryFitter:
         fin = torch.isfinite(res.chi2_red) & res.converged
         self._chi2_hist.extend(res.chi2_red[fin].tolist())
         return res
+
+    def _from_neighbours(self, y, sg, res):
+        """Frames of the batch still diverged after re-seeding start again from the fit of the
+        nearest good frame of the same batch (frames change little from one to the next: the
+        warm start, within a batch fitted cold, such as a run's first batch or one replayed on
+        another worker); the better chi2 is kept."""
+        still = self._diverged(res)
+        good = torch.nonzero(~still)[:, 0]
+        if not bool(still.any()) or good.numel() == 0:
+            return res
+        idx = torch.nonzero(still)[:, 0]
+        near = good[(idx[:, None] - good[None, :]).abs().argmin(1)]
+        cur = _take(res, idx)
+        alt = fit_batch(self._bound, self._bound.x, y[idx], sg[idx], res.params[near].clone(), max_iter=self.max_iter)
+        better = ((alt.chi2_red < cur.chi2_red) | ~torch.isfinite(cur.chi2_red)) & torch.isfinite(alt.chi2_red)
+        return _scatter(res, idx, _merge(cur, alt, better))
 
     def _diverged(self, res) -> torch.Tensor:
         bad = ~torch.isfinite(res.params).all(1) | ~torch.isfinite(res.chi2_red) | ~res.converged
@@ -203,8 +221,13 @@ class TrajectoryFitter:
             if math.isfinite(float(span[i])):
                 near = 1e-4 * span[i]
                 bad = bad | (res.params[:, i] - lo[i] < near) | (hi[i] - res.params[:, i] < near)
-        if len(self._chi2_hist) >= 3:
-            med = float(np.median(self._chi2_hist))
+        history = list(self._chi2_hist)
+        if len(history) < 3:
+            # the run's first frames (or a run replayed on another worker, cold, in one batch):
+            # no history yet, so the batch's own fits stand in for it
+            history += res.chi2_red[torch.isfinite(res.chi2_red) & res.converged].tolist()
+        if len(history) >= 3:
+            med = float(np.median(history))
             bad = bad | (res.chi2_red > self.chi2_jump * med)
         return bad
 
