@@ -156,6 +156,13 @@ class WorkersConfig(_Section):
     queue_batches: int = Field(8, ge=1)     # bounded queue per worker, in batches
     backpressure: Literal["block", "drop_oldest"] = "block"
     shared_memory: bool = True              # frames to workers through /dev/shm, not pickled (service/frame_slots.py)
+    # engine: local processes on this host (service/worker.py), or Ray actors across a cluster's
+    # nodes and GPUs (service/ray_engine.py; `pip install 'scatterflow[ray]'`)
+    engine: Literal["local", "ray"] = "local"
+    # ray.init's address: "auto" (the cluster this host is a node of), "host:port" (its GCS),
+    # "ray://host:10001" (Ray Client to a remote head), or "local" (a private one-node Ray started here)
+    ray_address: str = "auto"
+    ray_object_store_mb: int | None = Field(None, ge=75)   # only for "local": its object store size
 
 
 class TiledConfig(_Section):

@@ -14,15 +14,14 @@ A run whose RunSpec cannot be built (a size above its ceiling in ``limits``, a b
 start document) or whose worker cannot set it up is refused: the sink closes it at once with the
 reason, and its frames are counted failed ("refused") until its stop document.
 
-Messages to and from workers are the dataclasses of service/messages.py; the interface
-(`start_run`, `submit`, `stop_run`, `close`) is what another engine implements too.
+Messages to and from workers are the dataclasses of service/messages.py, carried by the engine
+(service/engine.py): local processes, or Ray actors across nodes. The dispatcher's interface to
+ingest is `start_run`, `submit`, `stop_run`, `close`.
 """
 from __future__ import annotations
 
 import itertools
-import os
 import logging
-import multiprocessing as mp
 import queue
 import threading
 import time
@@ -35,16 +34,17 @@ import numpy as np
 from workers.pipeline import BatchResult, RunFinal, RunSpec
 
 from .config import Settings
+from .engine import FrameStore, WorkerEngine, WorkerInbox, WorkerProcess, make_engine
 from .errors import LimitExceeded
-from .frame_slots import SlotPool, SlotRef
+from .frame_refs import FrameRef
 from .messages import (BatchFailed, BatchReduced, Frame, FrameBatch, RunStopped, SetupFailed, Shutdown, StartRun,
                        StopRun, WorkerReady)
 from .metrics import Metrics
-from .worker import worker_main
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_DEATHS = 2       # worker deaths with a run's batches in flight before it is quarantined
+RATE_WINDOW_S = 30.0        # frames/s per worker over this window (status, dashboard)
 
 
 class ResultSink(Protocol):
@@ -74,54 +74,62 @@ class _RunSlot:
 
 @dataclass
 class _Inflight:
-    """A batch sent to a worker and not answered yet (``sent``: time.monotonic())."""
+    """A batch sent to a worker and not answered yet (``sent``: time.monotonic()); ``slot``:
+    the FrameStore's reference to its frames, held until the answer."""
     uid: str
     frames: list[Frame]
-    slot: SlotRef | None
+    slot: object | None
     sent: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class _Worker:
     index: int
-    process: mp.Process
-    inbox: mp.Queue
-    slots: "SlotPool | _NoSlots"
+    process: WorkerProcess
+    inbox: WorkerInbox
+    slots: FrameStore
     inflight: dict[int, _Inflight] = field(default_factory=dict)    # by batch_id
     runs: set = field(default_factory=set)
     device: str = "?"              # "?" until its WorkerReady arrives (worker_health: "ready")
+    node: str = ""
+    frames: int = 0                # frames it reduced and fitted
+    recent: deque = field(default_factory=deque)    # (time.monotonic(), frames) of its answers, last RATE_WINDOW_S
+    started: float = field(default_factory=time.monotonic)
 
     def done(self, batch_id: int) -> _Inflight | None:
-        """Forget an answered batch and free its shared-memory slot; returns it."""
+        """Forget an answered batch and free its frames' slot; returns it."""
         entry = self.inflight.pop(batch_id, None)
         if entry is not None:
             self.slots.release(entry.slot)
         return entry
 
+    def count(self, n: int, now: float) -> None:
+        self.frames += n
+        self.recent.append((now, n))
+        while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
+            self.recent.popleft()
 
-class _NoSlots:
-    """Stand-in for SlotPool when shared memory is off: every batch goes pickled through the queue."""
+    def fps(self, now: float) -> float:
+        """Frames/s over the last RATE_WINDOW_S (or since it started, if later)."""
+        span = min(RATE_WINDOW_S, max(now - self.started, 1e-3))
+        return sum(n for t, n in list(self.recent) if t >= now - RATE_WINDOW_S) / span
 
-    def put(self, arrays: list[np.ndarray], capacity: int = 1) -> None:
-        return None
 
-    def release(self, ref: SlotRef | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def _form(frame: Frame) -> tuple[str, bool]:
+    """What a batch must not mix: the kind, and whether the frame is still in its file."""
+    return frame.kind, isinstance(frame.data, FrameRef)
 
 
 class Dispatcher:
     def __init__(self, settings: Settings, metrics: Metrics, sink: ResultSink,
-                 spec_for_run: Callable[[dict], RunSpec]):
+                 spec_for_run: Callable[[dict], RunSpec], engine: WorkerEngine | None = None):
         self.settings = settings
         self.cfg = settings.workers
         self.metrics = metrics
         self.sink = sink
         self.spec_for_run = spec_for_run
-        self._ctx = mp.get_context("spawn")
-        self._outbox = self._ctx.Queue()
+        self.engine = engine or make_engine(self.cfg)
+        self._outbox = self.engine.outbox
         self._workers: list[_Worker] = []
         self._runs: dict[str, _RunSlot] = {}
         self._specs: dict[str, RunSpec] = {}
@@ -143,27 +151,25 @@ class Dispatcher:
             except queue.Empty:
                 continue
             if isinstance(msg, WorkerReady):
-                self._workers[msg.index].device = msg.device
+                self._ready(msg)
                 ready += 1
         if ready < len(self._workers):
-            raise RuntimeError(f"only {ready} of {len(self._workers)} workers started")
+            raise RuntimeError(f"only {ready} of {len(self._workers)} workers started ({self.engine.name} engine)")
         for target, name in ((self._collect, "dispatch-results"), (self._flush_timer, "dispatch-timer")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("dispatch: %d worker(s) on %s", len(self._workers), ", ".join(w.device for w in self._workers))
+        log.info("dispatch: %d worker(s), %s engine: %s", len(self._workers), self.engine.name,
+                 ", ".join(f"{w.device} on {w.node}" for w in self._workers))
 
-    def _spawn(self, index: int, inbox: mp.Queue | None = None) -> _Worker:
-        inbox = inbox or self._ctx.Queue(maxsize=self.cfg.queue_batches)
-        # torch's OpenMP pool spins against the service's own threads: by default a CPU worker
-        # gets an equal share of the cores with one share left to the service process.
-        threads = self.cfg.threads or max(1, (os.cpu_count() or 2) // (self.cfg.count + 1))
-        proc = self._ctx.Process(target=worker_main, args=(index, self.cfg.device, inbox, self._outbox, threads),
-                                 name=f"scatterflow-worker-{index}", daemon=True)
-        proc.start()
-        # queued batches + the one being processed + one being answered
-        slots = SlotPool(f"w{index}", self.cfg.queue_batches + 2) if self.cfg.shared_memory else None
-        return _Worker(index=index, process=proc, inbox=inbox, slots=slots or _NoSlots())
+    def _spawn(self, index: int) -> _Worker:
+        process, inbox, slots = self.engine.spawn(index)
+        return _Worker(index=index, process=process, inbox=inbox, slots=slots)
+
+    def _ready(self, msg: WorkerReady) -> None:
+        w = self._workers[msg.index]
+        w.device, w.node = msg.device, msg.node
+        w.started = time.monotonic()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers within about `timeout` s: each gets Shutdown after its queued batches;
@@ -192,10 +198,16 @@ class Dispatcher:
             t.join(timeout=min(2.0, left()))
         for w in workers:
             w.slots.close()
+        self.engine.close()
 
     @property
     def devices(self) -> list[str]:
         return [w.device for w in self._workers]
+
+    @property
+    def takes_file_refs(self) -> bool:
+        """HDF5 frames may come as FrameRefs (the engine's workers read them on their nodes)."""
+        return self.engine.takes_file_refs
 
     def worker_health(self) -> list[dict]:
         """Per worker: index, pid, device, alive, ready (its WorkerReady came: a restarted worker
@@ -208,9 +220,10 @@ class Dispatcher:
         out = []
         for w in list(self._workers):
             sent = [b.sent for b in list(w.inflight.values())]
-            out.append({"index": w.index, "pid": w.process.pid, "device": w.device, "alive": w.process.is_alive(),
-                        "ready": w.device != "?", "runs": len(w.runs), "inflight_batches": len(sent),
-                        "oldest_inflight_s": now - min(sent) if sent else None})
+            out.append({"index": w.index, "pid": w.process.pid, "device": w.device, "node": w.node,
+                        "alive": w.process.is_alive(), "ready": w.device != "?", "runs": len(w.runs),
+                        "inflight_batches": len(sent), "oldest_inflight_s": now - min(sent) if sent else None,
+                        "frames": w.frames, "fps": w.fps(now)})
         return out
 
     def queue_depths(self) -> dict[str, int]:
@@ -234,7 +247,8 @@ class Dispatcher:
             if refusal is not None:
                 self._runs[uid] = _RunSlot(uid=uid, worker=-1, start=start, closed="refused")
             else:
-                worker = min(self._workers, key=lambda w: len(w.runs))
+                ready = [w for w in self._workers if w.device != "?" and w.process.is_alive()]
+                worker = min(ready or self._workers, key=lambda w: len(w.runs))
                 worker.runs.add(uid)
                 self._runs[uid] = _RunSlot(uid=uid, worker=worker.index, start=start)
                 self._specs[uid] = spec
@@ -299,7 +313,7 @@ class Dispatcher:
 
     def _batch_limit(self, slot: _RunSlot) -> int:
         """Most frames per batch for the frames pending in `slot` (see `_frames_per_batch`)."""
-        if slot.pending and slot.pending[0].kind == "frame":
+        if slot.pending and slot.pending[0].kind == "frame":    # an array, or a FrameRef: both have .size
             return self._frames_per_batch(slot.pending[0].data.size)
         return self.cfg.batch if isinstance(self.cfg.batch, int) else self.cfg.max_batch
 
@@ -313,8 +327,8 @@ class Dispatcher:
         worker = self._workers[slot.worker]
         while slot.pending:
             take = min(limit, len(slot.pending))
-            kind = slot.pending[0].kind
-            take = next((i for i in range(take) if slot.pending[i].kind != kind), take)
+            form = _form(slot.pending[0])            # one batch: one kind, in memory or in files
+            take = next((i for i in range(take) if _form(slot.pending[i]) != form), take)
             frames = [slot.pending.popleft() for _ in range(take)]
             for f in frames:
                 slot.unfinal[f.seq_num] = f
@@ -325,9 +339,13 @@ class Dispatcher:
 
     def _send(self, worker: _Worker, slot: _RunSlot, frames: list) -> bool:
         batch_id = next(self._batch_ids)
-        ref = (worker.slots.put([f.data for f in frames], capacity=self._frames_per_batch(frames[0].data.size))
-               if frames[0].kind == "frame" else None)
-        data = ref if ref is not None else np.stack([f.data for f in frames])
+        ref = None
+        if isinstance(frames[0].data, FrameRef):          # read by the worker from the file
+            data = tuple(f.data for f in frames)
+        else:
+            ref = (worker.slots.put([f.data for f in frames], capacity=self._frames_per_batch(frames[0].data.size))
+                   if frames[0].kind == "frame" else None)
+            data = ref if ref is not None else np.stack([f.data for f in frames])
         msg = FrameBatch(slot.uid, batch_id, np.array([f.seq_num for f in frames], dtype=np.int64),
                          np.array([f.time for f in frames], dtype=np.float64), data, frames[0].kind)
         worker.inflight[batch_id] = _Inflight(slot.uid, frames, ref)
@@ -404,7 +422,7 @@ class Dispatcher:
                 return
             self.sink.run_stopped(msg.uid, slot.stop if slot else {}, msg.final)
         elif isinstance(msg, WorkerReady):
-            self._workers[msg.index].device = msg.device
+            self._ready(msg)
 
     def _failed(self, msg: BatchFailed) -> None:
         """A batch a worker could not reduce: its frames are final (counted failed, never
@@ -451,7 +469,8 @@ class Dispatcher:
                 self._workers[slot.worker].done(msg.batch_id)
                 return
             if slot is not None:
-                entry = self._workers[slot.worker].done(msg.batch_id)
+                worker = self._workers[slot.worker]
+                entry = worker.done(msg.batch_id)
                 frames = entry.frames if entry else []
                 # frames replayed after a worker death were maybe published already: once only
                 again = slot.reduced.intersection(seq)
@@ -464,6 +483,9 @@ class Dispatcher:
                     slot.unfinal.pop(int(s), None)
                     slot.reduced.discard(int(s))
         self.metrics.frames_fitted.inc(len(seq) - len(again))
+        if slot is not None:
+            worker.count(len(seq), time.monotonic())
+            self.metrics.worker_frames.labels(str(worker.index), worker.node, worker.device).inc(len(seq))
         self.metrics.batch_frames.observe(len(seq))
         for stage, seconds in result.seconds.items():
             self.metrics.worker_seconds.labels(stage).inc(seconds)
@@ -477,14 +499,17 @@ class Dispatcher:
                     continue
                 self.restarts += 1
                 in_flight = {b.uid for b in w.inflight.values()}
-                log.error("worker %d (pid %s) died with exit code %s; restarting and re-sending %d batch(es)",
-                          i, w.process.pid, w.process.exitcode, len(w.inflight))
+                heir = self._heir(w)
+                log.error("worker %d (pid %s, %s) died with exit code %s; restarting it and re-sending %d "
+                          "batch(es) to worker %s", i, w.process.pid, w.node or "?", w.process.exitcode,
+                          len(w.inflight), "new" if heir is None else heir.index)
                 w.inbox.cancel_join_thread()       # its reader is gone: do not block exit on its pipe
                 w.inbox.close()
                 new = self._spawn(i)
                 w.slots.close()                    # the new worker gets fresh slots
-                new.runs = w.runs
                 self._workers[i] = new
+                heir = heir or new
+                heir.runs |= w.runs
                 # The dead worker's regularizer windows are gone: replay, in order, every frame of
                 # its runs that has no final result yet (in flight or waiting in a window).
                 # A run in flight at QUARANTINE_DEATHS deaths is not replayed again (it may be the cause).
@@ -492,22 +517,32 @@ class Dispatcher:
                     slot = self._runs.get(uid)
                     if slot is None or uid not in self._specs:
                         continue
+                    slot.worker = heir.index
                     if uid in in_flight:
                         slot.deaths += 1
                     if slot.deaths >= QUARANTINE_DEATHS:
-                        quarantined.append(self._quarantine(slot, new, w.process.exitcode))
+                        quarantined.append(self._quarantine(slot, heir, w.process.exitcode))
                         continue
-                    self._control(new, StartRun(uid, self._specs[uid]))
+                    self._control(heir, StartRun(uid, self._specs[uid]))
                     replay = [slot.unfinal[k] for k in sorted(slot.unfinal)]
                     for j in range(0, len(replay), self.cfg.max_batch):
-                        self._send(new, slot, replay[j:j + self.cfg.max_batch])
+                        self._send(heir, slot, replay[j:j + self.cfg.max_batch])
                     if slot.stop is not None:
-                        self._control(new, StopRun(uid))
+                        self._control(heir, StopRun(uid))
         for uid, seq, reason in quarantined:
             log.error("run %s quarantined: %s", uid[:8], reason)
             if seq:
                 self.sink.frames_failed(uid, np.array(seq, dtype=np.int64), "quarantined", reason)
             self.sink.run_quarantined(uid, reason)
+
+    def _heir(self, dead: _Worker) -> _Worker | None:
+        """Where a dead worker's runs are replayed: its replacement (None), or, when the engine
+        says so (Ray: the replacement may wait for a node that is gone), the least busy other
+        worker that is alive and ready, if there is one."""
+        if self.engine.replay_on_replacement:
+            return None
+        others = [w for w in self._workers if w is not dead and w.device != "?" and w.process.is_alive()]
+        return min(others, key=lambda w: len(w.runs)) if others else None
 
     def _quarantine(self, slot: _RunSlot, worker: _Worker, exitcode) -> tuple[str, list[int], str]:
         """Close `slot`'s run without replaying it: (uid, seq_nums of its frames without a final

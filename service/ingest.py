@@ -35,6 +35,7 @@ from .config import IngestConfig
 from .decode import DocumentDecoder
 from .detectors import MAX_DETECTORS, detector_start, match_field, run_detectors
 from .errors import RejectedInput
+from .frame_refs import FrameRef
 from .messages import Frame, FrameKind
 from .metrics import Metrics
 from .resolve import FileRead, FrameResolver, frame_shape
@@ -76,6 +77,10 @@ class RunInfo:
 
 
 class FrameSink(Protocol):
+    #: True: HDF5 frames are handed on as FrameRefs (service/frame_refs.py), read by the worker
+    #: on its own node (the Ray engine); absent or False: ingest reads the pixels
+    takes_file_refs: bool
+
     def start_run(self, uid: str, start: dict) -> None: ...
     def submit(self, frame: Frame) -> None: ...
     def stop_run(self, uid: str, stop: dict) -> None: ...
@@ -521,6 +526,16 @@ class DocumentRouter:
             raise RejectedInput("nonfinite_frame", f"{int((~np.isfinite(frame)).sum())} NaN/inf pixels")
         return frame
 
+    def _checked_ref(self, ref: FrameRef, stream: StreamInfo) -> None:
+        """`_checked` for a frame left in its file: dtype, size and shape (its pixels, and so
+        non-finite values, are the worker's to see)."""
+        if np.dtype(ref.dtype).kind not in "uif":
+            raise RejectedInput("bad_dtype", ref.dtype)
+        if ref.size > self.config.max_frame_pixels:
+            raise RejectedInput("frame_too_large", str(ref.shape))
+        if stream.frame_shape is not None and tuple(ref.shape) != stream.frame_shape:
+            raise RejectedInput("wrong_shape", f"{ref.shape} != descriptor {stream.frame_shape}")
+
     def expire(self, idle_s: float) -> list[str]:
         """Close runs idle for longer than `idle_s` (no stop document); returns their uids."""
         now = time.monotonic()
@@ -602,6 +617,13 @@ class DocumentRouter:
     def _submit_item(self, item: Frame | FileFrames) -> None:
         if isinstance(item, Frame):
             self.sink.submit(item)
+            return
+        if item.read.locate is not None and getattr(self.sink, "takes_file_refs", False):
+            located = FileRead(item.read.resource, item.read.locate)
+            for seq, ref in self.resolver.read(located, self._read_timeout()):
+                if item.stream is not None:
+                    self._checked_ref(ref, item.stream)
+                self.sink.submit(Frame(item.key, int(seq), item.time, ref, item.arrival, item.scalars, item.kind))
             return
         for seq, data in self.resolver.read(item.read, self._read_timeout()):
             if item.stream is not None:

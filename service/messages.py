@@ -9,10 +9,11 @@ local processes can carry the same messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
+from .frame_refs import FrameRef
 from .frame_slots import SlotRef
 
 if TYPE_CHECKING:
@@ -25,11 +26,12 @@ FrameKind = Literal["frame", "profile"]
 class Frame:
     """One detector frame (kind "frame": (rows, cols) counts, row-major) or an already reduced
     profile (kind "profile": (3, N) rows q 1/nm, intensity, sigma) of analysis ``run_uid``.
-    ``arrival`` is time.monotonic() at receipt."""
+    ``data`` is a FrameRef where the frame stays in its HDF5 file until a worker on another node
+    reads it (engines whose ``takes_file_refs``). ``arrival`` is time.monotonic() at receipt."""
     run_uid: str
     seq_num: int
     time: float                 # event time, s since epoch
-    data: np.ndarray
+    data: np.ndarray | FrameRef
     arrival: float
     scalars: dict[str, float]   # the event's other scalar fields (motors, truth in simulation)
     kind: FrameKind = "frame"
@@ -45,12 +47,14 @@ class StartRun:
 @dataclass
 class FrameBatch:
     """Frames of one run: seq (B,) int64, times (B,) s, frames (B, H, W) or (B, 3, N) profiles,
-    or a reference to them in shared memory (service/frame_slots.py)."""
+    or a reference to them: in shared memory (SlotRef, service/frame_slots.py), in Ray's object
+    store (an ObjectRef, resolved by the actor: service/ray_engine.py), or in their HDF5 files
+    (a tuple of FrameRef, read by the worker: service/frame_refs.py)."""
     uid: str
     batch_id: int
     seq: np.ndarray
     times: np.ndarray
-    frames: Union[np.ndarray, SlotRef]
+    frames: Union[np.ndarray, SlotRef, tuple[FrameRef, ...], Any]
     kind: FrameKind = "frame"
 
 
@@ -70,6 +74,7 @@ class WorkerReady:
     index: int
     device: str
     pid: int
+    node: str = ""              # host name (local engine) or "ip/node-id" (Ray engine)
 
 
 @dataclass
@@ -79,7 +84,7 @@ class BatchReduced:
     result: "BatchResult"
 
 
-FailReason = Literal["no_setup", "no_geometry", "reduction_error", "refused", "quarantined"]
+FailReason = Literal["no_setup", "no_geometry", "reduction_error", "file_unavailable", "refused", "quarantined"]
 
 #: added by ingest to a stop document: events its num_events announced that never arrived
 MISSING_EVENTS_KEY = "scatterflow_missing_events"

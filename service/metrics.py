@@ -59,6 +59,8 @@ class Metrics:
                                                  registry=r)
         self.publish_errors = Counter("scatterflow_publish_errors", "Results a sink refused, by sink "
                                       "(state, results, tiled, calibration)", ["sink"], registry=r)
+        self.worker_frames = Counter("scatterflow_worker_frames", "Frames reduced and fitted, by worker (process or "
+                                     "Ray actor), its node and device", ["worker", "node", "device"], registry=r)
         self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
         self.tiled_failures = Gauge("scatterflow_tiled_failures", "Tiled write failures (retried or spooled)",
                                     registry=r)

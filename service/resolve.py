@@ -60,6 +60,7 @@ import numpy as np
 from event_model import unpack_datum_page
 
 from .errors import RejectedInput
+from .frame_refs import FrameRef
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class _Resource:
     waits: int = 0               # waits since the file was last (re)opened
     filters_checked: bool = False
     root: str = "/"              # real local directory the path must stay inside
+    real_path: str = ""          # the open file's real path (checked inside root), for FrameRefs
     refusal: RejectedInput | None = None      # path_outside_root: every frame of it refused so
     hung: threading.Thread | None = None      # a reader thread abandoned on this file, maybe still blocked
 
@@ -123,9 +125,12 @@ class _Resource:
 class FileRead:
     """Frames that one document points at, planned on the routing thread; ``read()`` does the
     I/O (with the waits for a file still being written) and returns ``[(seq_num, array)]``:
-    frames ``(rows, cols)`` or profiles ``(3, N)``."""
+    frames ``(rows, cols)`` or profiles ``(3, N)``. ``locate()``, for HDF5 frames, does the same
+    checks and waits without reading the pixels and returns ``[(seq_num, FrameRef)]`` (a worker
+    on another node reads them: service/frame_refs.py); None where only a read is possible."""
     resource: _Resource
     read: Callable[[], list[tuple[int, np.ndarray]]]
+    locate: Callable[[], list[tuple[int, FrameRef]]] | None = None
 
 
 def probe_regular_file(path: str) -> None:
@@ -305,7 +310,11 @@ class FrameResolver:
             if expected is not None and tuple(frames.shape[1:]) != expected[1:]:
                 raise RejectedInput("wrong_shape", f"{frames.shape[1:]} != descriptor {expected[1:]}")
             return [(seq, frames[0])]
-        return FileRead(res, read)
+        locate = None
+        if res.kind == "AD_HDF5" and res.frame_per_point == 1:
+            n = _int_kwarg(self._datums[datum_id][1], "point_number")
+            locate = lambda: self._locate_rows(res, n, n + 1, seq, expected[1:] if expected else None)  # noqa: E731
+        return FileRead(res, read, locate)
 
     def read_datum(self, datum_id: str) -> np.ndarray:
         """All frames of one datum, ``(frame_per_point, rows, cols)``."""
@@ -426,7 +435,12 @@ class FrameResolver:
             if shape is not None and tuple(frames.shape[1:]) != tuple(shape):
                 raise RejectedInput("wrong_shape", f"{frames.shape[1:]} != descriptor {tuple(shape)}")
             return [(seq_start + i, frames[i]) for i in range(stop - start)]
-        return FileRead(res, read)
+
+        def locate():
+            if shape is None and not self._is_frame_dataset(res):
+                return []
+            return self._locate_rows(res, start, stop, seq_start, tuple(shape) if shape is not None else None)
+        return FileRead(res, read, locate)
 
     # ----------------------------------------------------------------------- per-run state
     def _add(self, res: _Resource) -> None:
@@ -535,7 +549,8 @@ class FrameResolver:
 
     def _open(self, res: _Resource) -> h5py.File:
         if res.file is None or not res.file.id.valid:
-            res.file = h5py.File(self._confined(res, res.path), "r", swmr=True)
+            res.real_path = self._confined(res, res.path)
+            res.file = h5py.File(res.real_path, "r", swmr=True)
             res.waits = 0
         return res.file
 
@@ -545,8 +560,20 @@ class FrameResolver:
     def _is_frame_dataset(self, res: _Resource) -> bool:
         return self._retry(res, lambda: _frame_rows(self._dataset(res)))
 
-    def _read_rows(self, res: _Resource, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the resource's dataset, ``(stop - start, rows, cols)``, waiting for a growing file."""
+    def _locate_rows(self, res: _Resource, start: int, stop: int, first_seq: int,
+                     shape: tuple[int, ...] | None) -> list[tuple[int, FrameRef]]:
+        """``[(seq_num, FrameRef)]`` for rows ``start:stop`` (seq_nums from `first_seq`), once the
+        file holds them: the checks and waits of `_read_rows`, without reading the pixels."""
+        ds = self._read_rows(res, start, stop, pixels=False)
+        if shape is not None and tuple(ds.shape[1:]) != tuple(shape):
+            raise RejectedInput("wrong_shape", f"{tuple(ds.shape[1:])} != descriptor {tuple(shape)}")
+        frame_shape_ = (int(ds.shape[1]), int(ds.shape[2]))
+        return [(first_seq + i, FrameRef(res.real_path, res.dataset, row, frame_shape_, ds.dtype.str))
+                for i, row in enumerate(range(start, stop))]
+
+    def _read_rows(self, res: _Resource, start: int, stop: int, pixels: bool = True):
+        """Rows ``start:stop`` of the resource's dataset, ``(stop - start, rows, cols)``, waiting for a
+        growing file; with ``pixels=False`` the dataset itself, once it holds them (nothing read)."""
         if start < 0 or stop <= start:
             raise RejectedInput("frame_out_of_range", f"frames {start}:{stop}")
 
@@ -562,7 +589,7 @@ class FrameResolver:
                 if not res.filters_checked:
                     _check_filters(ds, res.path)
                     res.filters_checked = True
-                return ds[start:stop]
+                return ds[start:stop] if pixels else ds
             if ds.maxshape[0] is not None and stop > ds.maxshape[0]:
                 raise RejectedInput("frame_out_of_range", f"frames {start}:{stop} of at most {ds.maxshape[0]}")
             res.waits += 1

@@ -255,7 +255,9 @@ class Service:
         m = self.metrics
         return {"version": __version__, "uptime_s": time.time() - self.started,
                 "devices": self.dispatcher.devices, "workers": len(self.dispatcher.devices),
-                "worker_restarts": self.dispatcher.restarts,
+                "worker_restarts": self.dispatcher.restarts, "engine": self.dispatcher.engine.name,
+                "worker_pool": [{k: w[k] for k in ("index", "node", "device", "alive", "ready", "runs", "frames", "fps")}
+                                for w in self.dispatcher.worker_health()],
                 "queues": {"ingest": self.subscriber.queue.qsize(), **self.dispatcher.queue_depths()},
                 "frames_received": total(m.frames_in), "frames_fitted": total(m.frames_fitted),
                 "frames_final": total(m.frames_final), "frames_failed": total(m.frames_failed),

@@ -21,10 +21,12 @@ import logging
 import multiprocessing
 import os
 import queue
+import socket
 import threading
 import time
 import traceback
 
+from .frame_refs import FrameReadError, read_frame_refs
 from .frame_slots import SlotReader, SlotRef
 from .messages import (BatchFailed, BatchReduced, FrameBatch, RunStopped, SetupFailed, Shutdown, StartRun,
                        StopRun, WorkerReady)
@@ -56,8 +58,10 @@ def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
     return t
 
 
-def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None) -> None:
-    """Entry point of a worker process (spawned)."""
+def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None = None,
+                node: str | None = None) -> None:
+    """Entry point of a worker process (spawned), or of a Ray actor's worker thread
+    (service/ray_engine.py, which names its `node`)."""
     parent = multiprocessing.parent_process()
     if parent is not None:
         watch_parent(parent.pid)
@@ -80,7 +84,7 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
     fits: queue.Queue = queue.Queue(maxsize=1)
     fitter = threading.Thread(target=_fit_stage, args=(index, fits, outbox), name="fit", daemon=True)
     fitter.start()
-    outbox.put(WorkerReady(index, device, os.getpid()))
+    outbox.put(WorkerReady(index, device, os.getpid(), node or socket.gethostname()))
     while True:
         msg = inbox.get()
         if isinstance(msg, Shutdown):
@@ -93,7 +97,8 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 if pipeline is None:
                     outbox.put(BatchFailed(msg.uid, msg.batch_id, msg.seq, "no_setup", "run setup failed or missing"))
                     continue
-                frames = slots.read(msg.frames) if isinstance(msg.frames, SlotRef) else msg.frames
+                frames = (slots.read(msg.frames) if isinstance(msg.frames, SlotRef)
+                          else read_frame_refs(msg.frames) if isinstance(msg.frames, tuple) else msg.frames)
                 fits.put((msg, pipeline, pipeline.reduce(msg.seq, msg.times, frames, msg.kind)))
             elif isinstance(msg, StopRun):
                 fits.put((msg, runs.pop(msg.uid, None), None))
@@ -105,7 +110,8 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 log.error("worker %d: %s for run %s failed: %s (further such failures of this run are counted, "
                           "not logged)", index, type(msg).__name__, msg.uid[:8], exc)
             if isinstance(msg, FrameBatch):
-                reason = "no_geometry" if isinstance(exc, NoGeometry) else "reduction_error"
+                reason = ("no_geometry" if isinstance(exc, NoGeometry) else
+                          "file_unavailable" if isinstance(exc, FrameReadError) else "reduction_error")
                 fits.put((BatchFailed(msg.uid, msg.batch_id, msg.seq, reason, detail), None, None))   # in order
             elif isinstance(msg, StartRun):
                 outbox.put(SetupFailed(msg.uid, detail, traceback.format_exc(limit=3)))

@@ -15,7 +15,8 @@ from service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-SERVICES = {"proxy", "tiled", "scatterflow", "prometheus", "grafana"}
+SERVICES = {"proxy", "tiled", "scatterflow", "prometheus", "grafana"}     # the default stack
+RAY_SERVICES = {"ray-head", "ray-worker"}                                 # only with `--profile ray`
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def metric_names(metrics: Metrics) -> tuple[set[str], set[str]]:
 
 def test_compose_services_healthchecks_volumes_secrets(compose):
     services = compose["services"]
-    assert set(services) == SERVICES
+    assert set(services) == SERVICES | RAY_SERVICES
     declared_volumes, declared_secrets = set(compose["volumes"]), set(compose["secrets"])
     for name, svc in services.items():
         assert svc["healthcheck"]["test"][0] == "CMD", name
@@ -57,6 +58,67 @@ def test_compose_services_healthchecks_volumes_secrets(compose):
         assert spec["file"].startswith("./deploy/secrets/")
     ignore = (DEPLOY / "secrets" / ".gitignore").read_text().split()
     assert "*" in ignore
+
+
+def _data_mount(svc: dict) -> str:
+    (mount,) = [v for v in svc.get("volumes", []) if re.search(r":/data(:[a-z,]+)?$", v)]
+    return mount
+
+
+def _shm_bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(size).lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+def test_compose_ray_profile(compose):
+    """Profile "ray": a head without actors and worker nodes on the service's image, with the
+    detector data at the service's path, read-only (actors read file-backed frames themselves);
+    the default stack neither includes nor depends on them."""
+    services = compose["services"]
+    for name in SERVICES:
+        assert "profiles" not in services[name], name
+        assert not set(services[name].get("depends_on", {})) & RAY_SERVICES, name
+    image = {k: services["scatterflow"][k] for k in ("build", "image")}
+    data = _data_mount(services["scatterflow"])
+    assert data.endswith(":/data:ro")
+    for name in RAY_SERVICES:
+        svc = services[name]
+        assert svc.get("profiles") == ["ray"], name
+        assert {k: svc[k] for k in ("build", "image")} == image, name
+        assert _data_mount(svc) == data, name
+        assert _shm_bytes(svc["shm_size"]) >= 1024 ** 3, name          # Ray's object store in /dev/shm
+        assert svc["command"][:2] == ["ray", "start"] and "--block" in svc["command"], name
+        assert svc["healthcheck"]["test"][:3] == ["CMD", "ray", "status"], name
+        for port in svc.get("ports", []):                  # Ray has no authentication: loopback by default
+            assert re.fullmatch(r"\$\{[A-Z_]+:-127\.0\.0\.1\}:8265:8265", port), (name, port)
+    head, worker = services["ray-head"]["command"], services["ray-worker"]["command"]
+    assert {"--head", "--port=6379", "--num-cpus=0", "--ray-client-server-port=10001"} <= set(head)
+    assert "--address=ray-head:6379" in worker and "--head" not in worker
+    assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    assert "replicas" in services["ray-worker"].get("deploy", {})
+    assert "container_name" not in services["ray-worker"]              # would forbid --scale
+
+
+def test_ray_override_in_readme_is_a_valid_service_configuration(compose, monkeypatch):
+    """The docker-compose.override.yml of deploy/README.md, merged over the scatterflow service as
+    Compose does, loads as Settings that reach the head's Ray Client port; the image has Ray."""
+    readme = (DEPLOY / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "SCATTERFLOW_WORKERS__ENGINE" in b]
+    override = yaml.safe_load(block)["services"]["scatterflow"]
+    assert set(override["depends_on"]) <= set(compose["services"])
+    env = {**compose["services"]["scatterflow"]["environment"], **override["environment"]}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setenv("SCATTERFLOW_API__API_KEY", "k" * 64)
+    monkeypatch.setenv("SCATTERFLOW_TILED__API_KEY", "t" * 64)
+    s = load_settings(DEPLOY / "scatterflow.yaml")
+    assert s.workers.engine == "ray"
+    host, port = re.fullmatch(r"ray://([\w.-]+):(\d+)", s.workers.ray_address).groups()
+    assert f"--ray-client-server-port={port}" in compose["services"][host]["command"]
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    assert f"SCATTERFLOW_WORKERS__RAY_ADDRESS: {s.workers.ray_address}" in header
+    assert "SCATTERFLOW_WORKERS__ENGINE: ray" in header
+    assert re.search(r'pip install [^\n]*"\.\[ray\]"', (DEPLOY / "Dockerfile").read_text())
 
 
 def test_no_literal_secrets_in_compose(compose):

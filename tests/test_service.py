@@ -217,14 +217,14 @@ def _service(free_port, **overrides):
 def test_frames_without_shared_memory(free_port):
     """workers.shared_memory: false: 2D frames go pickled through the worker's queue; every
     frame is reduced and fitted, the lamellar centre within its errors of the simulator's truth."""
-    from service.dispatch import _NoSlots
+    from service.local_engine import NoSlots
     from service.sim import FrameSimulator
     from service.sim.frames import default_geometry, poni_dict
 
     service, pub = _service(free_port, workers={"shared_memory": False}, phases={"enabled": False},
                             reduction={"npt": 400, "snapshot_every": 3})
     try:
-        assert isinstance(service.dispatcher._workers[0].slots, _NoSlots)
+        assert isinstance(service.dispatcher._workers[0].slots, NoSlots)
         sim = FrameSimulator(default_geometry(), flux=3.0, seed=4)
         bundle = compose_run(metadata={"plan_name": "frames", "geometry": poni_dict(sim.ai)})
         desc = bundle.compose_descriptor(name="primary", data_keys={

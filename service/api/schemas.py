@@ -19,11 +19,14 @@ class WorkerHealth(BaseModel):
     index: int
     pid: int | None
     device: str
+    node: str = Field("", description='host name (local engine) or "ip/node-id" of its Ray node')
     alive: bool
     ready: bool = Field(description="its ready message came (false while a restarted worker starts)")
     runs: int
     inflight_batches: int
     oldest_inflight_s: float | None = Field(description="age (s) of its oldest unanswered batch; null when idle")
+    frames: int = Field(0, description="frames it reduced and fitted")
+    fps: float = Field(0.0, description="frames/s it reduced and fitted over the last 30 s")
 
 
 class Health(BaseModel):

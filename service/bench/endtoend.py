@@ -4,6 +4,9 @@ file the documents point at; with pyFAI + lmfit per frame measured in the same r
 
 Figures: sustained frames/s and Gpixel/s, latency p50/p99 from frame arrival to the published
 provisional and final fit, drops (lost upstream, dropped, failed), CPU seconds per frame.
+With ``engine="ray"`` the workers are Ray actors of a private one-node Ray (run it in a
+loopback-only network namespace: benchmarks/RESULTS.md); the CPU of Ray's own processes (GCS,
+raylet with the object store, idle workers) is counted apart as "engine".
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ class BenchResult:
     baseline_fps: float | None
     devices: tuple[str, ...] = ()
     cores: int = 1
-    cpu_split: dict = None    # CPU seconds of the measured run: service, workers, sender, proxy
+    cpu_split: dict = None    # CPU seconds of the measured run: service, workers, engine, sender, proxy
+    engine: str = "local"
     batches: float = 0.0      # batches the workers reduced
     stage_seconds: dict = None   # worker wall seconds by stage (integrate, fit, phases, ...)
     tiled_requests: int = 0   # requests the Tiled publisher made during the measured run
@@ -101,9 +105,26 @@ def _cpu_seconds(pids: list[int]) -> float:
     return sum(_stat_cpu_seconds(f"/proc/{pid}/stat") for pid in pids)
 
 
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root` (by parent pid, from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - out
+        out |= frontier
+    return out
+
+
 def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.0, mode: str = "inline",
               workers: int = 1, baseline: bool = True, pool_size: int = 16, workdir: str | None = None,
-              warmup: int = 8, progress=None) -> BenchResult:
+              warmup: int = 8, progress=None, engine: str = "local") -> BenchResult:
     from ..commands.loopback import free_port
     from ..commands.waiting import wait_finished
     from ..config import load_settings
@@ -112,6 +133,8 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     from ..sim import poni_dict
     if mode not in ("inline", "hdf5"):
         raise ValueError(f"mode must be 'inline' or 'hdf5', got {mode!r}")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {sorted(DETECTORS)}, got {detector!r}")
     if baseline:
@@ -135,7 +158,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
     settings = load_settings(None, **{
         "ingest": {"address": f"tcp://127.0.0.1:{out_port}", "allowed_roots": [str(work)]},
         "geometry": {"mask": str(work / "mask.npy")},
-        "workers": {"count": workers},
+        "workers": {"count": workers, "engine": engine, "ray_address": "local", "ray_object_store_mb": 2000},
         "tiled": {"directory": str(work / "tiled")},
         "api": {"port": free_port()},
         "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
@@ -158,6 +181,7 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             service.hub.latencies["final"].clear()
         pids = {"service": [os.getpid()], "workers": [w.process.pid for w in service.dispatcher._workers],
                 "proxy": [proxy.pid]}
+        pids["engine"] = sorted(_descendants(os.getpid()) - set(pids["workers"]) - {proxy.pid, sender.pid})
         cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
         work0 = _worker_figures(service.metrics.registry)
         threads0 = _thread_cpu_seconds()
@@ -193,10 +217,10 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
             failed=metric("scatterflow_frames_failed_total"), rejected=status["rejected"],
             latency_provisional=tuple(np.percentile(prov, [50, 99])) if len(prov) else (np.nan, np.nan),
             latency_final=tuple(np.percentile(fin, [50, 99])) if len(fin) else (np.nan, np.nan),
-            cpu_seconds=cpu_split["service"] + cpu_split["workers"], baseline_fps=None,
+            cpu_seconds=cpu_split["service"] + cpu_split["workers"] + cpu_split["engine"], baseline_fps=None,
             devices=tuple(service.dispatcher.devices), cores=os.cpu_count() or 1, cpu_split=cpu_split,
             batches=work.pop("batches", 0.0), stage_seconds=work, thread_seconds=threads,
-            tiled_requests=(tiled.requests - requests0) if tiled else 0, backlog=backlog)
+            tiled_requests=(tiled.requests - requests0) if tiled else 0, backlog=backlog, engine=engine)
     finally:
         service.close()
         proxy.terminate()

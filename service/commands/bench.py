@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="frames/s the sender publishes (0: as fast as it can)")
     p.add_argument("--mode", default="inline", choices=["inline", "hdf5"], help="frames in the events or in an HDF5 file")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="worker processes on this host, or Ray actors on a private one-node Ray (run it inside "
+                        "`unshare -n sh -c 'ip link set lo up && ...'` so Ray stays on loopback)")
     p.add_argument("--warmup", type=int, default=8, help="frames of an unmeasured run first (matrix build, first calls)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the pyFAI + lmfit baseline (it needs lmfit: pip install 'scatterflow[bench]')")
@@ -45,8 +48,9 @@ def run(args) -> int:
 
         r = run_bench(detector=args.detector, frames=args.frames, rate=args.rate, mode=args.mode,
                       workers=args.workers, baseline=not args.no_baseline, workdir=args.workdir,
-                      warmup=args.warmup, progress=update)
-    table = Table(title=f"scatterflow bench: {r.detector} ({r.pixels / 1e6:.2f} Mpx), frames {r.mode}")
+                      warmup=args.warmup, progress=update, engine=args.engine)
+    table = Table(title=f"scatterflow bench: {r.detector} ({r.pixels / 1e6:.2f} Mpx), frames {r.mode}, "
+                        f"{r.engine} engine")
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [("frames sent / fitted / final", f"{r.frames} / {r.fitted} / {r.final}"),
@@ -61,8 +65,9 @@ def run(args) -> int:
              + ("" if r.stopped else ", stop document lost")),
             ("CPU (service + workers)", f"{r.cpu_seconds:.1f} s, {1e3 * r.cpu_seconds / max(r.fitted, 1):.1f} ms/frame, "
                                         f"{100 * r.cpu_seconds / max(r.seconds, 1e-9) / r.cores:.0f} % of {r.cores} cores"),
-            ("CPU ms/frame: service / workers / sender / proxy",
-             " / ".join(f"{1e3 * r.cpu_split[k] / max(r.fitted, 1):.1f}" for k in ("service", "workers", "sender", "proxy"))),
+            ("CPU ms/frame: service / workers / engine / sender / proxy",
+             " / ".join(f"{1e3 * r.cpu_split[k] / max(r.fitted, 1):.1f}"
+                        for k in ("service", "workers", "engine", "sender", "proxy"))),
             ("batches: count, mean frames per batch", f"{r.batches:.0f}, {r.mean_batch:.1f}"),
             ("worker wall ms/frame by stage", ", ".join(f"{k} {1e3 * v / max(r.fitted, 1):.1f}"
                                                         for k, v in sorted(r.stage_seconds.items()))),

@@ -117,7 +117,7 @@ class PublishHub:
 
     def _state_accepted(self, frame: Frame) -> None:
         self.store.frame_received(frame.run_uid, frame.seq_num, frame.scalars)
-        if frame.kind == "frame":
+        if frame.kind == "frame" and isinstance(frame.data, np.ndarray):     # not a FrameRef: read on a Ray node
             self.store.set_latest_frame(frame.run_uid, frame.seq_num, frame.data)
 
     def frames_reduced(self, uid: str, frames: list[Frame], result: BatchResult) -> None:

@@ -263,6 +263,11 @@
       ["Tiled requests / failures", `${m.tiled_requests} / ${m.tiled_failures}`, m.tiled_failures > 0],
       ["runs active", st.runs_active ?? m.runs_active],
     ];
+    // one row per worker (a process, or a Ray actor): where it runs and what it sustains
+    for (const w of st.worker_pool || []) {
+      const state = !w.alive ? "dead" : !w.ready ? "starting" : `${w.fps.toFixed(1)} frames/s, ${w.frames} frames, ${w.runs} run(s)`;
+      rows.push([`${st.engine || "local"} worker ${w.index}: ${w.device} on ${w.node || "?"}`, state, !w.alive || !w.ready]);
+    }
     const body = $("health").tBodies[0];
     body.innerHTML = "";
     for (const [k, v, warn] of rows) {
