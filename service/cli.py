@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "serve", "calibrate", "integrate", "fit", "report", "bench", "train")
+COMMANDS = ("demo", "serve", "reprocess", "calibrate", "integrate", "fit", "report", "bench", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,6 +176,13 @@ class TiledConfig(_Section):
     flush_seconds: float = 5.0
 
 
+class CatalogConfig(_Section):
+    """The beamline's catalogue of raw runs: a Tiled server fed by bluesky's TiledWriter (or a
+    databroker catalogue served through Tiled). `scatterflow reprocess` reads runs from it."""
+    uri: str | None = None                  # e.g. http://tiled:8000/api/v1 (or .../api/v1/metadata/raw)
+    api_key: SecretStr | None = None
+
+
 class ApiConfig(_Section):
     """REST API (read-only). `api_key` is a SecretStr: its repr and JSON dump are masked."""
     host: str = "127.0.0.1"
@@ -270,6 +277,7 @@ class Settings(BaseSettings):
     fit: FitConfig = FitConfig()
     workers: WorkersConfig = WorkersConfig()
     tiled: TiledConfig = TiledConfig()
+    catalog: CatalogConfig = CatalogConfig()
     api: ApiConfig = ApiConfig()
     results: ResultsConfig = ResultsConfig()
     phases: PhasesConfig = PhasesConfig()

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 MAX_DETECTORS = LimitsConfig().detectors      # ingest passes the configured limits.detectors
 
 DETECTOR_DOC_KEY = "scatterflow_detector"     # added to a detector's copy of the start document
+#: added by `scatterflow reprocess` to its copy of a raw run's start document, whose uid it
+#: replaces so that several analyses of one source coexist: {"source_run": uid, "catalog": uri}
+REPLAY_DOC_KEY = "scatterflow_replay"
 RUN_KEYS = ("modality", "incident_angle", "tilt_angle", "critical_angle", "sample_orientation")
 ENTRY_KEYS = frozenset(("geometry", "reduction", "fit", *RUN_KEYS))
 
@@ -144,10 +147,22 @@ def run_settings(start: dict, reduction: ReductionConfig, fit: FitConfig) -> Run
 
 def analysis_info(start: dict, spec) -> dict:
     """What the REST record and the Tiled container of an analysis say of it: ``modality``
-    (None without a RunSpec) and, for a detector of a multi-detector run, ``source_run`` and
-    ``detector``."""
+    (None without a RunSpec) and, for a detector of a multi-detector run or a replay from the
+    catalogue, ``source_run`` (and ``detector``)."""
     info = {"modality": None if spec is None else spec.reduction.modality}
     det = start.get(DETECTOR_DOC_KEY)
     if isinstance(det, dict):
         info.update(source_run=det.get("source_run"), detector=det.get("detector"))
+    replay = start.get(REPLAY_DOC_KEY)
+    if isinstance(replay, dict):
+        info.update(source_run=replay.get("source_run"), catalog=replay.get("catalog"))
     return info
+
+
+def replayed_run(start: dict) -> str | None:
+    """The uid of the raw run that `scatterflow reprocess` replays under this start document's
+    new uid; None for a live run."""
+    replay = start.get(REPLAY_DOC_KEY)
+    if isinstance(replay, dict) and isinstance(replay.get("source_run"), str):
+        return replay["source_run"]
+    return None

@@ -273,6 +273,7 @@ class ResultsPublisher:
         """Open the analysis run of source run ``uid``; returns the analysis run's uid."""
         from event_model import compose_run
 
+        from ..detectors import replayed_run
         from ..jsonsafe import jsonable
         from .tiled import software_versions
 
@@ -282,7 +283,7 @@ class ResultsPublisher:
         if "frame" in peak_names:
             raise ValueError("a peak may not be named 'frame': the descriptors' per-frame object")
         metadata = {
-            "source_run_uid": uid, "analysis": "scatterflow",
+            "source_run_uid": replayed_run(start_doc) or uid, "analysis": "scatterflow",
             "plan_name": "scatterflow_analysis", "plan_type": "analysis",
             "scan_id": jsonable(start_doc.get("scan_id", 0)),
             "configuration": configuration_json(config), "peaks": list(peak_names),
