@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import numpy as np
 import pytest
+import yaml
 
 from service.commands.loopback import free_port, publishing_run_engine, start_proxy
 from service.config import load_settings
@@ -54,20 +56,19 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
         det, light = make_beamline(frame_interval=1.0, seed=3)
         np.save(tmp_path / "mask.npy", det.simulator.mask)
         config = {"geometry": {"mask": str(tmp_path / "mask.npy")}, "reduction": {"npt": 800}, "fit": FIT,
-                  "phases": {"enabled": False}, "workers": {"count": 2}}
+                  "phases": {"enabled": False}}
         live = Service(load_settings(None, **config, ingest={"address": f"tcp://127.0.0.1:{out_port}"},
                                      tiled={"uri": catalog.uri, "api_key": catalog.api_key},
                                      results={"address": None}, api={"port": free_port()})).start()
         try:
-            import time
             time.sleep(1.0)                                   # 0MQ slow joiner
             RE, publisher, uids = publishing_run_engine(in_port)
             RE.subscribe(TiledWriter(client, patches={"event": ravel_frames}, batch_size=8))
             truth: dict[str, dict[int, float]] = {}
             RE.subscribe(lambda name, doc: truth.setdefault(uids[-1], {}).__setitem__(
                 doc["seq_num"], doc["data"]["det_lamellar_center_truth"]) if name == "event" else None)
-            n = 20
-            for schedule in ([(0, "dark"), (5, "uv")], [(0, "uv"), (8, "visible")]):
+            n = 14
+            for schedule in ([(0, "dark"), (4, "uv")], [(0, "uv"), (6, "visible")]):
                 RE(operando_cycle(det, light, n_frames=n, schedule=schedule, delay=0.01), sample="film-7")
             publisher.close()
             for uid in uids:
@@ -76,8 +77,8 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
         finally:
             live.close()
 
-        # both raw runs, found by a search of their start documents, replayed side by side
-        (tmp_path / "analysis.yaml").write_text(__import__("yaml").safe_dump(config))
+        # both raw runs, found by a search of their start documents, replayed side by side on two workers
+        (tmp_path / "analysis.yaml").write_text(yaml.safe_dump({**config, "workers": {"count": 2}}))
         monkeypatch.setenv("SCATTERFLOW_CATALOG__API_KEY", catalog.api_key)    # never on a command line
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
