@@ -11,7 +11,7 @@ writer and reshaped here with the descriptor's ``shape``); array nodes hold the 
 Tiled's SQL storage reads a whole column for any request on a table (even for a lookup of one
 of its fields), and its DuckDB connection fails under concurrent reads of one table: the inline
 columns are read once per stream, in one request, and all requests to the catalogue go one at
-a time (`CATALOG_LOCK`). External arrays are read in slices of FRAMES_PER_REQUEST frames.
+a time (`TILED_LOCK`). External arrays are read in slices of FRAMES_PER_REQUEST frames.
 
 `replay_documents` yields start, descriptor(s), events and stop as a RunEngine would have
 published them, frames inline, under a new start uid with ``REPLAY_DOC_KEY`` naming the source
@@ -19,7 +19,6 @@ published them, frames inline, under a new start uid with ``REPLAY_DOC_KEY`` nam
 """
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .detectors import REPLAY_DOC_KEY
+from .publish.tiled_server import TILED_LOCK
 
 FRAMES_PER_REQUEST = 16        # external frames read per Tiled request (one HTTP round trip each)
-CATALOG_LOCK = threading.Lock()   # one request to the catalogue at a time (see above)
 
 
 class CatalogError(RuntimeError):
@@ -54,7 +53,7 @@ class RawRun:
 
 def raw_run(client, uid: str) -> RawRun:
     """The run ``uid`` (a uid or a unique prefix Tiled resolves) of the catalogue."""
-    with CATALOG_LOCK:
+    with TILED_LOCK:
         try:
             node = client[uid]
         except KeyError:
@@ -81,7 +80,7 @@ def _inline_table(stream, columns: list[str], arrays: tuple[str, ...] = ()) -> d
     """Scalar columns of the stream's ``internal`` table in one request; array columns
     (`arrays`) one request each, through the stream's array view of them (the table gives
     list columns back as text)."""
-    with CATALOG_LOCK:
+    with TILED_LOCK:
         frame = _raw(stream)["internal"].read(columns)
         out = {c: frame[c].to_numpy() for c in columns}
         for c in arrays:
@@ -94,12 +93,12 @@ def replay_documents(client, run: RawRun, catalog: str, streams: tuple[str, ...]
     """The documents of `run` for the service, frames inline: a start with a new uid and
     ``REPLAY_DOC_KEY`` {source_run, catalog}, each stream's descriptor (without ``external``:
     its arrays come inline now) and events in seq order, then the stop."""
-    with CATALOG_LOCK:
+    with TILED_LOCK:
         node = client[run.uid]
     new_uid = new_uid or str(uuid.uuid4())
     yield "start", {**run.start, "uid": new_uid, REPLAY_DOC_KEY: {"source_run": run.uid, "catalog": catalog}}
     for name in streams or run.streams:
-        with CATALOG_LOCK:
+        with TILED_LOCK:
             stream = node[name]
             md = dict(stream.metadata)
             raw = _raw(stream)
@@ -118,7 +117,7 @@ def replay_documents(client, run: RawRun, catalog: str, streams: tuple[str, ...]
             hi = min(lo + FRAMES_PER_REQUEST, len(seq))
             chunk = {k: _shaped(table[k][lo:hi], data_keys[k]) for k in inline}
             for k in external:
-                with CATALOG_LOCK:
+                with TILED_LOCK:
                     chunk[k] = _shaped(np.asarray(raw[k][lo:hi]), data_keys[k])
             for i in range(hi - lo):
                 data = {k: _value(v[i]) for k, v in chunk.items()}

@@ -173,6 +173,9 @@ class TiledConfig(_Section):
     # Tiled is the archive (live consumers read the results stream and REST); each flush costs
     # several requests whatever its size, so flushes are rare (benchmarks/RESULTS.md, 2026-12-07)
     flush_rows: int = 4000     # peak/table rows (about 8 per frame) or frames buffered per run
+    # the analysis runs also as BlueskyRuns (the results stream's documents through bluesky's
+    # TiledWriter; service/publish/catalog_writer.py), found by Key("start.source_run_uid")
+    bluesky_runs: bool = True
     flush_seconds: float = 5.0
 
 

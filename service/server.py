@@ -35,7 +35,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self._seen = {"tiled_spooled": 0, "tiled_interrupted": 0}     # writer counts already in the counters
+        self._seen = {"tiled_spooled": 0, "tiled_interrupted": 0, "catalog": 0}   # writer counts already in the counters
         self._first_seen: dict[tuple[str, int], float] = {}           # (dead|starting, pid) -> time.monotonic()
         self._deadline = float("inf")                                 # of close(), time.monotonic()
         self.store = RunStore()
@@ -47,6 +47,20 @@ class Service:
         self._stop = threading.Event()
         self.calibrated_geometry = None        # from the last calibrant run; used for the runs after it
         self.calibration_info: dict | None = None
+
+    def _start_catalog_writer(self):
+        """The writer of the analysis runs as BlueskyRuns into the archive Tiled (its closer runs
+        after the results publisher's, which stops the open runs); None when Tiled does not answer."""
+        from .publish.catalog_writer import CatalogWriter
+        from .publish.tiled_server import connect
+        try:
+            writer = CatalogWriter(connect(self.tiled_uri, self.tiled_api_key))
+        except Exception as exc:
+            log.error("Tiled at %s: analysis runs will not be written as BlueskyRuns (%s)", self.tiled_uri, exc)
+            return None
+        self.catalog_writer = writer
+        self._closers.append(lambda: writer.close(max(1.0, self._time_left())))
+        return writer
 
     def spec_for_run(self, start: dict):
         """The workers.pipeline.RunSpec of the analysis of ``start`` (service/run_spec.py); the
@@ -61,12 +75,15 @@ class Service:
         self.specs = RunSpecBuilder(s)       # a bad phases or inversion checkpoint fails here, not per run
         tiled = self._start_tiled()
         results = None
-        if s.results.address:
+        catalog = self._start_catalog_writer() if tiled is not None and s.tiled.bluesky_runs else None
+        if s.results.address or catalog is not None:
             from .publish.results import ResultsPublisher
-            results = ResultsPublisher(s.results.address, prefix=s.results.prefix.encode())
+            results = ResultsPublisher(s.results.address, prefix=s.results.prefix.encode(),
+                                       also=catalog.put if catalog is not None else None)
             self._closers.append(results.close)
         self.hub = PublishHub(self.store, self.metrics, tiled=tiled, results=results,
-                              config=s.model_dump(mode="json", exclude={"tiled": {"api_key"}, "api": {"api_key"}}),
+                              config=s.model_dump(mode="json", exclude={"tiled": {"api_key"}, "api": {"api_key"},
+                                                                         "catalog": {"api_key"}}),
                               on_calibration=self.calibrated)
         self.dispatcher = Dispatcher(s, self.metrics, self.hub, self.spec_for_run)
         self.dispatcher.start()
@@ -202,6 +219,11 @@ class Service:
         """Gauges of the queues, and the Tiled writer's own counts into the service's metrics."""
         for name, depth in self.dispatcher.queue_depths().items():
             self.metrics.queue_depth.labels(name).set(depth)
+        writer = getattr(self, "catalog_writer", None)
+        if writer is not None:                  # runs left out of, and documents dropped before, the BlueskyRuns
+            lost = writer.failed + writer.dropped
+            self.metrics.publish_errors.labels("catalog").inc(lost - self._seen["catalog"])
+            self._seen["catalog"] = lost
         tiled = getattr(self, "tiled", None)
         if tiled is None:
             return

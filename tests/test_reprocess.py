@@ -47,8 +47,10 @@ def final_centres(client, uid: str) -> dict[int, tuple[float, float]]:
 def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkeypatch):
     from bluesky.callbacks.tiled_writer import TiledWriter
 
+    from tiled.queries import Key
+
     from service.cli import main
-    from service.publish.tiled_server import EmbeddedTiled
+    from service.publish.tiled_server import TILED_LOCK, EmbeddedTiled
 
     with EmbeddedTiled(directory=tmp_path / "catalog", api_key="secretcatalogkey") as catalog:
         client = catalog.client()
@@ -63,7 +65,12 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
         try:
             time.sleep(1.0)                                   # 0MQ slow joiner
             RE, publisher, uids = publishing_run_engine(in_port)
-            RE.subscribe(TiledWriter(client, patches={"event": ravel_frames}, batch_size=8))
+            raw_writer = TiledWriter(client, patches={"event": ravel_frames}, batch_size=8)
+
+            def write_raw(name, doc):       # this process's requests to the DuckDB-backed Tiled go one at a time
+                with TILED_LOCK:
+                    raw_writer(name, doc)
+            RE.subscribe(write_raw)
             truth: dict[str, dict[int, float]] = {}
             RE.subscribe(lambda name, doc: truth.setdefault(uids[-1], {}).__setitem__(
                 doc["seq_num"], doc["data"]["det_lamellar_center_truth"]) if name == "event" else None)
@@ -104,3 +111,16 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
                   f"{np.sqrt(np.mean(d_truth ** 2)):.2e} 1/nm")
             assert diff.max() < 0.05
             assert np.sqrt(np.mean(d_truth ** 2)) < 2.5e-3
+
+            # both analyses of this source are BlueskyRuns too: found by their start's source_run_uid,
+            # `primary` one row per frame with the final fits of the scatterflow/<uid> containers
+            found = client.search(Key("start.source_run_uid") == uid)
+            assert len(found) == 2
+            for analysis in found.values():
+                primary = analysis["primary"].read()
+                expected = {uid: first, new: again}[analysis.metadata["start"]["scatterflow_run"]]
+                seq = np.asarray(primary["source_seq_num"]).tolist()
+                assert sorted(seq) == list(range(1, n + 1))
+                got = dict(zip(seq, np.asarray(primary["lamellar_center"]).tolist()))
+                assert all(abs(got[s] - expected[s][0]) < 1e-9 for s in expected)
+                assert analysis.metadata["stop"]["exit_status"] == "success"

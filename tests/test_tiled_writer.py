@@ -17,6 +17,8 @@ from service.publish.tiled import TiledPublisher, layout, ops, spool  # noqa: E4
 from service.publish.tiled_server import EmbeddedTiled  # noqa: E402
 from workers.columns import PEAK_COLUMNS  # noqa: E402
 
+from helpers import one_tiled_attempt  # noqa: E402
+
 pytestmark = pytest.mark.slow
 N_BINS = 100
 PEAKS = ("lamellar", "pi_stack")
@@ -215,14 +217,15 @@ def test_bad_rows(tmp_path):
 
 
 def test_unknown_run_rejected(tmp_path):
-    pub = TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path)
-    with pytest.raises(ValueError, match="not started"):
-        pub.add_peaks("nope", peak_rows([1], False, np.random.default_rng(0)))
-    with pytest.raises(ValueError, match="not started"):
-        pub.stop_run("nope", "success")
-    with pytest.raises(ValueError, match="exit_status"):
-        pub.stop_run("nope", "done")
-    pub.close(timeout=0.5)
+    with one_tiled_attempt():               # nothing listens on port 9: no 5 s of tiled's retries at close
+        pub = TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path)
+        with pytest.raises(ValueError, match="not started"):
+            pub.add_peaks("nope", peak_rows([1], False, np.random.default_rng(0)))
+        with pytest.raises(ValueError, match="not started"):
+            pub.stop_run("nope", "success")
+        with pytest.raises(ValueError, match="exit_status"):
+            pub.stop_run("nope", "done")
+        pub.close(timeout=0.5)
 
 
 def test_peak_schema_is_the_layout_schema():
@@ -240,11 +243,12 @@ def test_peak_schema_is_the_layout_schema():
 def test_flush_defaults_are_the_config_defaults(tmp_path):
     from service.config import TiledConfig
 
-    pub = TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path)
-    try:
-        assert (pub.flush_rows, pub.flush_seconds) == (TiledConfig().flush_rows, TiledConfig().flush_seconds)
-    finally:
-        pub.close(timeout=0.5)
+    with one_tiled_attempt():
+        pub = TiledPublisher("http://127.0.0.1:9/api/v1", spool_dir=tmp_path)
+        try:
+            assert (pub.flush_rows, pub.flush_seconds) == (TiledConfig().flush_rows, TiledConfig().flush_seconds)
+        finally:
+            pub.close(timeout=0.5)
 
 
 def test_buffer_ops_carry_positions():

@@ -1,7 +1,8 @@
 """Analysis results as Bluesky documents on a 0MQ PUB socket.
 
 For each source run, one analysis run (event-model `compose_run`): a start document
-(``source_run_uid``, the source's ``scan_id``, ``analysis: "scatterflow"``, ``configuration``,
+(``source_run_uid``, ``scatterflow_run`` (the analysis's key in REST and Tiled: the source's uid,
+or a new one for a replay), the source's ``scan_id``, ``analysis: "scatterflow"``, ``configuration``,
 peak names, ``hints.dimensions`` = ``source_seq_num``), then per frame two events in two
 streams, and a stop document:
 
@@ -219,13 +220,15 @@ class ResultsPublisher:
     ----------
     address : ``tcp://host:port`` to bind (``tcp://127.0.0.1:*`` for a free port; the
         bound address is in ``.address``), or to connect to with ``connect=True`` (a
-        bluesky 0MQ proxy's input).
+        bluesky 0MQ proxy's input); None: no socket (documents only to ``also``).
     prefix : bytes without spaces; subscribers filter on ``prefix + b" "``.
     serializer : "msgpack" (default, msgpack-numpy) or "pickle" (explicit opt-in).
     validate_events : validate every event against the event-model schema (start,
         descriptor and stop are always validated). Off by default: it costs about 1 ms
         per event (1,000 events/s) against 0.12 ms without (8,000 events/s, 2 cores).
     sndhwm : 0MQ send high-water mark in messages; past it PUB drops silently.
+    also : called with ``(name, doc)`` for every document as well (the CatalogWriter that
+        writes the analysis runs to Tiled: service/publish/catalog_writer.py); must not block.
 
     Counters: ``documents``, ``events``. Methods are thread-safe (one lock, 0MQ sockets
     are not).
@@ -233,7 +236,7 @@ class ResultsPublisher:
 
     def __init__(self, address: str = "tcp://127.0.0.1:5579", prefix: bytes = b"", *,
                  serializer: Serializer = "msgpack", connect: bool = False,
-                 validate_events: bool = False, sndhwm: int = 100_000):
+                 validate_events: bool = False, sndhwm: int = 100_000, also=None):
         import zmq
 
         if not isinstance(prefix, bytes) or b" " in prefix:
@@ -244,21 +247,25 @@ class ResultsPublisher:
             self._dumps = pickle.dumps
         else:
             raise ValueError(f"serializer must be 'msgpack' or 'pickle', got {serializer!r}")
-        if not isinstance(address, str) or "://" not in address:
+        if address is not None and (not isinstance(address, str) or "://" not in address):
             raise ValueError(f"address must look like 'tcp://host:port', got {address!r}")
         self.prefix = prefix
         self.serializer = serializer
         self.validate_events = bool(validate_events)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
-        self._sock.setsockopt(zmq.LINGER, 1000)
-        if connect:
-            self._sock.connect(address)
-            self.address = address
-        else:
-            self._sock.bind(address)
-            self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._also = also
+        self._ctx = self._sock = None
+        self.address = None
+        if address is not None:
+            self._ctx = zmq.Context()
+            self._sock = self._ctx.socket(zmq.PUB)
+            self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
+            self._sock.setsockopt(zmq.LINGER, 1000)
+            if connect:
+                self._sock.connect(address)
+                self.address = address
+            else:
+                self._sock.bind(address)
+                self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()
         self._runs: dict[str, _AnalysisRun] = {}
         self.documents = 0
@@ -266,7 +273,10 @@ class ResultsPublisher:
         self._closed = False
 
     def _send(self, name: str, doc: dict) -> None:
-        self._sock.send(self.prefix + b" " + name.encode() + b" " + self._dumps(doc))
+        if self._sock is not None:
+            self._sock.send(self.prefix + b" " + name.encode() + b" " + self._dumps(doc))
+        if self._also is not None:
+            self._also(name, doc)
         self.documents += 1
 
     def start_run(self, uid: str, start_doc: dict, config: dict, peak_names) -> str:
@@ -284,6 +294,7 @@ class ResultsPublisher:
             raise ValueError("a peak may not be named 'frame': the descriptors' per-frame object")
         metadata = {
             "source_run_uid": replayed_run(start_doc) or uid, "analysis": "scatterflow",
+            "scatterflow_run": uid,             # the analysis's key in REST and in Tiled's scatterflow/ container
             "plan_name": "scatterflow_analysis", "plan_type": "analysis",
             "scan_id": jsonable(start_doc.get("scan_id", 0)),
             "configuration": configuration_json(config), "peaks": list(peak_names),
@@ -409,8 +420,9 @@ class ResultsPublisher:
             self.stop_run(uid, "abort", "results publisher closed")
         with self._lock:
             self._closed = True
-            self._sock.close(linger=500)      # ms: deliver what is queued, never hang shutdown
-            self._ctx.term()
+            if self._sock is not None:
+                self._sock.close(linger=500)      # ms: deliver what is queued, never hang shutdown
+                self._ctx.term()
 
     def __enter__(self):
         return self

@@ -18,8 +18,16 @@ from __future__ import annotations
 import logging
 import pathlib
 import secrets
+import threading
 
 log = logging.getLogger(__name__)
+
+#: One request at a time from this process to Tiled, for every writer and reader of the service
+#: (the archive's writer thread, the BlueskyRun writer, `scatterflow reprocess`'s reads): Tiled
+#: 0.2.20's DuckDB storage (the embedded server, `tiled serve catalog --temp`) fails under
+#: concurrent requests on its tables ("No active transaction, cannot rollback", "closed pending
+#: query result", then timeouts). Tiled on PostgreSQL storage does not need it.
+TILED_LOCK = threading.RLock()
 
 
 class EmbeddedTiled:

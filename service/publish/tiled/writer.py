@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from . import health
 from .buffer import FlushPolicy, Rows, RunBuffer
 from .errors import is_transient
+from ..tiled_server import TILED_LOCK
 from .layout import TiledLayout
 from .ops import Op
 from .spool import Spool
@@ -155,10 +156,11 @@ class Writer:
 
     def execute(self, op: Op, check: bool) -> None:
         """One op into Tiled now; ``check``: it may have been (partly) applied before."""
-        if op.kind == "recover":
-            health.mark_interrupted(self.layout, op.meta["writer"], keep=self._runs)
-        else:
-            self.layout.execute(op, check)
+        with TILED_LOCK:
+            if op.kind == "recover":
+                health.mark_interrupted(self.layout, op.meta["writer"], keep=self._runs)
+            else:
+                self.layout.execute(op, check)
 
     def _submit(self, op: Op) -> None:
         """Write now, or spool it if Tiled is unreachable or earlier writes wait there."""
