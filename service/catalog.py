@@ -1,17 +1,18 @@
 """Raw runs from the beamline's catalogue, as the Bluesky documents that made them.
 
-The catalogue is a Tiled server fed by bluesky's ``TiledWriter`` (bluesky.callbacks.tiled_writer
-or bluesky_tiled_plugins): a run is a container with spec ``BlueskyRun`` and metadata ``start``
-and ``stop``; each stream a ``BlueskyEventStream`` whose metadata is its descriptor (without
-``name``, ``run_start``). Under the stream, the table ``internal`` holds the events' inline
-values (``seq_num``, ``time``, scalars, and inline arrays, stored flattened by bluesky's own
-writer and reshaped here with the descriptor's ``shape``); array nodes hold the external data
-(HDF5 files the detector wrote, served by Tiled itself, so no file system access is needed here).
+The catalogue is a Tiled server fed by bluesky's ``TiledWriter`` (bluesky_tiled_plugins; the
+older bluesky.callbacks.tiled_writer too): a run is a container with spec ``BlueskyRun`` and
+metadata ``start`` and ``stop``; each stream a ``BlueskyEventStream`` whose metadata is its
+descriptor (without ``name``, ``run_start``). Under the stream, the table ``internal`` holds the
+events' scalar values (``seq_num``, ``time``, ...; the older writer put inline arrays there too,
+flattened: reshaped here with the descriptor's ``shape``); array nodes hold inline arrays
+(bluesky_tiled_plugins) and external data (HDF5 files the detector wrote, served by Tiled itself,
+so no file system access is needed here).
 
 Tiled's SQL storage reads a whole column for any request on a table (even for a lookup of one
 of its fields), and its DuckDB connection fails under concurrent reads of one table: the inline
 columns are read once per stream, in one request, and all requests to the catalogue go one at
-a time (`TILED_LOCK`). External arrays are read in slices of FRAMES_PER_REQUEST frames.
+a time (`TILED_LOCK`). Array nodes are read in slices of FRAMES_PER_REQUEST frames.
 
 `replay_documents` yields start, descriptor(s), events and stop as a RunEngine would have
 published them, frames inline, under a new start uid with ``REPLAY_DOC_KEY`` naming the source
@@ -29,7 +30,7 @@ import numpy as np
 from .detectors import REPLAY_DOC_KEY
 from .publish.tiled_server import TILED_LOCK
 
-FRAMES_PER_REQUEST = 16        # external frames read per Tiled request (one HTTP round trip each)
+FRAMES_PER_REQUEST = 16        # frames of an array node read per Tiled request (one HTTP round trip each)
 
 
 class CatalogError(RuntimeError):
@@ -103,7 +104,7 @@ def replay_documents(client, run: RawRun, catalog: str, streams: tuple[str, ...]
             md = dict(stream.metadata)
             raw = _raw(stream)
             table_columns = list(raw["internal"].structure().columns) if "internal" in raw else []
-            external = [k for k in md["data_keys"] if k in raw and k != "internal"]
+            array_nodes = [k for k in md["data_keys"] if k in raw and k != "internal"]
         data_keys = {k: {kk: vv for kk, vv in dk.items() if kk != "external"} for k, dk in md["data_keys"].items()}
         desc_uid = str(uuid.uuid4())
         yield "descriptor", {"uid": desc_uid, "run_start": new_uid, "name": name, "time": md.get("time", time.time()),
@@ -116,7 +117,7 @@ def replay_documents(client, run: RawRun, catalog: str, streams: tuple[str, ...]
         for lo in range(0, len(seq), FRAMES_PER_REQUEST):
             hi = min(lo + FRAMES_PER_REQUEST, len(seq))
             chunk = {k: _shaped(table[k][lo:hi], data_keys[k]) for k in inline}
-            for k in external:
+            for k in array_nodes:
                 with TILED_LOCK:
                     chunk[k] = _shaped(np.asarray(raw[k][lo:hi]), data_keys[k])
             for i in range(hi - lo):

@@ -146,7 +146,7 @@ def test_results_stream_with_root_map_reaches_remote_dispatcher(rig):
     names = [name for name, _ in docs]
     print("figures:", {"frames": n, "documents": len(docs), "events": names.count("event")})
     assert rec.status == "complete" and rec.frames_final == n
-    assert names == ["start", "descriptor", "descriptor"] + ["event"] * (2 * n) + ["stop"]
+    assert names == ["start", "descriptor", "descriptor", "descriptor"] + ["event"] * (3 * n) + ["stop"]
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
     start, stop = docs[0][1], docs[-1][1]
@@ -154,12 +154,12 @@ def test_results_stream_with_root_map_reaches_remote_dispatcher(rig):
     assert config["ingest"]["root_map"] == rig.settings.ingest.root_map
     assert "api_key" not in config["tiled"] and "api_key" not in config["api"]
     streams = {d["uid"]: d["name"] for name, d in docs if name == "descriptor"}
-    assert sorted(streams.values()) == ["primary", "provisional"]
+    assert sorted(streams.values()) == ["primary", "profiles", "provisional"]
     seqs = {s: [d["data"]["source_seq_num"] for name, d in docs if name == "event" and streams[d["descriptor"]] == s]
-            for s in ("primary", "provisional")}
+            for s in ("primary", "provisional", "profiles")}
     assert seqs["primary"] == list(range(1, n + 1))             # final fits: one per frame, in order
-    assert sorted(seqs["provisional"]) == list(range(1, n + 1))
-    assert stop["exit_status"] == "success" and stop["num_events"] == {"primary": n, "provisional": n}
+    assert sorted(seqs["provisional"]) == sorted(seqs["profiles"]) == list(range(1, n + 1))
+    assert stop["exit_status"] == "success" and stop["num_events"] == {"primary": n, "provisional": n, "profiles": n}
     assert metric(service, "scatterflow_publish_errors_total", 'sink="results"') == 0
 
 

@@ -1,5 +1,5 @@
-"""`scatterflow reprocess`: raw runs written to a real Tiled catalogue by bluesky's own
-TiledWriter on the RunEngine side, analysed again, and the new analyses agreeing with the live
+"""`scatterflow reprocess`: raw runs written to a real Tiled catalogue by bluesky's TiledWriter
+(bluesky_tiled_plugins) on the RunEngine side, analysed again, and the new analyses agreeing with the live
 one (the same frames through the same pipeline) and with the simulator's truth.
 
 One RunEngine, two subscribers: bluesky's 0MQ Publisher (through the proxy into the live
@@ -29,13 +29,6 @@ FIT = {"q_range": [2.0, 4.6], "background": {"kind": "power_law"},
        "regularizer": {"window": 8, "penalty": "huber"}}
 
 
-def ravel_frames(doc: dict) -> dict:
-    """TiledWriter patch: bluesky 1.15's writer stores events in an Arrow table, which takes
-    1D arrays only; 2D frames go flattened (the descriptor keeps their shape)."""
-    doc["data"] = {k: v.ravel() if isinstance(v, np.ndarray) and v.ndim > 1 else v for k, v in doc["data"].items()}
-    return doc
-
-
 def final_centres(client, uid: str) -> dict[int, tuple[float, float]]:
     """seq_num -> (lamellar centre, error) of an analysis's final rows in Tiled (a plain client)."""
     peaks = client["scatterflow"][uid]["peaks"].read()
@@ -45,7 +38,7 @@ def final_centres(client, uid: str) -> dict[int, tuple[float, float]]:
 
 
 def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkeypatch):
-    from bluesky.callbacks.tiled_writer import TiledWriter
+    from bluesky_tiled_plugins import TiledWriter
 
     from tiled.queries import Key
 
@@ -65,7 +58,7 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
         try:
             time.sleep(1.0)                                   # 0MQ slow joiner
             RE, publisher, uids = publishing_run_engine(in_port)
-            raw_writer = TiledWriter(client, patches={"event": ravel_frames}, batch_size=8)
+            raw_writer = TiledWriter(client, batch_size=8)
 
             def write_raw(name, doc):       # this process's requests to the DuckDB-backed Tiled go one at a time
                 with TILED_LOCK:
@@ -124,3 +117,8 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
                 got = dict(zip(seq, np.asarray(primary["lamellar_center"]).tolist()))
                 assert all(abs(got[s] - expected[s][0]) < 1e-9 for s in expected)
                 assert analysis.metadata["stop"]["exit_status"] == "success"
+                profiles = analysis["profiles"].read()    # each frame's profile, a stream of its own
+                key = analysis.metadata["start"]["scatterflow_run"]
+                order = np.argsort(np.asarray(profiles["source_seq_num"]))
+                np.testing.assert_allclose(np.asarray(profiles["intensity"])[order],
+                                           client["scatterflow"][key]["profiles"].read(), rtol=1e-6)

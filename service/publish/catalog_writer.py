@@ -1,7 +1,8 @@
 """Analysis runs as BlueskyRuns in Tiled: the documents of the results stream
 (service/publish/results.py: start with ``source_run_uid``, streams ``primary`` with the final
-fits, ``provisional``, ``phases``, ...) written by bluesky's own ``TiledWriter``, so that any Tiled
-or databroker client finds them beside the raw runs:
+fits, ``provisional``, ``profiles``, ``phases``, ...) written by ``bluesky_tiled_plugins.TiledWriter``
+(the writer bluesky's own RunEngines use), so that any Tiled or databroker client finds them
+beside the raw runs:
 
     from tiled.client import from_uri
     from tiled.queries import Key
@@ -31,7 +32,7 @@ class CatalogWriter:
     """``put(name, doc)`` from any thread; `close` writes what is queued (bounded wait)."""
 
     def __init__(self, client, *, batch_size: int = 500):
-        from bluesky.callbacks.tiled_writer import TiledWriter
+        from bluesky_tiled_plugins import TiledWriter
         self._writer = TiledWriter(client, batch_size=batch_size)
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DOCUMENTS)
         self._broken: set[str] = set()         # start uids whose writing failed

@@ -133,6 +133,9 @@ class PublishHub:
         self._count(uid, result.peaks, result.phases, result.transitions, result.reseeds, result.final_seq(), now)
         self._guarded("state", self._state_reduced, uid, result)
         if self.results is not None:
+            p = result.profiles
+            self._guarded("results", self.results.publish_profiles, uid, result.seq, result.times, p.radial, p.unit,
+                          p.intensity, p.sigma)
             self._guarded("results", self._results_rows, uid, result.peaks, result.phases, result.transitions,
                           result.inversion)
         if self.tiled is not None:

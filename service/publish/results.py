@@ -9,7 +9,9 @@ streams, and a stop document:
 * ``primary``: the final fits, one event per frame when it leaves the regularizer window
   (frames in seq order), so that a stock callback (``BestEffortCallback``,
   ``LivePlot("lamellar_center", x="source_seq_num")``) shows the trajectory as one clean line;
-* ``provisional``: the per-frame fits as they come (low latency), which the final fit replaces.
+* ``provisional``: the per-frame fits as they come (low latency), which the final fit replaces;
+* ``profiles``: each frame's reduced profile (``radial``, ``intensity``, ``sigma`` arrays), and
+  the streams ``phases``, ``phase_transitions``, ``inversion`` where the run has them.
 
 Fields of ``primary``, per peak ``<p>``: ``<p>_center``, ``<p>_center_err``, ``<p>_fwhm``,
 ``<p>_fwhm_err`` (1/nm, or the radial unit of the run), ``<p>_amplitude``,
@@ -392,6 +394,33 @@ class ResultsPublisher:
             run.events += n
             self.events += n
             return n
+
+    def publish_profiles(self, uid: str, seq, times, radial, unit: str, intensity, sigma) -> int:
+        """The reduced profiles of frames ``seq`` as the stream ``profiles``: per frame
+        ``source_seq_num``, ``source_time``, ``radial`` (N,) in `unit`, ``intensity`` and ``sigma``
+        (N,); returns the number of events sent."""
+        radial = np.asarray(radial, np.float64)
+        intensity, sigma = np.asarray(intensity, np.float64), np.asarray(sigma, np.float64)
+        with self._lock:
+            run = self._runs.get(uid)
+            if run is None:
+                raise ValueError(f"no analysis run started for source run {uid!r}")
+            array = {"dtype": "array", "dtype_numpy": "<f8", "shape": [len(radial)], **_SRC}
+            compose = self._stream(run, "profiles", {
+                "source_seq_num": {"dtype": "integer", "dtype_numpy": "<i8", "shape": [], **_SRC},
+                "source_time": {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "units": "s", **_SRC},
+                "radial": {**array, "units": unit, "description": "radial coordinate of the bins"},
+                "intensity": {**array, "description": "azimuthally integrated intensity (background kept)"},
+                "sigma": {**array, "description": "standard deviation of intensity"}})
+            now = ttime.time()
+            for i, s in enumerate(np.asarray(seq).tolist()):
+                data = {"source_seq_num": int(s), "source_time": _num(times[i]), "radial": radial,
+                        "intensity": intensity[i], "sigma": sigma[i]}
+                self._send("event", compose(data=data, timestamps={k: now for k in data}, time=now,
+                                            validate=self.validate_events))
+            run.events += len(intensity)
+            self.events += len(intensity)
+            return len(intensity)
 
     def _stream(self, run: "_AnalysisRun", name: str, keys: dict):
         """compose_event of the analysis run's stream ``name``, its descriptor sent on first use."""
