@@ -96,6 +96,11 @@ class _Worker:
     recent: deque = field(default_factory=deque)    # (time.monotonic(), frames) of its answers, last RATE_WINDOW_S
     started: float = field(default_factory=time.monotonic)
 
+    @property
+    def usable(self) -> bool:
+        """Alive and ready (its WorkerReady came): new runs and replays may go to it."""
+        return self.device != "?" and self.process.is_alive()
+
     def done(self, batch_id: int) -> _Inflight | None:
         """Forget an answered batch and free its frames' slot; returns it."""
         entry = self.inflight.pop(batch_id, None)
@@ -247,8 +252,8 @@ class Dispatcher:
             if refusal is not None:
                 self._runs[uid] = _RunSlot(uid=uid, worker=-1, start=start, closed="refused")
             else:
-                ready = [w for w in self._workers if w.device != "?" and w.process.is_alive()]
-                worker = min(ready or self._workers, key=lambda w: len(w.runs))
+                usable = [w for w in self._workers if w.usable]
+                worker = min(usable or self._workers, key=lambda w: len(w.runs))
                 worker.runs.add(uid)
                 self._runs[uid] = _RunSlot(uid=uid, worker=worker.index, start=start)
                 self._specs[uid] = spec
@@ -541,7 +546,7 @@ class Dispatcher:
         worker that is alive and ready, if there is one."""
         if self.engine.replay_on_replacement:
             return None
-        others = [w for w in self._workers if w is not dead and w.device != "?" and w.process.is_alive()]
+        others = [w for w in self._workers if w is not dead and w.usable]
         return min(others, key=lambda w: len(w.runs)) if others else None
 
     def _quarantine(self, slot: _RunSlot, worker: _Worker, exitcode) -> tuple[str, list[int], str]:

@@ -136,7 +136,7 @@ class ActorProcess:
         try:
             return ray.get(call)
         except RayError as exc:
-            self.lost(f"died ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+            self.lost(f"died ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0][:200]})")
             raise
 
     def join(self, timeout: float | None = None) -> None:

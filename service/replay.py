@@ -49,23 +49,20 @@ def replay_runs(settings: Settings, uids: list[str], *, timeout_s: float = 3600.
     try:
         new_uids = _route_all(service, client, runs, settings.catalog.uri)
         deadline = time.monotonic() + timeout_s
+        while True:
+            records = [service.store.get(new) for new in new_uids]
+            for run, r in zip(runs, records):
+                if progress is not None and r is not None:
+                    progress(run.uid, sum(run.events.values()), r.frames_fitted, r.frames_final)
+            if all(r is not None and r.status != "running" for r in records) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         outcomes = []
-        for run, new in zip(runs, new_uids):
+        for run, new, r in zip(runs, new_uids, records):
             frames = sum(run.events.values())
-            while True:
-                record = service.store.get(new)
-                for other, other_new in zip(runs, new_uids):
-                    r = service.store.get(other_new)
-                    if progress is not None and r is not None:
-                        progress(other.uid, sum(other.events.values()), r.frames_fitted, r.frames_final)
-                if (record is not None and record.status != "running") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            if record is None:
-                outcomes.append(ReplayOutcome(run.uid, new, "error", frames, 0, "the service never saw the run"))
-            else:
-                outcomes.append(ReplayOutcome(run.uid, new, record.status, frames, record.frames_final,
-                                              record.reason or ""))
+            outcomes.append(ReplayOutcome(run.uid, new, "error", frames, 0, "the service never saw the run")
+                            if r is None else ReplayOutcome(run.uid, new, r.status, frames, r.frames_final,
+                                                            r.reason or ""))
         return outcomes
     finally:
         service.close()
