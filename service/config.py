@@ -181,9 +181,15 @@ class TiledConfig(_Section):
 
 class CatalogConfig(_Section):
     """The beamline's catalogue of raw runs: a Tiled server fed by bluesky's TiledWriter (or a
-    databroker catalogue served through Tiled). `scatterflow reprocess` reads runs from it."""
+    databroker catalogue served through Tiled). `scatterflow reprocess` reads runs from it, and
+    ingest fetches from it the events lost on the 0MQ link (service/recovery.py)."""
     uri: str | None = None                  # e.g. http://tiled:8000/api/v1 (or .../api/v1/metadata/raw)
     api_key: SecretStr | None = None
+    recover: bool = True                    # fetch lost events (seq_num gaps, stop's num_events) when uri is set
+    # how long a gap's events are awaited while the run goes on (its later frames wait behind it);
+    # bluesky's TiledWriter writes events in batches (batch_size, 10000 by default: at the stop)
+    recover_wait_s: float = Field(5.0, ge=0)
+    recover_wait_at_stop_s: float = Field(30.0, ge=0)   # at the stop: for the writer's last batch
 
 
 class ApiConfig(_Section):

@@ -16,6 +16,9 @@ thread of its own through which all its frames and its stop pass, in document or
 read runs with a timeout (`FrameResolver.read`), so a missing, slow or hung file holds back its
 own run only. Every message is counted once, accepted or refused, also when its frames were
 read on a lane (counted there, once they are).
+
+Events lost on the link are fetched back from the catalogue when one is configured
+(service/recovery.py): a `Recover` item on the run's lane, ahead of the run's later frames.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import jsonschema
@@ -33,11 +36,12 @@ from event_model import DocumentNames, schema_validators, unpack_event_page
 
 from .config import IngestConfig
 from .decode import DocumentDecoder
-from .detectors import MAX_DETECTORS, detector_start, match_field, run_detectors
+from .detectors import MAX_DETECTORS, REPLAY_DOC_KEY, detector_start, match_field, run_detectors
 from .errors import RejectedInput
 from .frame_refs import FrameRef
-from .messages import Frame, FrameKind
+from .messages import MISSING_EVENTS_KEY, RECOVERED_EVENTS_KEY, Frame, FrameKind
 from .metrics import Metrics
+from .recovery import CatalogRecovery
 from .resolve import FileRead, FrameResolver, frame_shape
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,8 @@ class StreamInfo:
     profile: tuple[str, str, str | None] | None = None   # (intensity, q, sigma) fields of reduced 1D profiles
     external_profile: str | None = None  # field holding datum_ids of reduced profiles in files (NXcanSAS)
     last_seq_num: int = 0
-    gap_lost: int = 0                   # events counted lost upstream from seq_num gaps
+    datum_seq_num: int = 0              # last seq_num whose frames came by stream_datum
+    gap_lost: int = 0                   # events counted lost upstream from seq_num gaps, not to be recovered
     fanout: list = field(default_factory=list)   # multi-detector run: [(analysis key, StreamInfo of one detector)]
 
 
@@ -111,6 +116,19 @@ class DocumentEnd:
 
 
 @dataclass
+class Recover:
+    """Events `seqs` of stream `stream_name` of run `run_uid` lost on the link, to fetch from
+    the catalogue with the data keys `fields`; each event gives a frame to every (analysis key,
+    StreamInfo) of `targets`. `at_stop`: the last try (the run has stopped)."""
+    run_uid: str
+    stream_name: str
+    seqs: tuple[int, ...]
+    fields: tuple[str, ...]
+    targets: tuple[tuple[str, StreamInfo], ...]
+    at_stop: bool = False
+
+
+@dataclass
 class RunEnd:
     """A run closed: `stop` (None at service shutdown) to the sink for each of `keys`, then its
     files closed; the lane's thread ends after it."""
@@ -126,6 +144,9 @@ class RunLane:
     def __init__(self, uid: str, handle: Callable[[Any, "RunLane"], None]):
         self.uid = uid
         self.failed: RejectedInput | None = None      # first refusal among the current document's items
+        self.recovered = 0                            # events fetched from the catalogue
+        self.unrecoverable = 0                        # events the catalogue did not have in time
+        self.retry_at_stop: list[Recover] = []        # recoveries that ran out of time while the run went on
         self._items: queue.Queue = queue.Queue()
         self._handle = handle
         self.thread = threading.Thread(target=self._run, name=f"ingest-files-{uid[:8]}", daemon=True)
@@ -137,6 +158,10 @@ class RunLane:
         if isinstance(item, (Frame, FileFrames)) and self._items.qsize() >= LANE_MAX_ITEMS:
             raise RejectedInput("read_backlog", f"run {self.uid[:8]}: {LANE_MAX_ITEMS} frames wait for their files")
         self._items.put(item)
+
+    def backlog(self) -> int:
+        """Items waiting."""
+        return self._items.qsize()
 
     def _run(self) -> None:
         while True:
@@ -211,8 +236,9 @@ class DocumentRouter:
     """
 
     def __init__(self, sink: FrameSink, metrics: Metrics, config: IngestConfig | None = None, *,
-                 max_detectors: int = MAX_DETECTORS):
+                 max_detectors: int = MAX_DETECTORS, recovery: CatalogRecovery | None = None):
         self.sink = sink
+        self.recovery = recovery                         # None: losses are counted, not recovered
         self.metrics = metrics
         self.config = config or IngestConfig()
         self.max_detectors = max_detectors               # limits.detectors
@@ -337,8 +363,13 @@ class DocumentRouter:
                                                         f"ingest.max_seq_gap ({self.config.max_seq_gap}) ahead")
         if gap > 0:
             self.metrics.lost_upstream.labels("event").inc(gap)
-            stream.gap_lost += gap
             log.warning("run %s: seq_num gap %d -> %d (lost upstream)", run_uid[:8], stream.last_seq_num, seq)
+            if not stream.external_stream:      # else its frames come by stream_datum (_stream_datum_gap)
+                recover = self._recovery_of(run, stream, range(stream.last_seq_num + 1, seq))
+                if recover is not None:
+                    self._enqueue(run, recover)
+                else:
+                    stream.gap_lost += gap
         stream.last_seq_num = max(stream.last_seq_num, seq)
         if stream.fanout:
             self._submit_fanout(run, stream, doc, seq, arrival)
@@ -361,6 +392,29 @@ class DocumentRouter:
         if isinstance(data, FileRead):
             return FileFrames(key, data, t, arrival, scalars, kind, stream if kind == "frame" else None, alone)
         return Frame(key, seq, t, data, arrival, scalars, kind)
+
+    def _recovery_of(self, run: RunInfo, stream: StreamInfo, seqs: range, at_stop: bool = False) -> Recover | None:
+        """The `Recover` item for events `seqs` of `stream`, or None when they are not to be
+        fetched: no catalogue, a replayed run (not the catalogue's uid), no frames or profiles
+        in the stream's events (a baseline stream; profiles in files)."""
+        if self.recovery is None or REPLAY_DOC_KEY in run.start or not seqs:
+            return None
+        targets = tuple((key, sub) for key, sub in stream.fanout if sub.frame_field) if stream.fanout else \
+            ((run.uid, stream),) if stream.frame_field or stream.profile else ()
+        if not targets:
+            return None
+        arrays = {f for _, sub in targets for f in ([sub.frame_field] if sub.frame_field else [*filter(None, sub.profile)])}
+        scalars = {k for k, dk in (stream.descriptor.get("data_keys") or {}).items()
+                   if dk.get("dtype") in ("number", "integer") and not dk.get("shape") and k not in arrays}
+        return Recover(run.uid, stream.descriptor.get("name") or "primary", tuple(seqs),
+                       tuple(sorted(arrays)) + tuple(sorted(scalars)), targets, at_stop)
+
+    def _enqueue(self, run: RunInfo, item: Recover) -> None:
+        """A recovery onto the run's lane (opened if the run has none): the run's later items wait behind it."""
+        lane = self._lanes.get(run.uid)
+        if lane is None:
+            lane = self._lanes[run.uid] = RunLane(run.uid, self._lane_item)
+        lane.put(item)
 
     def _emit(self, run: RunInfo, item: Frame | FileFrames) -> None:
         """Hand a frame on: to the sink now, or through the run's lane once the run reads files
@@ -417,7 +471,7 @@ class DocumentRouter:
             self.metrics.lost_upstream.labels("start").inc()
             raise RejectedInput("stop_without_start", doc["run_start"])
         missing = self._missing_events(run, doc)
-        self._close(run.uid, doc if not missing else {**doc, "scatterflow_missing_events": missing})
+        self._close(run.uid, doc if not missing else {**doc, MISSING_EVENTS_KEY: missing})
 
     def _missing_events(self, run: RunInfo, stop: dict) -> int:
         """Events of `run` that never arrived: the seq_num gaps (counted lost upstream when they
@@ -426,20 +480,29 @@ class DocumentRouter:
         are left out (their events, if any came, were refused), and so is an announcement more
         than ``ingest.max_seq_gap`` beyond the last event (logged, not counted)."""
         announced = stop.get("num_events") or {}
-        last: dict[str, int] = {}
+        last: dict[str, tuple[int, StreamInfo]] = {}
         gaps = 0
         for stream in run.streams.values():
             name = stream.descriptor.get("name")
-            last[name] = max(last.get(name, 0), stream.last_seq_num)
+            seen = stream.datum_seq_num if stream.external_stream and stream.datum_seq_num else stream.last_seq_num
+            if seen >= last.get(name, (0, None))[0]:
+                last[name] = (seen, stream)
             gaps += stream.gap_lost
         tail = 0
-        for name, seen in last.items():
+        for name, (seen, stream) in last.items():
             n = announced.get(name) if isinstance(name, str) else None
             if isinstance(n, bool) or not isinstance(n, int) or n <= seen:
                 continue
             if n - seen > self.config.max_seq_gap:
                 log.warning("run %s: stop announces %d %r events after %d: not counted as lost", run.uid[:8], n,
                             name, seen)
+                continue
+            recover = self._recovery_of(run, stream, range(seen + 1, n + 1), at_stop=True)
+            if recover is not None:
+                self.metrics.lost_upstream.labels("event").inc(n - seen)
+                log.warning("run %s: %d event(s) announced by the stop never arrived; fetching them from the "
+                            "catalogue", run.uid[:8], n - seen)
+                self._enqueue(run, recover)
                 continue
             tail += n - seen
         if tail:
@@ -478,10 +541,29 @@ class DocumentRouter:
         run = self.runs[run_uid]
         run.last_seen = time.monotonic()
         plan = self.resolver.plan_stream_datum(doc)
+        stream = run.streams[doc["descriptor"]]
+        if plan is not None and stream.external_stream:
+            self._stream_datum_gap(run, stream, doc)
         if plan is not None:
             kind = self.resolver.stream_kind(doc)
             self._emit(run, FileFrames(run_uid, plan, time.time(), arrival, {}, kind,
                                        run.streams[doc["descriptor"]] if kind == "frame" else None))
+
+    def _stream_datum_gap(self, run: RunInfo, stream: StreamInfo, doc: dict) -> None:
+        """Frames by stream_datum: a ``seq_nums`` range starting past the last one seen means
+        stream_datum documents were lost; their frames are fetched from the catalogue (or counted)."""
+        first, stop = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
+        gap = first - stream.datum_seq_num - 1
+        if 0 < gap <= self.config.max_seq_gap and first > 0:
+            self.metrics.lost_upstream.labels("stream_datum").inc(gap)
+            log.warning("run %s: stream_datum seq_nums jump %d -> %d (lost upstream)", run.uid[:8],
+                        stream.datum_seq_num, first)
+            recover = self._recovery_of(run, stream, range(stream.datum_seq_num + 1, first))
+            if recover is not None:
+                self._enqueue(run, recover)
+            else:
+                stream.gap_lost += gap
+        stream.datum_seq_num = max(stream.datum_seq_num, stop - 1)
 
     def _extract_frame(self, doc: dict, stream: StreamInfo) -> np.ndarray | FileRead:
         """The event's frame, checked; or, when it is in a file, the read of it (checked once read)."""
@@ -601,7 +683,9 @@ class DocumentRouter:
                 else:
                     self.reject(error)
             elif isinstance(item, RunEnd):
-                self._end_run(item)
+                self._end_run(self._recovered_end(item, lane))
+            elif isinstance(item, Recover):
+                self._recover(item, lane)
             elif lane.failed is None:
                 try:
                     self._submit_item(item)
@@ -613,6 +697,63 @@ class DocumentRouter:
         except Exception as exc:  # a bug must not stop the lane; count and log it
             log.exception("internal error on the file lane of run %s", lane.uid[:8])
             self.reject(RejectedInput("internal_error", f"{type(exc).__name__}: {exc}"))
+
+    def _recover(self, item: Recover, lane: RunLane) -> None:
+        """Fetch the events of `item` from the catalogue and submit their frames. While the run
+        goes on, the wait ends at ``catalog.recover_wait_s`` or when half the lane's room is
+        taken by the frames waiting behind it; what is missing then is tried again at the stop."""
+        wait = self.recovery.wait_at_stop_s if item.at_stop else self.recovery.wait_s
+        deadline = time.monotonic() + wait
+        if self._deadline is not None:
+            deadline = min(deadline, self._deadline)
+        crowded = (lambda: False) if item.at_stop else (lambda: lane.backlog() > LANE_MAX_ITEMS // 2)
+        got = set()
+        for event in self.recovery.events(item.run_uid, item.stream_name, list(item.seqs), list(item.fields),
+                                          deadline, crowded):
+            got.add(event.seq_num)
+            doc = {"seq_num": event.seq_num, "time": event.time, "data": event.data, "filled": {}}
+            for key, stream in item.targets:
+                arrays = {stream.frame_field, *(stream.profile or ())}
+                scalars = {k: float(v) for k, v in event.data.items()
+                           if k not in arrays and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                try:
+                    if stream.profile is not None:
+                        data, kind = self._extract_profile(doc, stream.profile), "profile"
+                    else:
+                        data, kind = self._extract_frame(doc, stream), "frame"
+                    self.sink.submit(Frame(key, event.seq_num, event.time, data, time.monotonic(), scalars, kind))
+                except RejectedInput as exc:
+                    self.reject(exc)
+        lane.recovered += len(got)
+        self.metrics.events_recovered.inc(len(got))
+        missing = tuple(s for s in item.seqs if s not in got)
+        if got:
+            log.info("run %s: %d lost event(s) of %r recovered from the catalogue", item.run_uid[:8], len(got),
+                     item.stream_name)
+        if missing and not item.at_stop:
+            log.warning("run %s: %d lost event(s) of %r not in the catalogue after %.1f s; tried again at the stop",
+                        item.run_uid[:8], len(missing), item.stream_name, wait)
+            lane.retry_at_stop.append(replace(item, seqs=missing, at_stop=True))
+        elif missing:
+            lane.unrecoverable += len(missing)
+            self.metrics.events_unrecoverable.inc(len(missing))
+            log.warning("run %s: %d lost event(s) of %r not in the catalogue (%s): unrecoverable", item.run_uid[:8],
+                        len(missing), item.stream_name, self.recovery.uri)
+
+    def _recovered_end(self, end: RunEnd, lane: RunLane) -> RunEnd:
+        """A run's end after its recoveries: those that ran out of time tried once more, and the
+        stop naming what was recovered and what is still missing."""
+        if end.stop is None:
+            return end
+        retries, lane.retry_at_stop = lane.retry_at_stop, []
+        for item in retries:
+            self._recover(item, lane)
+        if not (lane.recovered or lane.unrecoverable):
+            return end
+        stop = dict(end.stop)
+        stop[MISSING_EVENTS_KEY] = int(stop.get(MISSING_EVENTS_KEY) or 0) + lane.unrecoverable
+        stop[RECOVERED_EVENTS_KEY] = lane.recovered
+        return replace(end, stop=stop)
 
     def _submit_item(self, item: Frame | FileFrames) -> None:
         if isinstance(item, Frame):

@@ -86,8 +86,11 @@ class BatchReduced:
 
 FailReason = Literal["no_setup", "no_geometry", "reduction_error", "file_unavailable", "refused", "quarantined"]
 
-#: added by ingest to a stop document: events its num_events announced that never arrived
+#: added by ingest to a stop document: events lost upstream (seq_num gaps, or announced by its
+#: num_events) that never arrived and were not recovered from the catalogue
 MISSING_EVENTS_KEY = "scatterflow_missing_events"
+#: added by ingest to a stop document: events lost upstream and recovered from the catalogue
+RECOVERED_EVENTS_KEY = "scatterflow_recovered_events"
 
 
 @dataclass

@@ -29,6 +29,10 @@ class Metrics:
                                       registry=r)
         self.lost_upstream = Counter("scatterflow_lost_upstream", "Documents missing upstream (seq_num gaps, no start)",
                                      ["kind"], registry=r)
+        self.events_recovered = Counter("scatterflow_events_recovered", "Events lost upstream whose frames were "
+                                        "fetched from the catalogue (catalog.recover)", registry=r)
+        self.events_unrecoverable = Counter("scatterflow_events_unrecoverable", "Events lost upstream the "
+                                            "catalogue did not have in time (catalog.recover)", registry=r)
         self.reseeds = Counter("scatterflow_fit_reseeds", "Fits re-seeded after divergence", registry=r)
         self.change_points = Counter("scatterflow_change_points", "Change points flagged in final fits", registry=r)
         self.phase_frames = Counter("scatterflow_phase_frames", "Frames with a final phase label, by phase",

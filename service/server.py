@@ -62,6 +62,15 @@ class Service:
         self._closers.append(lambda: writer.close(max(1.0, self._time_left())))
         return writer
 
+    def _recovery(self):
+        """Events lost on the 0MQ link fetched from the catalogue (service/recovery.py), when one is configured."""
+        c = self.settings.catalog
+        if not (c.uri and c.recover):
+            return None
+        from .recovery import CatalogRecovery
+        log.info("ingest: events lost upstream are fetched from the catalogue %s", c.uri)
+        return CatalogRecovery(c.uri, secret(c.api_key), c.recover_wait_s, c.recover_wait_at_stop_s)
+
     def spec_for_run(self, start: dict):
         """The workers.pipeline.RunSpec of the analysis of ``start`` (service/run_spec.py); the
         last calibrant run's geometry serves runs that name none of their own."""
@@ -91,7 +100,8 @@ class Service:
         self._closers.append(lambda: self.hub.interrupt_open_runs(STOPPED_REASON))
         self._closers.append(lambda: self.dispatcher.close(self._time_left()))
         self._closers.append(self._stop_open_runs)
-        self.router = DocumentRouter(self.dispatcher, self.metrics, s.ingest, max_detectors=s.limits.detectors)
+        self.router = DocumentRouter(self.dispatcher, self.metrics, s.ingest, max_detectors=s.limits.detectors,
+                                     recovery=self._recovery())
         self.subscriber = ZmqSubscriber(s.ingest, self.router, self.metrics)
         self.subscriber.start()
         self._closers.append(self._stop_ingest)

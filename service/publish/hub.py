@@ -25,7 +25,7 @@ import numpy as np
 from workers.pipeline import BatchResult, RunFinal, RunSpec, final_seq
 
 from ..detectors import analysis_info
-from ..messages import MISSING_EVENTS_KEY, Frame
+from ..messages import MISSING_EVENTS_KEY, RECOVERED_EVENTS_KEY, Frame
 from ..metrics import Metrics
 from .state import RunStore
 
@@ -54,7 +54,7 @@ def run_outcome(stop: dict, run: _OpenRun) -> tuple[str, str]:
         return "failed", f"every frame failed ({causes})"
     missing = stop.get(MISSING_EVENTS_KEY) or 0
     if isinstance(missing, int) and missing > 0:
-        return "incomplete", f"{missing} event(s) announced by the stop document never arrived"
+        return "incomplete", f"{missing} event(s) lost upstream never arrived (not recovered from the catalogue)"
     return "complete", reason
 
 
@@ -279,7 +279,16 @@ class PublishHub:
         status, reason = run_outcome(stop, run)
         if status in ("failed", "incomplete"):
             log.warning("run %s %s: %s", uid[:8], status, reason)
+        if RECOVERED_EVENTS_KEY in stop:
+            self._guarded("state", self._state_recovery, uid, stop)
         self._close(uid, final, status, reason)
+
+    def _state_recovery(self, uid: str, stop: dict) -> None:
+        """The run's record names the events recovered from the catalogue and those still missing."""
+        record = self.store.get(uid)
+        if record is not None:
+            self.store.set_info(uid, {**record.info, "events_recovered": int(stop[RECOVERED_EVENTS_KEY]),
+                                      "events_unrecoverable": int(stop.get(MISSING_EVENTS_KEY) or 0)})
 
     def _close(self, uid: str, final: RunFinal | None, status: str, reason: str) -> None:
         """Publish the final rows of open run ``uid`` and end it with ``status`` everywhere."""
