@@ -446,7 +446,7 @@ def test_proxy_restarted_between_and_during_runs(rig):
     assert_accounted(fig)
     assert rec.status == ("incomplete" if fig["lost_upstream"] else "complete") and not fig["failed"]
     if fig["lost_upstream"]:
-        assert rec.reason == f"{fig['lost_upstream']:.0f} event(s) announced by the stop document never arrived"
+        assert rec.reason == f"{fig['lost_upstream']:.0f} event(s) lost upstream never arrived"
     cols, _ = service.store.peaks_since(run.uid, 0, final=True)
     seqs = set(cols["seq_num"])
     assert set(range(1, 16)) | set(range(26, 41)) <= seqs        # before the kill and after the restart

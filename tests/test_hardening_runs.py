@@ -353,7 +353,7 @@ def test_a_stop_announcing_events_that_never_arrived_ends_incomplete(rig):
     stop = run.bundle.compose_stop()
     service.dispatcher.stop_run(run.uid, {**stop, "num_events": {"primary": 10}, MISSING_EVENTS_KEY: 2})
     rec = wait_stopped(service, run.uid)
-    assert rec.status == "incomplete" and rec.reason == "2 event(s) announced by the stop document never arrived"
+    assert rec.status == "incomplete" and rec.reason == "2 event(s) lost upstream never arrived"
     assert (rec.frames_received, rec.frames_final, dict(rec.failed)) == (8, 8, {})
     send(pub, "stop", stop)                    # ingest's own stop: the run is closed already, nothing changes
     time.sleep(0.3)
@@ -370,7 +370,7 @@ def test_run_outcome_precedence():
     assert run_outcome({"exit_status": "success", MISSING_EVENTS_KEY: 2}, dead) == \
         ("failed", "every frame failed (3 no_geometry, 2 reduction_error)")
     assert run_outcome({"exit_status": "success", MISSING_EVENTS_KEY: 1}, ok) == \
-        ("incomplete", "1 event(s) announced by the stop document never arrived")
+        ("incomplete", "1 event(s) lost upstream never arrived")
 
 
 # ----------------------------------------------------------------------------------- quarantine

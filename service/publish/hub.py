@@ -54,7 +54,7 @@ def run_outcome(stop: dict, run: _OpenRun) -> tuple[str, str]:
         return "failed", f"every frame failed ({causes})"
     missing = stop.get(MISSING_EVENTS_KEY) or 0
     if isinstance(missing, int) and missing > 0:
-        return "incomplete", f"{missing} event(s) lost upstream never arrived (not recovered from the catalogue)"
+        return "incomplete", f"{missing} event(s) lost upstream never arrived"
     return "complete", reason
 
 
