@@ -114,12 +114,18 @@ def replay_documents(client, run: RawRun, catalog: str, streams: tuple[str, ...]
         arrays = tuple(k for k in inline if data_keys[k].get("dtype") == "array" or data_keys[k].get("shape"))
         table = _inline_table(stream, ["seq_num", "time", *[k for k in inline if k not in arrays]], arrays)
         seq, times = table["seq_num"], table["time"]
+        with TILED_LOCK:
+            nodes = {k: raw[k] for k in array_nodes}          # one look-up each, then slices of them
+        for k, arr in nodes.items():
+            if arr.shape[0] < len(seq):     # rows follow the events (seq order); missing ones would misalign
+                raise CatalogError(f"run {run.uid[:8]}, stream {name!r}: {k!r} has {arr.shape[0]} rows for "
+                                   f"{len(seq)} events (frames the writer never registered)")
         for lo in range(0, len(seq), FRAMES_PER_REQUEST):
             hi = min(lo + FRAMES_PER_REQUEST, len(seq))
             chunk = {k: _shaped(table[k][lo:hi], data_keys[k]) for k in inline}
-            for k in array_nodes:
+            for k, arr in nodes.items():
                 with TILED_LOCK:
-                    chunk[k] = _shaped(np.asarray(raw[k][lo:hi]), data_keys[k])
+                    chunk[k] = _shaped(np.asarray(arr[lo:hi]), data_keys[k])
             for i in range(hi - lo):
                 data = {k: _value(v[i]) for k, v in chunk.items()}
                 t = float(times[lo + i])

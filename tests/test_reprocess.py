@@ -3,8 +3,11 @@
 one (the same frames through the same pipeline) and with the simulator's truth.
 
 One RunEngine, two subscribers: bluesky's 0MQ Publisher (through the proxy into the live
-service) and TiledWriter (into the catalogue, an embedded Tiled server on localhost). Then two
-runs are reprocessed at once over a pool of two workers through the command itself.
+service) and TiledWriter (into the catalogue, an embedded Tiled server on localhost). The first
+run's frames are inline in its events; the second run's detector writes them to an HDF5 file as
+ophyd-async detectors do (stream_resource/stream_datum), which the live service reads itself
+(``ingest.allowed_roots``) and the catalogue serves from the file (Tiled's ``readable_storage``).
+Then both runs are reprocessed at once over a pool of two workers through the command itself.
 """
 from __future__ import annotations
 
@@ -45,14 +48,19 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
     from service.cli import main
     from service.publish.tiled_server import TILED_LOCK, EmbeddedTiled
 
-    with EmbeddedTiled(directory=tmp_path / "catalog", api_key="secretcatalogkey") as catalog:
+    frames_dir = tmp_path / "frames"          # the HDF5 detector's files: Tiled may serve them
+    frames_dir.mkdir()
+    with EmbeddedTiled(tmp_path / "catalog", api_key="secretcatalogkey", readable_storage=frames_dir) as catalog:
         client = catalog.client()
         in_port, out_port = start_proxy()
-        det, light = make_beamline(frame_interval=1.0, seed=3)
-        np.save(tmp_path / "mask.npy", det.simulator.mask)
+        # the same simulated beamline twice (same seed, same frames): frames inline, and frames in HDF5
+        inline = make_beamline(frame_interval=1.0, seed=3)
+        hdf5 = make_beamline(frame_interval=1.0, seed=3, hdf5_directory=frames_dir)
+        np.save(tmp_path / "mask.npy", inline[0].simulator.mask)
         config = {"geometry": {"mask": str(tmp_path / "mask.npy")}, "reduction": {"npt": 800}, "fit": FIT,
                   "phases": {"enabled": False}}
-        live = Service(load_settings(None, **config, ingest={"address": f"tcp://127.0.0.1:{out_port}"},
+        live = Service(load_settings(None, **config, ingest={"address": f"tcp://127.0.0.1:{out_port}",
+                                                             "allowed_roots": [str(frames_dir)]},
                                      tiled={"uri": catalog.uri, "api_key": catalog.api_key},
                                      results={"address": None}, api={"port": free_port()})).start()
         try:
@@ -68,7 +76,8 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
             RE.subscribe(lambda name, doc: truth.setdefault(uids[-1], {}).__setitem__(
                 doc["seq_num"], doc["data"]["det_lamellar_center_truth"]) if name == "event" else None)
             n = 14
-            for schedule in ([(0, "dark"), (4, "uv")], [(0, "uv"), (6, "visible")]):
+            for (det, light), schedule in ((inline, [(0, "dark"), (4, "uv")]),
+                                           (hdf5, [(0, "uv"), (6, "visible")])):
                 RE(operando_cycle(det, light, n_frames=n, schedule=schedule, delay=0.01), sample="film-7")
             publisher.close()
             for uid in uids:
@@ -76,6 +85,10 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
                 assert rec.status == "complete" and rec.frames_final == n
         finally:
             live.close()
+        # in the catalogue: the first run's frames inline (a zarr array), the second's an external node of the file
+        keys = [client[uid]["primary"].metadata["data_keys"]["det_image"] for uid in uids]
+        assert "external" not in keys[0] and keys[1]["external"] == "STREAM:" and keys[1]["shape"] == [1, 619, 487]
+        assert [p.name for p in frames_dir.iterdir()] == [hdf5[0].writer.path.name]
 
         # both raw runs, found by a search of their start documents, replayed side by side on two workers
         (tmp_path / "analysis.yaml").write_text(yaml.safe_dump({**config, "workers": {"count": 2}}))
@@ -122,3 +135,19 @@ def test_reprocess_two_runs_agrees_with_live_analysis_and_truth(tmp_path, monkey
                 order = np.argsort(np.asarray(profiles["source_seq_num"]))
                 np.testing.assert_allclose(np.asarray(profiles["intensity"])[order],
                                            client["scatterflow"][key]["profiles"].read(), rtol=1e-6)
+
+        # a run whose frames the writer did not all register (its last stream_datum lost on the way):
+        # refused with the reason, not replayed with frames misaligned to its events
+        from bluesky import RunEngine
+
+        from service.catalog import CatalogError, raw_run, replay_documents
+        lossy, writer = RunEngine({}, context_managers=[]), TiledWriter(client, batch_size=8)
+
+        def write_lossy(name, doc):
+            if not (name == "stream_datum" and doc["seq_nums"]["start"] == 3):
+                with TILED_LOCK:
+                    writer(name, doc)
+        lossy.subscribe(write_lossy)
+        (short,) = lossy(operando_cycle(*hdf5, n_frames=3, schedule=[(0, "uv")]), sample="film-8")
+        with pytest.raises(CatalogError, match="'det_image' has 2 rows for 3 events"):
+            list(replay_documents(client, raw_run(client, short), catalog.uri))

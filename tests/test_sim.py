@@ -272,3 +272,80 @@ def test_wall_clock_option(ai):
     det.unstage()
     assert 0.0 <= t1 < det.time_offset.get() < 5.0
     assert light.read()["light_state"]["value"] == "uv"
+
+
+def test_hdf5_mode_documents_and_frames(ai, tmp_path):
+    """Frames written to HDF5 as ophyd-async detectors do: documents valid by event-model's schemas
+    (stream_resource on the first frame, one stream_datum per frame before its event, the image left
+    out of the events), each row readable (SWMR) when its stream_datum is emitted, and the rows the
+    very frames the inline detector sends for the same seed."""
+    import h5py
+    from bluesky import RunEngine
+    from event_model import DocumentNames, schema_validators
+
+    from service.sim import HDF5OperandoDetector, make_beamline, operando_cycle
+
+    schedule, n = [(0, "dark"), (2, "uv")], 5
+    rows_seen: dict[int, np.ndarray] = {}           # seq_num -> its row, read when its stream_datum came
+
+    def run(hdf5_directory=None):
+        det, light = make_beamline(ai, AzoCycle(tau_uv=TAU_UV), frame_interval=0.5, seed=11,
+                                   hdf5_directory=hdf5_directory)
+        docs: list[tuple[str, dict]] = []
+
+        def collect(name, doc):
+            docs.append((name, doc))
+            if name == "stream_datum":
+                with h5py.File(det.writer.path, "r", swmr=True) as f:
+                    rows_seen[doc["seq_nums"]["start"]] = f["/entry/data/data"][doc["indices"]["start"]]
+        RE = RunEngine({}, context_managers=[])
+        RE.subscribe(collect)
+        (uid,) = RE(operando_cycle(det, light, n_frames=n, schedule=schedule))
+        return det, light, RE, uid, docs
+
+    *_, inline_docs = run()
+    inline_events = [d for name, d in inline_docs if name == "event"]
+    frames = [e["data"]["det_image"] for e in inline_events]
+    det, light, RE, uid, docs = run(tmp_path)
+    assert isinstance(det, HDF5OperandoDetector)
+
+    for name, doc in docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    assert [name for name, _ in docs] == ["start", "descriptor", "stream_resource", *["stream_datum", "event"] * n,
+                                          "stop"]
+    descriptor = docs[1][1]
+    key = descriptor["data_keys"]["det_image"]
+    assert key["external"] == "STREAM:" and key["shape"] == [1, 619, 487] and key["dtype_numpy"] == "<i4"
+    (resource,) = [d for name, d in docs if name == "stream_resource"]
+    path = det.writer.path
+    assert path.parent == tmp_path.resolve() and path.suffix == ".h5"
+    assert resource == {"uid": resource["uid"], "run_start": uid, "data_key": "det_image",
+                        "mimetype": "application/x-hdf5", "uri": f"file://localhost{path}",
+                        "parameters": {"dataset": "/entry/data/data", "chunk_shape": [1, 619, 487]}}
+    datums = [d for name, d in docs if name == "stream_datum"]
+    events = [d for name, d in docs if name == "event"]
+    assert [d["indices"] for d in datums] == [{"start": i, "stop": i + 1} for i in range(n)]
+    assert [d["seq_nums"] for d in datums] == [{"start": e["seq_num"], "stop": e["seq_num"] + 1} for e in events]
+    assert all(d["descriptor"] == descriptor["uid"] and d["stream_resource"] == resource["uid"] for d in datums)
+    # the events carry everything but the image, with the inline run's values
+    assert all("det_image" not in e["data"] and not e["filled"] for e in events)
+    for e, ref in zip(events, inline_events):
+        assert e["data"] == {k: v for k, v in ref["data"].items() if k != "det_image"}
+
+    # the rows are the inline frames, each one visible to a SWMR reader when its stream_datum was emitted
+    with h5py.File(path, "r", swmr=True) as f:
+        rows = f["/entry/data/data"][:]
+        assert f["/entry/data/data"].chunks == (1, 619, 487)
+    assert rows.dtype == np.int32 and rows.shape == (n, 619, 487)
+    assert all(np.array_equal(rows[i], frames[i]) for i in range(n))
+    assert sorted(rows_seen) == list(range(1, n + 1))
+    assert all(np.array_equal(rows_seen[s], frames[s - 1]) for s in rows_seen)
+
+    # a second run writes a file of its own; the first one is closed and keeps its rows
+    docs.clear()
+    RE(operando_cycle(det, light, n_frames=2, schedule=[(0, "uv")]))
+    (second,) = [d for name, d in docs if name == "stream_resource"]
+    assert second["uri"] != resource["uri"] and det.writer.path != path
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, det.writer.path.name])
+    with h5py.File(path, "r") as f:
+        assert f["/entry/data/data"].shape == (n, 619, 487)

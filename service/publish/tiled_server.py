@@ -39,12 +39,16 @@ class EmbeddedTiled:
     api_key : single-user API key; a 64-hex-digit `secrets.token_hex(32)` if None.
     port : TCP port, 0 for a free one chosen by the OS. Pass the old port to restart a
         server on the same directory at the same address (clients keep working).
+    readable_storage : directories (a path or a list of them) whose files Tiled may serve
+        as external data, e.g. the HDF5 files detectors write, registered by bluesky's
+        TiledWriter from stream_resource documents; none by default (Tiled refuses them).
 
     Attributes: ``uri`` (``http://127.0.0.1:PORT/api/v1``, no key in it), ``api_key``,
-    ``port``, ``directory``. Use as a context manager or call `close`.
+    ``port``, ``directory``, ``readable_storage`` (resolved paths). Use as a context manager
+    or call `close`.
     """
 
-    def __init__(self, directory, *, api_key: str | None = None, port: int = 0):
+    def __init__(self, directory, *, api_key: str | None = None, port: int = 0, readable_storage=None):
         from tiled.server import SimpleTiledServer
 
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -53,8 +57,12 @@ class EmbeddedTiled:
             raise ValueError("tiled.api_key must be a non-empty string of letters and digits (Tiled refuses others)")
         self.directory = pathlib.Path(directory).resolve()
         self.api_key = api_key or secrets.token_hex(32)
+        if isinstance(readable_storage, (str, pathlib.Path)):
+            readable_storage = [readable_storage]
+        self.readable_storage = [pathlib.Path(p).resolve() for p in readable_storage or []]
         self._server = SimpleTiledServer(
-            directory=self.directory, api_key=self.api_key, port=port
+            directory=self.directory, api_key=self.api_key, port=port,
+            readable_storage=self.readable_storage or None,
         )
         self.port: int = self._server.port
         self.uri = f"http://127.0.0.1:{self.port}/api/v1"

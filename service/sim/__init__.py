@@ -9,6 +9,7 @@ from service.sim.frames import FrameSimulator, default_geometry, poni_dict, writ
 
 _LAZY = {
     "OperandoDetector": "service.sim.devices", "LightSource": "service.sim.devices",
+    "HDF5OperandoDetector": "service.sim.devices", "HDF5FrameWriter": "service.sim.devices",
     "SimClock": "service.sim.devices", "WallClock": "service.sim.devices",
     "make_beamline": "service.sim.devices",
     "operando_cycle": "service.sim.plans", "default_frame_schedule": "service.sim.plans",
