@@ -62,6 +62,7 @@ class StreamInfo:
     external_profile: str | None = None  # field holding datum_ids of reduced profiles in files (NXcanSAS)
     last_seq_num: int = 0
     datum_seq_num: int = 0              # last seq_num whose frames came by stream_datum
+    last_datum: tuple[str, int, int] | None = None    # that stream_datum's (stream_resource, indices stop, seq_nums stop)
     gap_lost: int = 0                   # events counted lost upstream from seq_num gaps, not to be recovered
     fanout: list = field(default_factory=list)   # multi-detector run: [(analysis key, StreamInfo of one detector)]
 
@@ -74,6 +75,7 @@ class RunInfo:
     streams: dict[str, StreamInfo] = field(default_factory=dict)   # descriptor uid -> stream
     last_seen: float = field(default_factory=time.monotonic)
     detectors: dict[str, str] = field(default_factory=dict)   # name -> analysis key (service/detectors.py); {}: one
+    recovered: int = 0                  # lost frames read from their file (stream_datum gaps)
 
     @property
     def keys(self) -> list[str]:
@@ -471,7 +473,9 @@ class DocumentRouter:
             self.metrics.lost_upstream.labels("start").inc()
             raise RejectedInput("stop_without_start", doc["run_start"])
         missing = self._missing_events(run, doc)
-        self._close(run.uid, doc if not missing else {**doc, MISSING_EVENTS_KEY: missing})
+        counts = {**({MISSING_EVENTS_KEY: missing} if missing else {}),
+                  **({RECOVERED_EVENTS_KEY: run.recovered} if run.recovered else {})}
+        self._close(run.uid, {**doc, **counts})
 
     def _missing_events(self, run: RunInfo, stop: dict) -> int:
         """Events of `run` that never arrived: the seq_num gaps (counted lost upstream when they
@@ -543,27 +547,40 @@ class DocumentRouter:
         plan = self.resolver.plan_stream_datum(doc)
         stream = run.streams[doc["descriptor"]]
         if plan is not None and stream.external_stream:
-            self._stream_datum_gap(run, stream, doc)
+            lost = self._stream_datum_gap(run, stream, doc)
+            if lost is not None:
+                self._emit(run, FileFrames(run_uid, lost, time.time(), arrival, {}, "frame", stream))
         if plan is not None:
             kind = self.resolver.stream_kind(doc)
             self._emit(run, FileFrames(run_uid, plan, time.time(), arrival, {}, kind,
                                        run.streams[doc["descriptor"]] if kind == "frame" else None))
 
-    def _stream_datum_gap(self, run: RunInfo, stream: StreamInfo, doc: dict) -> None:
+    def _stream_datum_gap(self, run: RunInfo, stream: StreamInfo, doc: dict) -> FileRead | None:
         """Frames by stream_datum: a ``seq_nums`` range starting past the last one seen means
-        stream_datum documents were lost; their frames are fetched from the catalogue (or counted)."""
+        stream_datum documents were lost. Between two of one stream_resource, the lost frames are
+        the rows between their ``indices`` (a resource's stream_datums tile its rows): returned,
+        to be read from the file like the others; otherwise fetched from the catalogue (or counted)."""
         first, stop = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
         gap = first - stream.datum_seq_num - 1
-        if 0 < gap <= self.config.max_seq_gap and first > 0:
-            self.metrics.lost_upstream.labels("stream_datum").inc(gap)
-            log.warning("run %s: stream_datum seq_nums jump %d -> %d (lost upstream)", run.uid[:8],
-                        stream.datum_seq_num, first)
-            recover = self._recovery_of(run, stream, range(stream.datum_seq_num + 1, first))
-            if recover is not None:
-                self._enqueue(run, recover)
-            else:
-                stream.gap_lost += gap
+        last, stream.last_datum = stream.last_datum, (doc["stream_resource"], int(doc["indices"]["start"]) + stop - first,
+                                                      stop)
         stream.datum_seq_num = max(stream.datum_seq_num, stop - 1)
+        if not (0 < gap <= self.config.max_seq_gap and first > 0):
+            return None
+        self.metrics.lost_upstream.labels("stream_datum").inc(gap)
+        log.warning("run %s: stream_datum seq_nums jump %d -> %d (lost upstream)", run.uid[:8], first - gap - 1, first)
+        if last is not None and last[0] == doc["stream_resource"] and int(doc["indices"]["start"]) - last[1] == gap:
+            self.metrics.events_recovered.inc(gap)
+            run.recovered += gap
+            lost = {**doc, "uid": f"{doc['uid']}/lost", "indices": {"start": last[1], "stop": last[1] + gap},
+                    "seq_nums": {"start": last[2], "stop": first}}
+            return self.resolver.plan_stream_datum(lost)
+        recover = self._recovery_of(run, stream, range(first - gap, first))
+        if recover is not None:
+            self._enqueue(run, recover)
+        else:
+            stream.gap_lost += gap
+        return None
 
     def _extract_frame(self, doc: dict, stream: StreamInfo) -> np.ndarray | FileRead:
         """The event's frame, checked; or, when it is in a file, the read of it (checked once read)."""
@@ -752,7 +769,7 @@ class DocumentRouter:
             return end
         stop = dict(end.stop)
         stop[MISSING_EVENTS_KEY] = int(stop.get(MISSING_EVENTS_KEY) or 0) + lane.unrecoverable
-        stop[RECOVERED_EVENTS_KEY] = lane.recovered
+        stop[RECOVERED_EVENTS_KEY] = int(stop.get(RECOVERED_EVENTS_KEY) or 0) + lane.recovered
         return replace(end, stop=stop)
 
     def _submit_item(self, item: Frame | FileFrames) -> None:
