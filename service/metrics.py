@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector,
+                               generate_latest)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -65,9 +66,15 @@ class Metrics:
                                       "(state, results, tiled, calibration)", ["sink"], registry=r)
         self.worker_frames = Counter("scatterflow_worker_frames", "Frames reduced and fitted, by worker (process or "
                                      "Ray actor), its node and device", ["worker", "node", "device"], registry=r)
-        self.tiled_requests = Gauge("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
-        self.tiled_failures = Gauge("scatterflow_tiled_failures", "Tiled write failures (retried or spooled)",
-                                    registry=r)
+        self.tiled_requests = Counter("scatterflow_tiled_requests", "Write requests sent to Tiled", registry=r)
+        self.tiled_failures = Counter("scatterflow_tiled_failures", "Tiled write failures (retried or spooled)",
+                                      registry=r)
+        for kind in ("event", "stream_datum", "start"):       # a series from the start, not from the first loss
+            self.lost_upstream.labels(kind)
+        ProcessCollector(registry=r)                          # process_* (CPU, memory, open files)
+        PlatformCollector(registry=r)                         # python_info
+        Info("scatterflow_build", "Version of the service and of the libraries its numbers depend on",
+             registry=r).info(build_info())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -79,6 +86,19 @@ class Metrics:
         buckets = sorted((float(s.labels["le"]), s.value) for m in self.latency.collect() for s in m.samples
                          if s.name.endswith("_bucket") and s.labels.get("stage") == stage)
         return histogram_quantile(buckets, q)
+
+
+def build_info() -> dict[str, str]:
+    """scatterflow's version and those of torch, pyFAI, numpy, bluesky, event-model and tiled."""
+    from importlib.metadata import PackageNotFoundError, version
+    info = {}
+    for name, dist in (("version", "scatterflow"), ("torch", "torch"), ("pyfai", "pyFAI"), ("numpy", "numpy"),
+                       ("bluesky", "bluesky"), ("event_model", "event-model"), ("tiled", "tiled")):
+        try:
+            info[name] = version(dist)
+        except PackageNotFoundError:
+            info[name] = "none"
+    return info
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:

@@ -35,7 +35,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self._seen = {"tiled_spooled": 0, "tiled_interrupted": 0, "catalog": 0}   # writer counts already in the counters
+        self._seen = {"tiled_requests": 0, "tiled_failures": 0, "tiled_spooled": 0, "tiled_interrupted": 0, "catalog": 0}   # writer counts already in the counters
         self._first_seen: dict[tuple[str, int], float] = {}           # (dead|starting, pid) -> time.monotonic()
         self._deadline = float("inf")                                 # of close(), time.monotonic()
         self.store = RunStore()
@@ -237,9 +237,9 @@ class Service:
         tiled = getattr(self, "tiled", None)
         if tiled is None:
             return
-        self.metrics.tiled_requests.set(tiled.requests)
-        self.metrics.tiled_failures.set(tiled.failures)
-        for key, now, counter in (("tiled_spooled", tiled.spooled, self.metrics.tiled_spooled),
+        for key, now, counter in (("tiled_requests", tiled.requests, self.metrics.tiled_requests),
+                                  ("tiled_failures", tiled.failures, self.metrics.tiled_failures),
+                                  ("tiled_spooled", tiled.spooled, self.metrics.tiled_spooled),
                                   ("tiled_interrupted", tiled.interrupted, self.metrics.runs_interrupted_at_start)):
             counter.inc(now - self._seen[key])
             self._seen[key] = now

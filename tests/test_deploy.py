@@ -28,7 +28,7 @@ def metric_names(metrics: Metrics) -> tuple[set[str], set[str]]:
     """Sample names Prometheus sees from our registry (counters get _total, histograms
     _bucket/_sum/_count) and all label names, from the metric families themselves."""
     names, labels = set(), {"le", "job", "instance"}
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
                 "histogram": ("_bucket", "_sum", "_count", "_created")}
     for fam in metrics.registry.collect():
         names.update(fam.name + s for s in suffixes[fam.type])
@@ -231,7 +231,7 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports():
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("rate", "latency", "drops", "convergence"):
+    for topic in ("rate", "latency", "drops", "re-seeded"):
         assert topic in titles
     exprs = []
     for panel in dash["panels"]:
@@ -250,3 +250,21 @@ def test_proxy_reuses_frame_buffers_as_the_service_does(compose):
     """The proxy copies every frame too: same glibc malloc settings as service/memory.py."""
     from service.memory import reuse_environment
     assert compose["services"]["proxy"]["environment"] == reuse_environment()
+
+
+def test_metrics_have_process_build_and_loss_series_from_the_start():
+    """What Prometheus scrapes from a fresh service: process_* and python_info, the build's
+    versions (against the installed packages), counters typed as counters, and a series for
+    each kind of upstream loss before any loss (so rate() and alerts work from the start)."""
+    from importlib.metadata import version
+
+    import torch
+
+    text = Metrics().render().decode()
+    assert "process_resident_memory_bytes" in text and "python_info{" in text
+    build = next(line for line in text.splitlines() if line.startswith("scatterflow_build_info{"))
+    assert f'version="{version("scatterflow")}"' in build and f'torch="{torch.__version__}"' in build
+    for name in ("tiled_requests", "tiled_failures"):
+        assert f"# TYPE scatterflow_{name}_total counter" in text
+    for kind in ("event", "stream_datum", "start"):
+        assert f'scatterflow_lost_upstream_total{{kind="{kind}"}} 0.0' in text
