@@ -193,10 +193,18 @@ class CatalogConfig(_Section):
 
 
 class ApiConfig(_Section):
-    """REST API (read-only). `api_key` is a SecretStr: its repr and JSON dump are masked."""
+    """REST API (read-only). `api_key` is a SecretStr: its repr and JSON dump are masked.
+
+    Memory: each run held keeps the newest `held_rows` rows (at least; up to 1/16 more) of each
+    result table (peaks ~87 B a row, phases ~45 B, inversion, scalar series) and of its events'
+    scalar fields; older rows, and runs past the newest `max_runs`, are read back from Tiled
+    (`archive_cache_rows` rows of such reads kept for the next polls, ~87 B a peak row)."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: SecretStr | None = None        # required when host is not a loopback address
+    held_rows: int = Field(100_000, ge=1)   # rows per table and run held in memory
+    max_runs: int = Field(100, ge=1)        # runs held in memory; past it the oldest finished one is forgotten
+    archive_cache_rows: int = Field(1_000_000, ge=0)   # rows read back from Tiled kept for later polls
 
 
 def secret(value: SecretStr | str | None) -> str | None:
@@ -326,8 +334,10 @@ def load_settings(path: str | os.PathLike | None = None, **overrides) -> Setting
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration {path}: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"configuration {path}: top level must be a mapping")
     data.update(overrides)
@@ -335,6 +345,13 @@ def load_settings(path: str | os.PathLike | None = None, **overrides) -> Setting
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(one_line(exc)) from None
+
+
+def yaml_problem(exc) -> str:
+    """A YAML parse error in one line: where (line, column) and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"not valid YAML ({where}{getattr(exc, 'problem', None) or str(exc).splitlines()[0]})"
 
 
 def one_line(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:

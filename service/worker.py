@@ -65,13 +65,14 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
     parent = multiprocessing.parent_process()
     if parent is not None:
         watch_parent(parent.pid)
+    from .logs import configure as configure_logging
+    configure_logging(fmt=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")     # before pyFAI's imports
     import torch
 
     from workers.pipeline import IntegratorCache, NoGeometry, RunPipeline
 
     from .memory import reuse_freed_buffers
     reuse_freed_buffers()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
     device = resolve_device(device_name)
     if threads and device == "cpu":
         torch.set_num_threads(threads)

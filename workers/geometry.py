@@ -19,8 +19,10 @@ the torch functions are the differentiable copy that calibration optimises throu
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,10 +74,16 @@ class Geometry:
     # -- pyFAI interop ------------------------------------------------------------------
     @classmethod
     def from_poni(cls, path) -> "Geometry":
-        """Read a pyFAI PONI file (versions 1, 2, 2.1)."""
+        """Read a pyFAI PONI file (versions 1, 2, 2.1); ValueError naming the file and key when
+        it is not one (binary, a value that is no number, an unknown detector)."""
         import pyFAI
 
-        return cls.from_pyfai(pyFAI.load(str(path)))
+        _check_poni(Path(path))
+        try:
+            ai = pyFAI.load(str(path))
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a usable PONI file: {str(exc).splitlines()[0]}") from None
+        return cls.from_pyfai(ai)
 
     def to_poni(self, path) -> None:
         """Write a PONI v2.1 file (pyFAI's writer)."""
@@ -124,6 +132,28 @@ class Geometry:
                      self.shape, int(self.orientation)))
 
 
+#: PONI keys whose values are numbers (pyFAI's PoniFile reads them with float())
+_PONI_NUMBERS = ("distance", "poni1", "poni2", "rot1", "rot2", "rot3", "wavelength", "pixelsize1", "pixelsize2")
+
+
+def _check_poni(path: Path) -> None:
+    """The checks pyFAI's reader lacks, as one clear line: a text file of ``Key: value``
+    lines whose numeric keys hold numbers (JSON PONI files are left to pyFAI)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a PONI file (binary; a PONI file is text, 'Distance: 0.1' lines)") from None
+    if text.lstrip().startswith("{"):
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        key, sep, value = line.partition(":")
+        if sep and not line.lstrip().startswith("#") and key.strip().lower() in _PONI_NUMBERS:
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: {key.strip()} = {value.strip()!r} is not a number") from None
+
+
 def _make_detector(name, pixel1, pixel2, shape, orientation):
     import pyFAI
     import pyFAI.detectors
@@ -133,10 +163,16 @@ def _make_detector(name, pixel1, pixel2, shape, orientation):
             raise ValueError("a generic 'Detector' needs pixel1, pixel2 and shape")
         return pyFAI.detectors.Detector(pixel1, pixel2, max_shape=tuple(shape),
                                         orientation=int(orientation))
+    known = pyFAI.detectors.Detector.registry
+    if not (os.path.isfile(name) or isinstance(getattr(pyFAI.detectors, name, None), type)
+            or {name.lower(), name.lower().replace(" ", "_")} & set(known)):
+        close = difflib.get_close_matches(name.lower(), known, n=4)
+        raise ValueError(f"unknown pyFAI detector {name!r}" + (f"; close names: {', '.join(close)}" if close else
+                                                               " (pyFAI.detectors.ALL_DETECTORS lists them)"))
     try:
         det = pyFAI.detector_factory(name, config={"orientation": int(orientation)})
     except Exception as exc:  # pyFAI raises RuntimeError for unknown names
-        raise ValueError(f"unknown pyFAI detector {name!r}: {exc}") from exc
+        raise ValueError(f"pyFAI detector {name!r}: {str(exc).splitlines()[0]}") from exc
     det_shape = det.shape if det.shape is not None else det.max_shape
     same_pixels = ((pixel1 is None or math.isclose(pixel1, det.pixel1, rel_tol=1e-9))
                    and (pixel2 is None or math.isclose(pixel2, det.pixel2, rel_tol=1e-9)))

@@ -42,7 +42,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _load(args):
     import numpy as np
 
-    with np.load(args.profiles) as z:
+    try:
+        z = np.load(args.profiles, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{args.profiles}: not an .npz archive of profiles ({exc})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{args.profiles}: a single array, not an .npz archive with arrays q and I (and sigma, "
+                         f"time, seq_num), as `scatterflow integrate` writes")
+    with z:
         missing = {"q", "I"} - set(z.files)
         if missing:
             raise ValueError(f"{args.profiles}: missing arrays {sorted(missing)} (has {z.files})")
@@ -68,12 +75,12 @@ def _fit_specs(path: Path) -> tuple[ModelSpec, RegularizerSpec]:
     import yaml
     from pydantic import ValidationError
 
-    from service.config import FitConfig, one_line
+    from service.config import FitConfig, one_line, yaml_problem
     from service.errors import ConfigError
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
     if isinstance(cfg, dict) and "fit" in cfg:
         cfg = cfg["fit"]
     if not isinstance(cfg, dict):
