@@ -25,7 +25,7 @@ Start document keys read here (all optional; angles in rad)::
 
 A detector entry is a mapping holding any of ``geometry``, ``reduction``, ``fit`` or the run
 keys; its keys win over the run-level ones, which win over the configuration. Other keys of
-``start["scatterflow"]`` (hints such as ``peaks`` or ``unit``) are not read. Every size these
+``start["scatterflow"]`` are not read, and logged as such once per analysis. Every size these
 keys can set (bins, q-map bins, peaks, regularizer window, detector pixels, detectors) has a
 ceiling in the configuration's ``limits``, checked in service/run_spec.py.
 """
@@ -127,6 +127,11 @@ def run_settings(start: dict, reduction: ReductionConfig, fit: FitConfig) -> Run
     hints = _hints(start)
     detector = start.get(DETECTOR_DOC_KEY)
     entries = detector_entries(start)
+    unread = sorted(str(k) for k in hints if k not in ENTRY_KEYS and k not in entries)
+    if unread:
+        log.warning("run %s: start['scatterflow'] keys %s are not read (run keys: %s, reduction, fit, or a detector "
+                    "entry; peaks go in start['scatterflow']['fit']['peaks'])", str(start.get("uid"))[:8], unread,
+                    ", ".join(RUN_KEYS))
     if isinstance(detector, dict):
         entry = entries.get(detector.get("detector"), {})
     else:

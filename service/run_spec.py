@@ -102,6 +102,13 @@ class RunSpecBuilder:
             raise ConfigError(f"configuration: {exc}") from None
         self.phases = self._phase_spec()
         self.phase_checkpoint = self._phase_checkpoint()
+        model = settings.fit.model_spec()
+        try:
+            if self.phases is not None:
+                self.phases.check_peaks([p.name for p in model.peaks] if model is not None else [])
+        except ValueError as exc:       # said once here; runs whose own fit lacks them are logged at INFO
+            log.warning("phases: %s; only runs whose own fit (start['scatterflow']['fit']) has them get phases "
+                        "(phases.enabled: false turns this off)", exc)
         self.inversion = self._inversion_spec()
 
     def build(self, start: dict, calibrated=None):
@@ -145,7 +152,7 @@ class RunSpecBuilder:
                     raise ValueError("no peaks are fitted")
                 phases.check_peaks(names)
             except ValueError as exc:
-                log.warning("run %s: no phase identification: %s", str(start.get("uid", "?"))[:8], exc)
+                log.info("run %s: no phase identification: %s", str(start.get("uid", "?"))[:8], exc)
                 phases = None
         return RunSpec(geometry=geometry, reduction=reduction, model=model, regularizer=run.fit.regularizer,
                        phases=phases, phase_checkpoint=self.phase_checkpoint if phases is not None else None,

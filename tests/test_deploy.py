@@ -141,7 +141,7 @@ def test_compose_environment_is_a_valid_service_configuration(compose, monkeypat
     s = load_settings(DEPLOY / "scatterflow.yaml")
     assert s.api.host == "0.0.0.0" and s.api.api_key.get_secret_value() == "k" * 64
     assert s.ingest.address == "tcp://proxy:5578" and s.tiled.uri == "http://tiled:8001/api/v1"
-    assert s.fit.peaks[0].name == "lamellar"            # the YAML file still applies under the environment
+    assert s.fit.peaks == [] and not s.phases.enabled   # the YAML file (generic: reduction only) still applies
     monkeypatch.delenv("SCATTERFLOW_API__API_KEY")
     with pytest.raises(ValueError, match="api.api_key"):   # the service would refuse to start without its key
         load_settings(DEPLOY / "scatterflow.yaml")
@@ -268,3 +268,23 @@ def test_metrics_have_process_build_and_loss_series_from_the_start():
         assert f"# TYPE scatterflow_{name}_total counter" in text
     for kind in ("event", "stream_datum", "start"):
         assert f'scatterflow_lost_upstream_total{{kind="{kind}"}} 0.0' in text
+
+
+@pytest.mark.parametrize("name, modality, peaks, phases", [
+    ("saxs-lamellar", "saxs", ["lamellar"], False),
+    ("waxs-semicrystalline", "waxs", ["lamellar", "pi_pi", "halo"], True),
+    ("gisaxs", "gisaxs", ["lamellar"], False),
+    ("giwaxs", "giwaxs", ["halo", "pi_pi"], False),
+])
+def test_example_configurations_build_their_run_spec(name, modality, peaks, phases, caplog):
+    """Each deploy/examples/ configuration gives the service a run spec with its modality, peaks
+    and phases for a run that brings only its geometry, and logs no warning doing so."""
+    from service.run_spec import RunSpecBuilder
+    from service.sim.frames import default_geometry, poni_dict
+
+    settings = load_settings(DEPLOY / "examples" / f"{name}.yaml")
+    spec = RunSpecBuilder(settings).build({"uid": "example", "geometry": poni_dict(default_geometry())})
+    assert spec.reduction.modality == modality
+    assert [p.name for p in spec.model.peaks] == peaks
+    assert (spec.phases is not None) == phases
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("service")]

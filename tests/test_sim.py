@@ -228,7 +228,7 @@ def test_plan_under_run_engine(ai):
     assert start["light_schedule"] == [[0, "dark"], [4, "uv"], [8, "visible"]]
     assert start["light_schedule_s"][1] == [2.0, "uv"]
     assert start["geometry"] == poni_dict(ai) and start["modality"] == "WAXS"
-    assert start["operator"] == "test" and start["scatterflow"]["detector_field"] == "det_image"
+    assert start["operator"] == "test" and start["simulation"]["detector_field"] == "det_image"
     key = docs[1][1]["data_keys"]["det_image"]
     assert key["shape"] == [619, 487] and key["dtype"] == "array" and key["dtype_numpy"] == "<i4"
     assert docs[-1][1]["exit_status"] == "success" and docs[-1][1]["num_events"]["primary"] == 12

@@ -207,7 +207,7 @@ class AdaptiveResult:
 
 def _cycle_metadata(det, light, plan_name: str, plan_args: dict) -> dict:
     """Start-document metadata of the simulated beamline, the keys `service.sim.operando_cycle`
-    writes (geometry as a PONI dict, ``scatterflow`` hints), minus its fixed light schedule."""
+    writes (geometry as a PONI dict, ``simulation`` hints), minus its fixed light schedule."""
     from service.sim.azopolymer import PEAKS
     from service.sim.frames import poni_dict
 
@@ -217,7 +217,7 @@ def _cycle_metadata(det, light, plan_name: str, plan_args: dict) -> dict:
         "sample": "azopolymer film (simulated)", "modality": "WAXS", "simulated": True,
         "frame_interval": float(det.frame_interval.get()),
         "geometry": poni_dict(sim.ai),
-        "scatterflow": {
+        "simulation": {                  # what the simulator did (descriptive; the service reads start["scatterflow"])
             "detector_field": det.image.name, "unit": "q_nm^-1",
             "polarization_factor": sim.polarization_factor, "dummy": -1,
             "time_field": det.time_offset.name,

@@ -82,7 +82,7 @@ def operando_cycle(det, light, *, n_frames: int | None = None, schedule=None,
         "light_schedule_s": [[i * frame_interval, lt] for i, lt in changes.items()],
         "frame_interval": frame_interval,
         "geometry": poni_dict(sim.ai),
-        "scatterflow": {
+        "simulation": {                  # what the simulator did (descriptive; the service reads start["scatterflow"])
             "detector_field": det.image.name,
             "unit": "q_nm^-1",
             "polarization_factor": sim.polarization_factor,
