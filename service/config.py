@@ -170,6 +170,9 @@ class TiledConfig(_Section):
     uri: str | None = None                  # None: embedded server under `directory`
     api_key: SecretStr | None = None        # masked in repr and JSON dumps; `secret()` unwraps it
     directory: Path = Path("./var/tiled")
+    # the embedded server (uri None): its port (0: a free one) and, without api_key, a random key
+    # written to <directory>/api_key (owner-only) for other processes (tiled clients, reports)
+    port: int = Field(0, ge=0, le=65535)
     # Tiled is the archive (live consumers read the results stream and REST); each flush costs
     # several requests whatever its size, so flushes are rare (benchmarks/RESULTS.md, 2026-12-07)
     flush_rows: int = 4000     # peak/table rows (about 8 per frame) or frames buffered per run

@@ -8,6 +8,7 @@ one of them hangs. `health()` is what ``/api/v1/health`` reports. `scatterflow s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ class Service:
         from .recovery import CatalogRecovery
         log.info("ingest: events lost upstream are fetched from the catalogue %s", c.uri)
         return CatalogRecovery(c.uri, secret(c.api_key), c.recover_wait_s, c.recover_wait_at_stop_s)
+
+    tiled_key_file: Path | None = None      # where the embedded Tiled's generated key is
 
     def spec_for_run(self, start: dict):
         """The workers.pipeline.RunSpec of the analysis of ``start`` (service/run_spec.py); the
@@ -139,10 +142,13 @@ class Service:
             log.warning("Tiled publishing unavailable: %s", exc)
             return None
         if s.uri is None:
-            server = EmbeddedTiled(directory=s.directory, api_key=secret(s.api_key))
+            server = EmbeddedTiled(directory=s.directory, api_key=secret(s.api_key), port=s.port)
             self._closers.append(server.close)
             self.tiled_uri, self.tiled_api_key = server.uri, server.api_key
-            log.info("embedded Tiled at %s (data in %s)", server.uri, s.directory)
+            if s.api_key is None:
+                self.tiled_key_file = write_key_file(Path(s.directory) / "api_key", server.api_key)
+            log.info("embedded Tiled at %s (data in %s; API key %s)", server.uri, s.directory,
+                     f"in {self.tiled_key_file}" if self.tiled_key_file else "tiled.api_key")
         else:
             self.tiled_uri, self.tiled_api_key = s.uri, secret(s.api_key)
         publisher = TiledPublisher(self.tiled_uri, api_key=self.tiled_api_key,
@@ -314,3 +320,13 @@ class Service:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_key_file(path: Path, key: str) -> Path:
+    """`key` into `path`, readable by its owner only (created so: never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return path

@@ -170,3 +170,28 @@ def test_service_never_logs_or_serves_its_keys(free_port, tmp_path, caplog, capf
         assert key not in status.text and key not in runs.text
         assert key not in config_sent
         assert key.encode() not in spooled
+
+
+def test_embedded_tiled_on_its_port_with_its_key_in_an_owner_only_file(free_port, tmp_path, caplog):
+    """Without tiled.api_key the embedded server's random key is written to <directory>/api_key
+    (mode 0600, not logged), on the configured tiled.port: another process's stock tiled client
+    reads the service's data with it."""
+    import stat
+
+    from tiled.client import from_uri
+
+    from service.server import Service
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    service = Service(load_settings(None, tiled={"directory": str(tmp_path / "tiled"), "port": port}))
+    service._start_tiled()
+    try:
+        key_file = tmp_path / "tiled" / "api_key"
+        assert service.tiled_key_file == key_file and service.tiled_uri == f"http://127.0.0.1:{port}/api/v1"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        assert len(key) == 64 and key not in caplog.text and str(key_file) in caplog.text
+        assert "scatterflow" not in from_uri(f"http://127.0.0.1:{port}/api/v1", api_key=key)   # reads, empty
+    finally:
+        for close in reversed(service._closers):
+            close()

@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rate", type=float, default=10.0, help="frames per real second the beamline publishes (default 10)")
     p.add_argument("--workdir", default="var/demo", help="where Tiled data, the PONI file and plots go")
     p.add_argument("--port", type=int, default=8000, help="REST API port (a free one if taken)")
+    p.add_argument("--tiled-port", type=int, default=0, help="embedded Tiled's port (default: a free one)")
     p.add_argument("--config", help="YAML configuration overriding the demo defaults")
     p.add_argument("--exit", action="store_true", help="exit after the summary instead of serving the API")
     p.add_argument("--experiment", choices=("saxs", "saxs+waxs", "gisaxs", "giwaxs"), default="saxs",
@@ -53,7 +54,7 @@ def run(args) -> int:
     settings = load_settings(args.config, **{
         "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
         "geometry": {"poni": poni, "mask": str(mask_path)},
-        "tiled": {"directory": str(workdir / "tiled")},
+        "tiled": {"directory": str(workdir / "tiled"), "port": args.tiled_port},
         "api": {"port": free_port(args.port)},
         "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
     })

@@ -132,7 +132,7 @@ def run_experiment(args) -> int:
     in_port, out_port = start_proxy()
     settings = load_settings(args.config, **{
         "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
-        "tiled": {"directory": str(workdir / "tiled")},
+        "tiled": {"directory": str(workdir / "tiled"), "port": args.tiled_port},
         "api": {"port": free_port(args.port)},
         "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
         "reduction": {"snapshot_every": 10},

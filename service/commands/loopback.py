@@ -35,7 +35,8 @@ def start_service(console, settings, title: str):
     console.print(f"[bold]{title}[/]: starting service ...")
     service = Service(settings).start()
     api = f"http://127.0.0.1:{service.api_port}"
-    console.print(f"REST {api}/api/v1  dashboard {api}/  metrics {api}/metrics  Tiled {service.tiled_uri}")
+    key = f" (API key in {service.tiled_key_file})" if service.tiled_key_file else ""
+    console.print(f"REST {api}/api/v1  dashboard {api}/  metrics {api}/metrics  Tiled {service.tiled_uri}{key}")
     time.sleep(1.0)                                         # 0MQ slow joiner: let the SUB connect
     return service
 
