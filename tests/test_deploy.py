@@ -78,13 +78,15 @@ def test_compose_ray_profile(compose):
     for name in SERVICES:
         assert "profiles" not in services[name], name
         assert not set(services[name].get("depends_on", {})) & RAY_SERVICES, name
-    image = {k: services["scatterflow"][k] for k in ("build", "image")}
+    image = services["scatterflow"]["image"]
+    assert [name for name, svc in services.items() if "build" in svc] == ["scatterflow"]   # one build
+    assert all(svc["pull_policy"] == "never" for svc in services.values() if svc.get("image") == image)
     data = _data_mount(services["scatterflow"])
     assert data.endswith(":/data:ro")
     for name in RAY_SERVICES:
         svc = services[name]
         assert svc.get("profiles") == ["ray"], name
-        assert {k: svc[k] for k in ("build", "image")} == image, name
+        assert svc["image"] == image, name
         assert _data_mount(svc) == data, name
         assert _shm_bytes(svc["shm_size"]) >= 1024 ** 3, name          # Ray's object store in /dev/shm
         assert svc["command"][:2] == ["ray", "start"] and "--block" in svc["command"], name
@@ -207,6 +209,15 @@ def test_tiled_config_reads_key_from_environment():
     auth = cfg["authentication"]
     assert auth["single_user_api_key"] == "${TILED_KEY_FROM_SECRET}" and auth["allow_anonymous_access"] is False
     assert cfg["trees"][0]["tree"] == "catalog" and cfg["trees"][0]["args"]["init_if_not_exists"] is True
+
+
+def test_tiled_serves_the_detector_files_the_service_reads(compose):
+    """Files a beamline's TiledWriter registers (stream_resource) are readable by Tiled: its
+    readable_storage is the service's detector data directory, mounted read-only."""
+    cfg = yaml.safe_load((DEPLOY / "tiled" / "config.yml").read_text())
+    (readable,) = cfg["trees"][0]["args"]["readable_storage"]
+    host_side = _data_mount(compose["services"]["scatterflow"]).rsplit(":", 2)[0]
+    assert f"{host_side}:{readable}:ro" in compose["services"]["tiled"]["volumes"]
 
 
 def test_prometheus_scrapes_scatterflow_with_its_key(compose):
