@@ -50,6 +50,11 @@ REJECT_LOG_INTERVAL_S = 10.0            # at most one log line per refusal reaso
 LANE_MAX_ITEMS = 1000                   # frames of one run waiting for files; past it refused ("read_backlog")
 
 
+def _range_of(doc: dict, name: str) -> tuple[int, int]:
+    """(start, stop) of a stream_datum's ``indices`` or ``seq_nums`` (checked by the resolver)."""
+    return int(doc[name]["start"]), int(doc[name]["stop"])
+
+
 # --------------------------------------------------------------------------- per-run state
 @dataclass
 class StreamInfo:
@@ -63,6 +68,7 @@ class StreamInfo:
     last_seq_num: int = 0
     datum_seq_num: int = 0              # last seq_num whose frames came by stream_datum
     last_datum: tuple[str, int, int] | None = None    # that stream_datum's (stream_resource, indices stop, seq_nums stop)
+    held: list = field(default_factory=list)     # [(seq_num, FileFrames)]: one frame's stream_datum awaiting its event
     gap_lost: int = 0                   # events counted lost upstream from seq_num gaps, not to be recovered
     fanout: list = field(default_factory=list)   # multi-detector run: [(analysis key, StreamInfo of one detector)]
 
@@ -378,8 +384,12 @@ class DocumentRouter:
             return
         if stream.external_profile is not None and isinstance(doc["data"].get(stream.external_profile), str):
             data, kind = self.resolver.plan_profile(doc, stream.external_profile), "profile"
-        elif stream.profile is None and (stream.frame_field is None or stream.external_stream):
-            return              # no frames (baseline), or frames that come by stream_datum
+        elif stream.external_stream:                # its frame came by stream_datum, held for this event
+            self._release_held(run, stream, doc, {k: float(v) for k, v in doc["data"].items()
+                                                  if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)})
+            return
+        elif stream.profile is None and stream.frame_field is None:
+            return              # no frames (baseline)
         elif stream.profile is not None:
             data, kind = self._extract_profile(doc, stream.profile), "profile"
         else:
@@ -538,7 +548,9 @@ class DocumentRouter:
 
     def _on_stream_datum(self, doc: dict, arrival: float) -> None:
         """Frames written to HDF5 by ophyd-async detectors. The event that goes with them
-        carries no image, so the frame time is the stream_datum's arrival (wall clock)."""
+        carries no image; it follows its stream_datum, which waits for it (`_release_held`) when
+        it names one frame, so that the frame gets the event's time and scalars. Frames of a
+        stream_datum naming several go at once, timed by its arrival (wall clock)."""
         run_uid = self._descriptor_run.get(doc["descriptor"])
         if run_uid is None:
             raise RejectedInput("stream_datum_before_descriptor", doc["descriptor"])
@@ -549,11 +561,32 @@ class DocumentRouter:
         if plan is not None and stream.external_stream:
             lost = self._stream_datum_gap(run, stream, doc)
             if lost is not None:
+                self._release_held(run, stream)
                 self._emit(run, FileFrames(run_uid, lost, time.time(), arrival, {}, "frame", stream))
         if plan is not None:
             kind = self.resolver.stream_kind(doc)
-            self._emit(run, FileFrames(run_uid, plan, time.time(), arrival, {}, kind,
-                                       run.streams[doc["descriptor"]] if kind == "frame" else None))
+            item = FileFrames(run_uid, plan, time.time(), arrival, {}, kind, stream if kind == "frame" else None)
+            first, stop = _range_of(doc, "seq_nums")
+            if kind == "frame" and stream.external_stream and stop - first == 1:
+                stream.held.append((first, item))
+            else:
+                self._release_held(run, stream)
+                self._emit(run, item)
+
+    def _release_held(self, run: RunInfo, stream: StreamInfo, event: dict | None = None,
+                      scalars: dict | None = None) -> None:
+        """Hand on the stream's held frames up to `event`'s seq_num (all without one), the one
+        of that seq_num with the event's time and scalars."""
+        seq = int(event["seq_num"]) if event is not None else None
+        keep = []
+        for first, item in stream.held:
+            if seq is not None and first > seq:
+                keep.append((first, item))
+            elif seq is not None and first == seq:
+                self._emit(run, replace(item, time=float(event["time"]), scalars=scalars or {}))
+            else:
+                self._emit(run, item)
+        stream.held = keep
 
     def _stream_datum_gap(self, run: RunInfo, stream: StreamInfo, doc: dict) -> FileRead | None:
         """Frames by stream_datum: a ``seq_nums`` range starting past the last one seen means
@@ -675,6 +708,10 @@ class DocumentRouter:
     def _detach(self, uid: str, stop: dict | None) -> tuple[RunEnd, RunLane | None]:
         """Forget open run `uid` (under the lock): what closing it still needs, and its lane."""
         run = self.runs.pop(uid)
+        deferred = self._deferred                # the closing document is counted on its own
+        for stream in run.streams.values():
+            self._release_held(run, stream)
+        self._deferred = deferred
         for d in run.streams:
             self._descriptor_run.pop(d, None)
         lane = self._lanes.pop(uid, None)

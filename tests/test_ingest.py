@@ -226,3 +226,28 @@ def test_reduced_profiles_are_frames_of_kind_profile():
     np.testing.assert_array_equal(f.data[1], 4 * q)
     np.testing.assert_allclose(f.data[2], np.sqrt(np.maximum(4 * q, 1)))      # Poisson when no sigma field
     assert rejected(metrics, "bad_profile") == 1                                # q not increasing
+
+
+def test_hdf5_frames_take_their_events_time_and_scalars(tmp_path):
+    """A RunEngine with the simulated detector writing its frames to HDF5 (stream_resource and
+    one stream_datum per frame, before its event): each frame handed on carries its own event's
+    time and scalar readings (the simulator's truth), in seq order, pixels equal to the file's."""
+    import h5py
+    from bluesky import RunEngine
+
+    from service.sim import make_beamline, operando_cycle
+
+    det, light = make_beamline(frame_interval=1.0, seed=2, hdf5_directory=tmp_path)
+    sink = Collect()
+    router = DocumentRouter(sink, Metrics(), IngestConfig(allowed_roots=[str(tmp_path)]))
+    events = []
+    RE = RunEngine({}, context_managers=[])
+    RE.subscribe(lambda name, doc: router.route(name, doc))
+    RE.subscribe(lambda name, doc: events.append(doc) if name == "event" else None)
+    RE(operando_cycle(det, light, n_frames=4, schedule=[(0, "uv")]))
+    assert router.drain()
+    truth = "det_lamellar_center_truth"
+    assert [(f.seq_num, f.time, f.scalars[truth]) for f in sink.frames] == \
+        [(e["seq_num"], e["time"], e["data"][truth]) for e in events]
+    with h5py.File(det.writer.path, "r") as f:
+        np.testing.assert_array_equal(np.stack([f.data for f in sink.frames]), f["/entry/data/data"][()])
