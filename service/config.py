@@ -50,6 +50,20 @@ class IngestConfig(_Section):
     file_retry_delay_s: float = Field(0.05, ge=0)
     file_open_timeout_s: float = Field(5.0, gt=0)   # a read blocked longer (plus its retry waits) is abandoned
     rcvhwm: int = 100_000
+    # CURVE encryption and authentication with bluesky's proxy (`bluesky-0MQ-proxy --out-curve-secret
+    # ... --out-curve-client-keys DIR`): this service's secret key file and the proxy's public key
+    # file, as zmq.auth.create_certificates writes them (bluesky's ClientCurve)
+    curve_secret_key: str | None = None
+    curve_server_public_key: str | None = None
+
+    @model_validator(mode="after")
+    def _curve_pair(self):
+        if (self.curve_secret_key is None) != (self.curve_server_public_key is None):
+            raise ValueError("curve_secret_key and curve_server_public_key go together")
+        for path in filter(None, (self.curve_secret_key, self.curve_server_public_key)):
+            if not os.path.isfile(path):
+                raise ValueError(f"no CURVE key file {path}")
+        return self
 
     @field_validator("allowed_roots")
     @classmethod

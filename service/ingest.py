@@ -898,14 +898,24 @@ class ZmqSubscriber:
         ctx = zmq.Context.instance()
         self._socket = ctx.socket(zmq.SUB)
         self._socket.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
+        if self.config.curve_secret_key:        # as bluesky's RemoteDispatcher does with a ClientCurve
+            import zmq.auth
+            public, secret = zmq.auth.load_certificate(self.config.curve_secret_key)
+            server, _ = zmq.auth.load_certificate(self.config.curve_server_public_key)
+            if secret is None:
+                raise ValueError(f"{self.config.curve_secret_key} holds no secret key")
+            self._socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self._socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            self._socket.setsockopt(zmq.CURVE_SERVERKEY, server)
         self._socket.setsockopt(zmq.SUBSCRIBE, self.config.prefix.encode() + b" " if self.config.prefix else b"")
         self._socket.connect(self.config.address)
         self._threads = [threading.Thread(target=self._receive, name="ingest-recv", daemon=True),
                          threading.Thread(target=self._route, name="ingest-route", daemon=True)]
         for t in self._threads:
             t.start()
-        log.info("ingest: subscribed to %s (serializer %s, pickle %s)", self.config.address,
-                 self.config.serializer, "allowed" if self.config.allow_pickle else "refused")
+        log.info("ingest: subscribed to %s (serializer %s, pickle %s%s)", self.config.address,
+                 self.config.serializer, "allowed" if self.config.allow_pickle else "refused",
+                 ", CURVE" if self.config.curve_secret_key else "")
 
     def _receive(self) -> None:
         import zmq

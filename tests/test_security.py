@@ -195,3 +195,54 @@ def test_embedded_tiled_on_its_port_with_its_key_in_an_owner_only_file(free_port
     finally:
         for close in reversed(service._closers):
             close()
+
+
+def test_ingest_through_a_curve_proxy_only_with_its_keys(free_port, tmp_path):
+    """bluesky's own Proxy with CURVE on its out side (ServerCurve, only this client's public key
+    allowed): ingest configured with its key pair and the proxy's public key receives a
+    RunEngine's documents encrypted; a subscriber without keys receives nothing."""
+    import threading
+
+    import zmq.auth
+    from bluesky import RunEngine
+    from bluesky.callbacks.zmq import Proxy, Publisher, ServerCurve
+    from bluesky.plans import count
+    from ophyd.sim import det
+
+    from service.config import IngestConfig
+    from service.ingest import DocumentRouter, ZmqSubscriber
+
+    from test_ingest import Collect, pack
+
+    server_dir, clients_dir = tmp_path / "server", tmp_path / "clients"
+    server_dir.mkdir(), clients_dir.mkdir()
+    _, server_secret = zmq.auth.create_certificates(server_dir, "proxy")
+    client_public, client_secret = zmq.auth.create_certificates(tmp_path, "scatterflow")
+    (clients_dir / "scatterflow.key").write_bytes(open(client_public, "rb").read())
+    in_port, out_port = free_port(), free_port()
+    proxy = Proxy(in_port, out_port, out_curve=ServerCurve(secret_path=server_secret,
+                                                           client_public_keys=clients_dir, allow=None))
+    threading.Thread(target=proxy.start, daemon=True).start()
+
+    def subscriber(**curve):
+        sink = Collect()
+        config = IngestConfig(address=f"tcp://127.0.0.1:{out_port}", **curve)
+        sub = ZmqSubscriber(config, DocumentRouter(sink, Metrics(), config), Metrics())
+        sub.start()
+        return sink, sub
+    keyed, keyed_sub = subscriber(curve_secret_key=str(client_secret),
+                                  curve_server_public_key=str(server_dir / "proxy.key"))
+    plain, plain_sub = subscriber()
+    time.sleep(1.0)                                         # 0MQ slow joiners (and the CURVE handshake)
+    RE = RunEngine({}, context_managers=[])
+    RE.subscribe(Publisher(f"127.0.0.1:{in_port}", serializer=pack))
+    (uid,) = RE(count([det], num=3))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not keyed.stopped:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    keyed_sub.stop(), plain_sub.stop()
+    assert keyed.started == [uid] and keyed.stopped == [(uid, "success")]
+    assert plain.started == [] and plain_sub.received == 0
+    with pytest.raises(ValueError, match="go together"):
+        IngestConfig(curve_secret_key=str(client_secret))
