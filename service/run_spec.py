@@ -131,7 +131,7 @@ class RunSpecBuilder:
         elif isinstance(start.get("geometry"), dict):       # a PONI mapping, as pyFAI's get_config()
             geometry = Geometry.from_pyfai(_pyfai_load(start["geometry"], "start.geometry"))
         else:       # fine for runs of reduced 1D profiles; 2D frames of this run fail as "no_geometry"
-            log.warning("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
+            log.info("run %s: no geometry (geometry.poni unset, no 'geometry' in the start document)",
                         str(start.get("uid", "?"))[:8])
             geometry = None
         if geometry is not None and geometry.shape is not None:     # before a mask or matrix of that size

@@ -106,7 +106,8 @@ def worker_main(index: int, device_name: str, inbox, outbox, threads: int | None
                 logged = {k for k in logged if k[0] != msg.uid}
         except Exception as exc:
             detail = f"{type(exc).__name__}: {exc}"
-            if (msg.uid, type(exc).__name__) not in logged:    # once per run and kind: a hostile run cannot flood the log
+            expected = isinstance(exc, (NoGeometry, FrameReadError))    # the hub logs these, once per run
+            if not expected and (msg.uid, type(exc).__name__) not in logged:   # once per run and kind: no flood
                 logged.add((msg.uid, type(exc).__name__))
                 log.error("worker %d: %s for run %s failed: %s (further such failures of this run are counted, "
                           "not logged)", index, type(msg).__name__, msg.uid[:8], exc)

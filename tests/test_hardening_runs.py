@@ -23,6 +23,7 @@ Counts are asserted exactly, as deltas of the module's service's /metrics read o
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import socket
@@ -329,14 +330,19 @@ def test_bad_values_in_start_documents_are_refused_with_their_reason(rig):
     assert healthy(service)["status"] == "ok"
 
 
-def test_a_run_whose_every_frame_failed_ends_failed(rig):
-    """2D frames and no geometry anywhere (no geometry.poni, none in the start document)."""
+def test_a_run_whose_every_frame_failed_ends_failed(rig, caplog, capfd):
+    """2D frames and no geometry anywhere (no geometry.poni, none in the start document): the
+    run ends failed, its failure logged once (by the service, not again by the worker)."""
     service, pub, _ = rig
     before = counters(service)
     n = 6
+    capfd.readouterr()
     uid = frame_runs(pub, {"blind": ({}, None)}, n, shape=(32, 32))["blind"]
     rec = wait_stopped(service, uid)
     assert rec.status == "failed" and rec.reason == f"every frame failed ({n} no_geometry)"
+    logged = [r.getMessage() for r in caplog.records if uid[:8] in r.getMessage() and r.levelno >= logging.WARNING]
+    assert [m for m in logged if "NoGeometry" in m] == logged[:1] and logged[1:] == [f"run {uid[:8]} failed: {rec.reason}"]
+    assert uid[:8] not in capfd.readouterr().err             # the worker process's log
     assert (rec.frames_received, rec.frames_fitted, dict(rec.failed)) == (n, 0, {"no_geometry": n})
     assert delta(service, before) == {"failed_no_geometry": n}
     assert healthy(service)["status"] == "ok"
