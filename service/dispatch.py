@@ -32,6 +32,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from workers.pipeline import BatchResult, RunFinal, RunSpec
+from workers.profiles import resample_profile
 
 from .config import Settings
 from .engine import FrameStore, WorkerEngine, WorkerInbox, WorkerProcess, make_engine
@@ -70,6 +71,8 @@ class _RunSlot:
     reduced: set = field(default_factory=set)       # seq_nums of `unfinal` already published provisionally
     deaths: int = 0                                 # worker deaths while batches of this run were in flight
     closed: str | None = None                       # "refused" | "quarantined": closed before its stop document
+    grid: np.ndarray | None = None                  # q grid (1/nm) of the run's reduced profiles: its first one's
+    resampled: int = 0                              # profiles resampled onto `grid`
 
 
 @dataclass
@@ -272,10 +275,38 @@ class Dispatcher:
                 self.sink.frames_failed(frame.run_uid, np.array([frame.seq_num]), reason,
                                         "run not started" if slot is None else f"the run was {reason}")
                 return
+            if frame.kind == "profile":
+                try:
+                    frame = self._on_grid(slot, frame)
+                except (ValueError, IndexError) as exc:       # a profile of fewer than 2 points
+                    self.sink.frames_failed(frame.run_uid, np.array([frame.seq_num]), "refused",
+                                            f"profile not on a q grid: {exc}")
+                    return
             if not slot.pending:
                 slot.oldest = time.monotonic()
             slot.pending.append(frame)
             self._maybe_flush(slot)
+
+    def _on_grid(self, slot: _RunSlot, frame: Frame) -> Frame:
+        """A reduced profile (q, I, sigma) on its run's q grid, the run's first profile's: one on
+        another grid (other points, another length: USAXS fly scans, merged instruments) is
+        resampled onto it (`resample_profile`), never refused for its grid."""
+        q = frame.data[0]
+        if slot.grid is None:
+            slot.grid = q
+            return frame
+        if q.shape == slot.grid.shape and np.allclose(q, slot.grid, rtol=1e-9, atol=0.0):
+            return frame
+        if not slot.resampled:
+            log.info("run %s: profiles on other q grids than its first (%d points, %.4g-%.4g 1/nm) are resampled "
+                     "onto it", slot.uid[:8], len(slot.grid), slot.grid[0], slot.grid[-1])
+        slot.resampled += 1
+        self.metrics.profiles_resampled.inc()
+        if len(q) < 2:
+            raise ValueError(f"{len(q)} point(s)")
+        intensity, sigma = resample_profile(q, frame.data[1], frame.data[2], slot.grid)
+        return Frame(frame.run_uid, frame.seq_num, frame.time, np.stack([slot.grid, intensity, sigma]), frame.arrival,
+                     frame.scalars, frame.kind)
 
     def stop_run(self, uid: str, stop: dict) -> None:
         with self._lock:

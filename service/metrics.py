@@ -34,6 +34,8 @@ class Metrics:
                                         "fetched from the catalogue (catalog.recover)", registry=r)
         self.events_unrecoverable = Counter("scatterflow_events_unrecoverable", "Events lost upstream the "
                                             "catalogue did not have in time (catalog.recover)", registry=r)
+        self.profiles_resampled = Counter("scatterflow_profiles_resampled", "Reduced profiles resampled onto their "
+                                          "run's q grid (the run's first profile's)", registry=r)
         self.reseeds = Counter("scatterflow_fit_reseeds", "Fits re-seeded after divergence", registry=r)
         self.change_points = Counter("scatterflow_change_points", "Change points flagged in final fits", registry=r)
         self.phase_frames = Counter("scatterflow_phase_frames", "Frames with a final phase label, by phase",

@@ -445,3 +445,22 @@ class BoundModel:
                 d["eta"] = eta
             out.append(d)
         return out
+
+
+def resample_profile(q: np.ndarray, intensity: np.ndarray, sigma: np.ndarray,
+                     grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A profile on q (N,) increasing, 1/nm, resampled at `grid` (M,): linear interpolation
+    between the two neighbouring points, I = (1-t) I_i + t I_(i+1), with independent errors
+    propagated, sigma^2 = (1-t)^2 sigma_i^2 + t^2 sigma_(i+1)^2. Outside [q_0, q_(N-1)] (no
+    extrapolation) and next to a NaN point both are NaN, which fits weight 0. Returns float64."""
+    q = np.asarray(q, np.float64)
+    grid = np.asarray(grid, np.float64)
+    intensity, sigma = np.asarray(intensity, np.float64), np.asarray(sigma, np.float64)
+    i = np.clip(np.searchsorted(q, grid, side="right") - 1, 0, len(q) - 2)
+    t = (grid - q[i]) / (q[i + 1] - q[i])
+    out_i = (1 - t) * intensity[i] + t * intensity[i + 1]
+    out_s = np.sqrt((1 - t) ** 2 * sigma[i] ** 2 + t ** 2 * sigma[i + 1] ** 2)
+    outside = (grid < q[0]) | (grid > q[-1])
+    out_i[outside] = np.nan
+    out_s[outside] = np.nan
+    return out_i, out_s
