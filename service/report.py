@@ -386,6 +386,13 @@ all numbers below are read from the stored run (final, regularized fits unless s
                             for k, _, fmt in cols)
             body += f'<tr data-peak="{e(s["peak"])}"><th>{e(s["peak"])}</th>{cells}</tr>'
         parts.append(f'<table id="peak-summary" class="grid"><tr><th>peak</th>{head}</tr>{body}</table>')
+        parts.append('<p class="muted" id="summary-notes">χ²ᵣ is per frame: the reduced χ² of that frame\'s whole '
+                     "model (every peak and the background together, over the fitted q range), the same in each "
+                     "peak's row. About 1 when the model describes the data within their errors; well above 1, "
+                     "structure the model lacks (another peak, a background shape) or errors smaller than the "
+                     "scatter (intensities scaled after counting, so not Poisson). converged: the share of final "
+                     "fits whose solver met its criteria (step and gradient tolerances of the regularized window "
+                     "fit); a fit that stopped at its iteration limit or at a bound counts as not converged.</p>")
     else:
         parts.append("<p>No final fits stored for this run.</p>")
 
