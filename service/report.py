@@ -392,7 +392,7 @@ all numbers below are read from the stored run (final, regularized fits unless s
                      "structure the model lacks (another peak, a background shape) or errors smaller than the "
                      "scatter (intensities scaled after counting, so not Poisson). converged: the share of final "
                      "fits whose solver met its criteria (step and gradient tolerances of the regularized window "
-                     "fit); a fit that stopped at its iteration limit or at a bound counts as not converged.</p>")
+                     "fit); a fit that stopped at its iteration limit counts as not converged.</p>")
     else:
         parts.append("<p>No final fits stored for this run.</p>")
 
