@@ -203,7 +203,8 @@ def with_fixed_shapes(descriptor: dict) -> dict:
 
 def choose_frame_field(descriptor: dict, configured: str | None) -> tuple[str | None, tuple[int, ...] | None]:
     """The configured field if the descriptor has it, else the first field holding 2D frames
-    (shape [rows, cols], or [1, rows, cols] as ophyd-async and area detectors describe them)."""
+    (shape [rows, cols], or [1, rows, cols] as ophyd-async and area detectors describe them; a
+    field in files may have [n, rows, cols], several frames per point, read as their sum)."""
     keys = descriptor.get("data_keys", {})
     if configured is not None:
         if configured in keys:
@@ -212,7 +213,7 @@ def choose_frame_field(descriptor: dict, configured: str | None) -> tuple[str | 
         return None, None
     for name, key in keys.items():
         shape = frame_shape(key)
-        if shape is not None and shape[0] == 1:
+        if shape is not None and (shape[0] == 1 or key.get("external")):
             return name, shape[1:]
     return None, None
 
@@ -445,7 +446,7 @@ class DocumentRouter:
         ``match_field``) becomes a frame source of its own analysis key."""
         external = self.resolver.stream_data_keys(fixed)
         fields = {name: shape[1:] for name, key in (fixed.get("data_keys") or {}).items()
-                  if (shape := frame_shape(key)) is not None and shape[0] == 1}
+                  if (shape := frame_shape(key)) is not None and (shape[0] == 1 or key.get("external"))}
         fanout = []
         for name, key in run.detectors.items():
             fld = match_field(name, fields)

@@ -7,10 +7,19 @@ Two generations of Bluesky documents refer to data in files instead of carrying 
   Specs read here follow area-detector-handlers / databroker:
   ``AD_HDF5`` and ``AD_HDF5_SWMR`` read ``/entry/data/data[n*fpp:(n+1)*fpp]`` for
   datum ``{point_number: n}`` and resource ``{frame_per_point: fpp}``; ``NPY_SEQ`` reads
-  ``<root>/<resource_path>_<index>.npy`` for datum ``{index}`` (ophyd.sim).
+  ``<root>/<resource_path>_<index>.npy`` for datum ``{index}`` (ophyd.sim); ``AD_TIFF`` and
+  ``AD_CBF`` read one file per frame named by the resource's template, ``AD_EIGER2`` /
+  ``AD_EIGER`` a Dectris master file and the data files it links (service/detector_files.py).
 - event-model >= 1.2x (ophyd-async): a ``stream_resource`` (uri, mimetype
   ``application/x-hdf5``, ``parameters.dataset``, ``data_key``) and ``stream_datum`` documents
-  covering dataset rows ``indices.start:indices.stop`` for events ``seq_nums.start:stop``.
+  covering dataset rows ``indices.start:indices.stop`` for events ``seq_nums.start:stop``; or
+  mimetype ``multipart/related;type=image/tiff`` (ophyd-async's TIFF writer): one file per frame,
+  ``uri + parameters.template.format(k)``.
+
+Several frames per point (an area detector's ``frame_per_point``, an Eiger series, ophyd-async
+data keys ``[n, rows, cols]``) are summed into one frame per event: counts add, so the Poisson
+variance stays right; flagged pixels stay flagged (`detector_files.point_frame`). Only one frame
+per point of an HDF5 file is handed on as a FrameRef (`FileRead.locate`); the rest is read here.
 
 Reduced 1D profiles in NXcanSAS files (the canSAS HDF5 standard that SasView, pyFAI and
 DAWN write): a resource with spec ``NXcanSAS`` and datums ``{entry: name}`` and/or
@@ -27,8 +36,9 @@ path (``os.path.realpath``: symlinks followed) is checked against the root's rea
 reader thread: a frame behind a symlink that leads outside is refused, however old the link.
 
 Files are opened with h5py (``swmr=True``), cached per resource and refreshed when a frame
-lies beyond the dataset's current length; a file still being written is re-read up to
-``retries`` times, ``retry_delay_s`` apart, then refused as ``file_unavailable``. Compressed
+lies beyond the dataset's current length (TIFF, CBF and Eiger files are opened for each read);
+a file still being written (or a frame file not yet there) is re-read up to ``retries`` times,
+``retry_delay_s`` apart, then refused as ``file_unavailable``. Compressed
 chunks (Bitshuffle/LZ4, Blosc, Zstd, ...) are readable when ``hdf5plugin`` is installed; it is
 imported here for that. Every refusal is a `RejectedInput` with a metrics reason.
 
@@ -52,13 +62,16 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 import h5py
 import numpy as np
 from event_model import unpack_datum_page
 
+from .detector_files import (SUM_CHUNK_PIXELS, TIFF_MIMETYPES, ad_template, eiger_data_links,
+                             eiger_expected_frames, eiger_master_path, frames_per_point, join_uri_path,
+                             point_frame, read_cbf, read_tiff, stream_template)
 from .errors import RejectedInput
 from .frame_refs import FrameRef
 
@@ -72,6 +85,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 AD_HDF5_SPECS = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
 NPY_SPECS = frozenset({"NPY_SEQ"})
+AD_IMAGE_SPECS = frozenset({"AD_TIFF", "AD_CBF"})          # one file per frame, named by a template
+EIGER_SPECS = frozenset({"AD_EIGER2", "AD_EIGER"})        # Dectris master file + linked data files
 HDF5_MIMETYPES = frozenset({"application/x-hdf5"})
 HDF5_STREAM_SPECS = frozenset({"AD_HDF5_SWMR_STREAM", "AD_HDF5_SWMR_SLICE"})   # event-model 1.19-1.21 style
 NXCANSAS_SPECS = frozenset({"NXcanSAS", "NXCANSAS"})
@@ -103,13 +118,17 @@ def frame_shape(data_key: dict) -> tuple[int, int, int] | None:
 class _Resource:
     """A v1 resource or a stream_resource, with its open file (cached)."""
     uid: str
-    kind: str                    # "AD_HDF5", "NPY_SEQ", "HDF5_STREAM", "NXCANSAS", "NXCANSAS_STREAM", "unsupported"
+    kind: str                    # "AD_HDF5", "NPY_SEQ", "AD_IMAGES", "AD_EIGER", "HDF5_STREAM", "TIFF_STREAM",
+                                 # "NXCANSAS", "NXCANSAS_STREAM", "unsupported"
     spec: str                    # the document's spec or mimetype, for messages
     path: str                    # local path (root_map applied); for NPY_SEQ the file stem
     run_start: str | None
     dataset: str = AD_DATASET
     dataset_entry: str | None = None     # NXcanSAS: SASentry named by the resource, None = first
     frame_per_point: int = 1
+    file_name: Callable[[int], str] | None = None     # AD_IMAGES, TIFF_STREAM: the file of frame number k
+    read_image: Callable[[str, int], np.ndarray] | None = None   # its reader: (path, max pixels) -> frame
+    first_file: int = 0          # AD_CBF: the number of the first file (initial_number)
     data_key: str | None = None
     datums: set[str] = field(default_factory=set)
     file: h5py.File | None = None
@@ -151,12 +170,13 @@ def _lexical(path: str) -> str:
 
 
 class FrameResolver:
-    """Per-run registry of resource/datum and stream_resource/stream_datum documents, reading frames with h5py.
+    """Per-run registry of resource/datum and stream_resource/stream_datum documents, reading their frames.
 
     `root_map` maps document roots (``resource['root']``, or a leading part of a stream
     resource's path) to local directories, as databroker's ``root_map`` does; `allowed_roots`
     are local directories that documents may name directly (default none). Frames are
-    returned as read: ``(rows, cols)`` arrays of the detector's dtype, row-major.
+    returned as read: ``(rows, cols)`` arrays of the detector's dtype, row-major; a point of
+    several frames as their sum (`detector_files.FrameSum`).
     """
 
     def __init__(self, *, root_map: dict[str, str] | None = None, allowed_roots: list[str] | None = None,
@@ -266,18 +286,37 @@ class FrameResolver:
         """Register an ophyd v1 resource. Unknown specs are kept and refused when a frame is asked of them."""
         spec = str(doc.get("spec", ""))
         kind = ("AD_HDF5" if spec in AD_HDF5_SPECS else "NPY_SEQ" if spec in NPY_SPECS
+                else "AD_IMAGES" if spec in AD_IMAGE_SPECS else "AD_EIGER" if spec in EIGER_SPECS
                 else "NXCANSAS" if spec in NXCANSAS_SPECS else "unsupported")
         kwargs = doc.get("resource_kwargs") or {}
         res = self._located(_Resource(uid=doc["uid"], kind=kind, spec=spec, path="", run_start=doc.get("run_start")),
                             doc)
-        if kind == "AD_HDF5":
-            fpp = kwargs.get("frame_per_point", 1)
-            if isinstance(fpp, bool) or not isinstance(fpp, (int, np.integer)) or fpp < 1:
-                raise RejectedInput("bad_resource", f"frame_per_point {fpp!r}")
-            res.frame_per_point = int(fpp)
+        if kind in ("AD_HDF5", "AD_IMAGES"):
+            res.frame_per_point = frames_per_point(kwargs)
+        if kind == "AD_IMAGES":
+            self._image_files(res, kwargs)
         if kind == "NXCANSAS":
             res.dataset_entry = _entry_name(kwargs)
         self._add_checked(res)
+
+    @staticmethod
+    def _image_files(res: _Resource, kwargs: dict) -> None:
+        """File names and reader of an AD_TIFF / AD_CBF resource: ``template % (directory/,
+        filename, k)``, k counted from 0 (TIFF, as ophyd sets the file number) or from
+        ``initial_number`` (CBF, default 1 as the Pilatus camserver)."""
+        name = ad_template(kwargs.get("template"))
+        filename = kwargs.get("filename")
+        if not isinstance(filename, str) or "\x00" in filename or len(filename) > 255:
+            raise RejectedInput("bad_resource", f"filename {str(filename)[:80]!r}")
+        if res.spec == "AD_CBF":
+            first = kwargs.get("initial_number", 1)
+            if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or first < 0:
+                raise RejectedInput("bad_resource", f"initial_number {first!r}")
+            res.first_file, res.read_image = int(first), read_cbf
+        else:
+            res.read_image = read_tiff
+        directory = os.path.join(res.path, "")
+        res.file_name = lambda k: name(directory, filename, k)
 
     def datum(self, doc: dict) -> None:
         res = self._resources.get(doc["resource"])
@@ -295,21 +334,20 @@ class FrameResolver:
         return self.plan_event(event, descriptor, field).read()[0][1]
 
     def plan_event(self, event: dict, descriptor: dict, field: str) -> FileRead:
-        """The read of the frame ``(rows, cols)`` that ``event["data"][field]`` (a datum_id) refers to."""
+        """The read of the frame ``(rows, cols)`` that ``event["data"][field]`` (a datum_id) refers
+        to: the point's only frame, or the sum of its frames (`point_frame`)."""
         datum_id = event["data"].get(field)
         if not isinstance(datum_id, str):
             raise RejectedInput("unknown_datum", f"{field} is not a datum_id")
-        res, read_all = self._plan_datum(datum_id)
+        res, chunks = self._plan_datum(datum_id)
         expected = frame_shape(descriptor.get("data_keys", {}).get(field, {}))
         seq = event.get("seq_num")
 
         def read():
-            frames = read_all()
-            if frames.shape[0] != 1:
-                raise RejectedInput("unsupported_frames_per_point", f"{frames.shape[0]} frames for one event")
-            if expected is not None and tuple(frames.shape[1:]) != expected[1:]:
-                raise RejectedInput("wrong_shape", f"{frames.shape[1:]} != descriptor {expected[1:]}")
-            return [(seq, frames[0])]
+            frame = point_frame(chunks())
+            if expected is not None and tuple(frame.shape) != expected[1:]:
+                raise RejectedInput("wrong_shape", f"{frame.shape} != descriptor {expected[1:]}")
+            return [(seq, frame)]
         locate = None
         if res.kind == "AD_HDF5" and res.frame_per_point == 1:
             n = _int_kwarg(self._datums[datum_id][1], "point_number")
@@ -317,22 +355,37 @@ class FrameResolver:
         return FileRead(res, read, locate)
 
     def read_datum(self, datum_id: str) -> np.ndarray:
-        """All frames of one datum, ``(frame_per_point, rows, cols)``."""
-        return self._plan_datum(datum_id)[1]()
+        """All frames of one datum, ``(frames of the point, rows, cols)``, not summed."""
+        return np.concatenate(list(self._plan_datum(datum_id)[1]()))
 
-    def _plan_datum(self, datum_id: str) -> tuple[_Resource, Callable[[], np.ndarray]]:
+    def _plan_datum(self, datum_id: str) -> tuple[_Resource, Callable[[], Iterator[np.ndarray]]]:
+        """The datum's resource and its frames, as chunks ``(k, rows, cols)`` read while iterated."""
         try:
             res_uid, kwargs = self._datums[datum_id]
         except KeyError:
             raise RejectedInput("unknown_datum", datum_id[:200]) from None
         res = self._usable(self._resources[res_uid])
+        fpp = res.frame_per_point
         if res.kind == "AD_HDF5":
             n = _int_kwarg(kwargs, "point_number")
-            fpp = res.frame_per_point
-            return res, lambda: self._read_rows(res, n * fpp, (n + 1) * fpp)
+            if fpp == 1:                                       # the fast path: one slice
+                return res, lambda: iter([self._read_rows(res, n, n + 1)])
+            return res, lambda: self._row_chunks(res, n * fpp, (n + 1) * fpp)
         if res.kind == "NPY_SEQ":
             index = _int_kwarg(kwargs, "index")
-            return res, lambda: self._read_npy(res, index)[np.newaxis]
+            return res, lambda: iter([self._read_npy(res, index)[np.newaxis]])
+        if res.kind == "AD_IMAGES":
+            n = _int_kwarg(kwargs, "point_number")
+            if n < 0:
+                raise RejectedInput("frame_out_of_range", f"point_number {n}")
+            first = res.first_file + n * fpp
+            return res, lambda: (self._read_image(res, k)[np.newaxis] for k in range(first, first + fpp))
+        if res.kind == "AD_EIGER":
+            seq_id = _int_kwarg(kwargs, "seq_id")
+            frame_num = None if kwargs.get("frame_num") is None else _int_kwarg(kwargs, "frame_num")
+            if seq_id < 0 or (frame_num is not None and frame_num < 0):
+                raise RejectedInput("frame_out_of_range", f"seq_id {seq_id}, frame_num {frame_num}")
+            return res, lambda: self._eiger_frames(res, seq_id, frame_num)
         raise RejectedInput("unsupported_spec", f"{res.spec!r} (resource {res.uid})")
 
     @staticmethod
@@ -364,17 +417,35 @@ class FrameResolver:
 
     # ----------------------------------------------------------------------- stream documents
     def stream_resource(self, doc: dict) -> None:
-        """Register a stream_resource (ophyd-async). Non-HDF5 ones are refused when frames are asked of them."""
+        """Register a stream_resource (ophyd-async). Unsupported ones are refused when frames are asked of them."""
         spec = str(doc.get("mimetype") or doc.get("spec") or "")
         params = doc.get("parameters") or {}
         hdf5 = spec in HDF5_MIMETYPES or spec in HDF5_STREAM_SPECS
-        kind = "HDF5_STREAM" if hdf5 else "NXCANSAS_STREAM" if spec in NXCANSAS_MIMETYPES else "unsupported"
+        kind = ("HDF5_STREAM" if hdf5 else "NXCANSAS_STREAM" if spec in NXCANSAS_MIMETYPES
+                else "TIFF_STREAM" if spec in TIFF_MIMETYPES else "unsupported")
         res = self._located(_Resource(uid=doc["uid"], kind=kind, spec=spec, path="", run_start=doc.get("run_start"),
                                       data_key=doc.get("data_key"),
                                       dataset=str(params.get("dataset") or params.get("path") or AD_DATASET)), doc)
         if kind == "NXCANSAS_STREAM":
             res.dataset_entry = _entry_name(params)
+        if kind == "TIFF_STREAM":
+            self._stream_files(res, params)
         self._add_checked(res)
+
+    @staticmethod
+    def _stream_files(res: _Resource, params: dict) -> None:
+        """File names of a multipart TIFF stream_resource: ``uri + template.format(k)``, one frame
+        per file; ``multiplier`` (frames per index) when no descriptor says it."""
+        name = stream_template(params.get("template"))
+        base = res.path
+        res.file_name = lambda k: join_uri_path(base, name(k))
+        res.read_image = read_tiff
+        if params.get("multiplier") is not None:
+            res.frame_per_point = frames_per_point(params, "multiplier")
+        chunk = params.get("chunk_shape")
+        if isinstance(chunk, (list, tuple)) and chunk and isinstance(chunk[0], int) and chunk[0] > 1 \
+                and res.refusal is None:
+            res.refusal = RejectedInput("unsupported_spec", f"{res.spec}: {chunk[0]} frames per file (multi-page TIFF)")
 
     def stream_data_keys(self, descriptor: dict) -> dict[str, tuple[int, int]]:
         """External ``STREAM:`` data keys of a descriptor that hold 2D frames: ``{key: (rows, cols)}``.
@@ -417,16 +488,31 @@ class FrameResolver:
                                                   self._read_profiles(res, None, start, stop))))
         known = self._frame_keys.get(doc.get("descriptor", ""))
         shape = None
+        per_event = res.frame_per_point
         if known is not None:
             if res.data_key not in known:
                 return None                                   # a scalar/1D key of the same detector
             per_event, *shape = known[res.data_key]
-            if per_event != 1:
-                raise RejectedInput("unsupported_frames_per_event", f"{res.data_key}: {per_event} frames per event")
-        if res.kind != "HDF5_STREAM":
+        if res.kind not in ("HDF5_STREAM", "TIFF_STREAM"):
             raise RejectedInput("unsupported_spec", f"{res.spec!r} (stream_resource {res.uid})")
         if stop == start:
             return None
+        if res.kind == "TIFF_STREAM" or per_event > 1:        # index i: frames i*n ... (i+1)*n - 1, summed
+            def frames_of(i: int) -> Iterator[np.ndarray]:
+                first = i * per_event
+                if res.kind == "HDF5_STREAM":
+                    return self._row_chunks(res, first, first + per_event)
+                return (self._read_image(res, k)[np.newaxis] for k in range(first, first + per_event))
+
+            def read_points():
+                out = []
+                for i in range(start, stop):
+                    frame = point_frame(frames_of(i))
+                    if shape is not None and tuple(frame.shape) != tuple(shape):
+                        raise RejectedInput("wrong_shape", f"{frame.shape} != descriptor {tuple(shape)}")
+                    out.append((seq_start + i - start, frame))
+                return out
+            return FileRead(res, read_points)
 
         def read():
             if shape is None and not self._is_frame_dataset(res):
@@ -598,6 +684,75 @@ class FrameResolver:
             return None
 
         return self._retry(res, attempt)
+
+    def _row_chunks(self, res: _Resource, start: int, stop: int) -> Iterator[np.ndarray]:
+        """Rows ``start:stop`` of the resource's dataset in chunks of at most SUM_CHUNK_PIXELS
+        pixels, once the file holds them all (the waits and checks of `_read_rows`)."""
+        ds = self._read_rows(res, start, stop, pixels=False)
+        step = max(1, SUM_CHUNK_PIXELS // (int(ds.shape[1]) * int(ds.shape[2])))
+        for a in range(start, stop, step):
+            yield self._read_rows(res, a, min(a + step, stop))
+
+    def _read_image(self, res: _Resource, number: int) -> np.ndarray:
+        """Frame file `number` of an AD_TIFF / AD_CBF / TIFF stream resource, waiting for it to be written."""
+        path = res.file_name(number)
+        return self._retry(res, lambda: res.read_image(self._confined(res, path), self.max_frame_pixels))
+
+    # ----------------------------------------------------------------------- Eiger
+    def _eiger_frames(self, res: _Resource, seq_id: int, frame_num: int | None) -> Iterator[np.ndarray]:
+        """Frames of Eiger series `seq_id` (all, or frame `frame_num` of it) as chunks, once the
+        series holds them; each data file checked inside the root before it is opened."""
+        master = eiger_master_path(res.path, seq_id)
+        parts, (rows, cols) = self._retry(res, lambda: self._eiger_parts(res, master, frame_num))
+        step = max(1, SUM_CHUNK_PIXELS // (rows * cols))
+        chunks = []                       # (data file, dataset, first row, stop row) to read
+        for path, dataset, n in parts:
+            if frame_num is None:
+                chunks += [(path, dataset, a, min(a + step, n)) for a in range(0, n, step)]
+            elif frame_num < n:
+                chunks.append((path, dataset, frame_num, frame_num + 1))
+                break
+            else:
+                frame_num -= n
+        for chunk in chunks:
+            yield self._retry(res, lambda chunk=chunk: self._h5_rows(res, *chunk))
+
+    def _eiger_parts(self, res: _Resource, master_path: str, frame_num: int | None):
+        """``([(data file, dataset, frames)], (rows, cols))`` of a series once it holds frame
+        `frame_num`, or ``nimages × ntrigger`` frames (at least one when the master does not
+        say); None before."""
+        real = self._confined(res, master_path)
+        with h5py.File(real, "r") as master:
+            links = eiger_data_links(master, real)
+            expected = eiger_expected_frames(master)
+            parts, shapes, total = [], set(), 0
+            for path, dataset in links:
+                if frame_num is not None and total > frame_num:
+                    break                                        # later data files may not exist yet
+                if path is None:                                 # frames in the master file itself
+                    parts.append((master_path, dataset, self._eiger_part(master[dataset], real, shapes)))
+                else:
+                    with h5py.File(self._confined(res, path), "r") as f:
+                        parts.append((path, dataset, self._eiger_part(f[dataset], path, shapes)))
+                total += parts[-1][2]
+        need = frame_num + 1 if frame_num is not None else (expected or 1)
+        return (parts, shapes.pop()) if total >= need else None
+
+    def _eiger_part(self, ds: h5py.Dataset, path: str, shapes: set) -> int:
+        """Frames in one Eiger data dataset, its shape and filters checked."""
+        if ds.ndim != 3:
+            raise RejectedInput("wrong_shape", f"{path}: {ds.name} has shape {ds.shape}, not (frames, rows, cols)")
+        if ds.shape[1] * ds.shape[2] > self.max_frame_pixels:
+            raise RejectedInput("frame_too_large", f"{path}: {ds.shape[1:]} > {self.max_frame_pixels} pixels")
+        shapes.add((int(ds.shape[1]), int(ds.shape[2])))
+        if len(shapes) > 1:
+            raise RejectedInput("wrong_shape", f"{path}: data files of one series differ: {sorted(shapes)}")
+        _check_filters(ds, path)
+        return int(ds.shape[0])
+
+    def _h5_rows(self, res: _Resource, path: str, dataset: str, start: int, stop: int) -> np.ndarray:
+        with h5py.File(self._confined(res, path), "r") as f:
+            return f[dataset][start:stop]
 
     def _read_profiles(self, res: _Resource, entry: str | None, start: int | None, stop: int | None) -> np.ndarray:
         """Rows ``start:stop`` (or row ``start``; or the only profile when None) of an NXcanSAS

@@ -231,8 +231,9 @@ def test_ad_hdf5_frames_per_point_and_refusals(tmp_path):
     for d in datums:
         r.datum(d)
     np.testing.assert_array_equal(r.read_datum(datums[1]["datum_id"]), truth[2:4])   # AD_HDF5 slicing
-    with pytest.raises(RejectedInput, match="unsupported_frames_per_point"):
-        r.fill_event(events[0], descriptor, "pilatus_image")
+    summed = r.fill_event(events[1], descriptor, "pilatus_image")                     # a point's frames, summed
+    np.testing.assert_array_equal(summed, truth[2] + truth[3])
+    assert summed.dtype == np.uint32 and r.plan_event(events[1], descriptor, "pilatus_image").locate is None
 
     def reason(fn, *args):
         with pytest.raises(RejectedInput) as exc:
@@ -244,10 +245,10 @@ def test_ad_hdf5_frames_per_point_and_refusals(tmp_path):
     assert reason(r.stream_datum, {"uid": "s/0", "stream_resource": "s", "descriptor": "d",
                                    "indices": {"start": 0, "stop": 1}, "seq_nums": {"start": 1, "stop": 2}}) \
         == "unknown_resource"
-    tiff = {**resource, "uid": "tiff-res", "spec": "AD_TIFF"}
-    r.resource(tiff)                                                     # accepted; refused when read
-    r.datum({"datum_id": "tiff-res/0", "resource": "tiff-res", "datum_kwargs": {"point_number": 0}})
-    assert reason(r.read_datum, "tiff-res/0") == "unsupported_spec"
+    spe = {**resource, "uid": "spe-res", "spec": "AD_SPE"}
+    r.resource(spe)                                                      # accepted; refused when read
+    r.datum({"datum_id": "spe-res/0", "resource": "spe-res", "datum_kwargs": {"point_number": 0}})
+    assert reason(r.read_datum, "spe-res/0") == "unsupported_spec"
     missing = {**resource, "uid": "gone", "resource_path": "missing.h5"}
     r.resource(missing)
     r.datum({"datum_id": "gone/0", "resource": "gone", "datum_kwargs": {"point_number": 0}})
