@@ -306,6 +306,22 @@ def test_dashboard_in_chromium_with_live_service(tmp_path, free_port, monkeypatc
         _wait(lambda: f"{n_frames} / {n_frames} / {n_frames}" in driver.find_element("id", "health").text,
               10, "health panel did not show the finished run")
         assert "live" in driver.find_element("id", "conn").text
+        assert "frames failed: this run / since service start 0 / 0" in driver.find_element("id", "health").text
+        # the phase timeline: each frame's final label behind the crystallinity, the transitions listed
+        phase_cols, _, transitions = service.store.phases_since(uid, 0, final=True)
+        shown = _wait(lambda: (c := counts())["phaseRows"] == len(phase_cols["seq_num"]) and c, 10,
+                      "phases not on the page")
+        assert shown["phaseRows"] == n_frames and shown["transitions"] == len(transitions) >= 1
+        assert driver.find_element("id", "phase-panel").is_displayed()
+        listed = driver.find_element("id", "phase-transitions").text.splitlines()
+        assert [line.split(" at frame ")[0] for line in listed] == [f"{t['from']} → {t['to']}" for t in transitions]
+        # trajectory charts share the page width between the peaks (not a quarter of it each)
+        page = driver.execute_script("return document.getElementById('trajectories').clientWidth")
+        cards = driver.execute_script("return [...document.querySelectorAll('.peak-card')].map(c => c.clientWidth)")
+        assert len(cards) == 3 and sum(cards) > 0.9 * page
+        charts = driver.execute_script("return [...document.querySelectorAll('.peak-card canvas')].map("
+                                       "c => c.getBoundingClientRect().width)")
+        assert charts and max(charts) <= max(cards)                   # no chart wider than its card
         # x axis in seconds since the run started: same points, times of the events
         Select(driver.find_element("id", "x-mode")).select_by_value("time")
         xs = _wait(lambda: driver.execute_script(

@@ -23,7 +23,12 @@
     frame: {seq: null, shown: null, loading: false, last: 0},
     qmap: {seq: null, shown: null, loading: false, last: 0},   // grazing runs only
     messages: 0,
+    runFailed: null,           // frames failed in the run shown (its summary)
+    phases: {chart: null, rows: [], transitions: [], loading: false, last: 0},
   };
+  const PHASE_COLORS = {crystalline: "#1f77b4", transition: "#ff7f0e", amorphous: "#2ca02c"};
+  const phaseColor = (name) => PHASE_COLORS[name] || COLORS[(Object.keys(PHASE_COLORS).length +
+    [...String(name)].reduce((a, c) => a + c.charCodeAt(0), 0)) % COLORS.length];
 
   // ---------------------------------------------------------------------------- helpers
   const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "–" :
@@ -99,6 +104,10 @@
       entry.charts.push(new uPlot(opts, [[], [], [], [], []], div));
     }
     S.cards.set(name, entry);
+    // cards share the row: a new peak narrows the others, so each follows its card's width
+    new ResizeObserver(() => entry.charts.forEach((c) => {
+      if (c.width !== width(card)) c.setSize({width: width(card), height: c.height});
+    })).observe(card);
     return entry;
   }
 
@@ -246,7 +255,7 @@
     const [t0, n0] = S.statusHist[0];
     const rate = now > t0 ? ((st.frames_fitted ?? m.frames_fitted ?? 0) - n0) / (now - t0) : 0;
     const queues = Object.entries(st.queues || m.queue_depth || {}).map(([k, v]) => `${k} ${v}`).join(", ");
-    const failed = st.frames_failed ?? sum(m.frames_failed);
+    const failed = st.frames_failed ?? sum(m.frames_failed);       // since the service started
     const rows = [
       ["uptime", st.uptime_s !== undefined ? `${(st.uptime_s / 60).toFixed(1)} min` : "–"],
       ["devices", (st.devices || []).join(", ") + (st.worker_restarts ? ` (restarts ${st.worker_restarts})` : "")],
@@ -255,7 +264,7 @@
       ["latency provisional p50 / p95", `${ms(lat.provisional && lat.provisional.p50_s)} / ${ms(lat.provisional && lat.provisional.p95_s)}`],
       ["latency final p50 / p95", `${ms(lat.final && lat.final.p50_s)} / ${ms(lat.final && lat.final.p95_s)}`],
       ["queues", queues || "–"],
-      ["frames failed", failed, failed > 0],
+      ["frames failed: this run / since service start", `${S.runFailed ?? "–"} / ${failed}`, S.runFailed > 0],
       ["frames dropped (back-pressure)", m.frames_dropped, m.frames_dropped > 0],
       ["lost upstream", sum(m.lost_upstream), sum(m.lost_upstream) > 0],
       ["rejected at ingest", sum(m.rejected), sum(m.rejected) > 0],
@@ -296,6 +305,73 @@
     $("frame-seq").textContent = "(none yet)";
     S.qmap = {seq: null, shown: null, loading: false, last: 0};
     $("qmap-panel").hidden = true;
+    S.runFailed = null;
+    if (S.phases.chart) S.phases.chart.destroy();
+    S.phases = {chart: null, rows: [], transitions: [], loading: false, last: 0};
+    $("phase-panel").hidden = true;
+  }
+
+  // ---------------------------------------------------------------------------- phases
+  // the run's final phase rows (label, crystallinity) polled while it has any: a strip of
+  // label colours behind the crystallinity index, and the confirmed transitions
+  function loadPhases() {
+    const ph = S.phases;
+    if (!S.uid || ph.loading || Date.now() - ph.last < 2000) return;
+    ph.loading = true; ph.last = Date.now();
+    const uid = S.uid;
+    fetch(withKey(`api/v1/runs/${encodeURIComponent(uid)}/phases?final=true`))
+      .then((r) => r.ok ? r.json() : null)
+      .then((body) => {
+        ph.loading = false;
+        if (!body || uid !== S.uid || !body.columns || !body.columns.seq_num.length) return;
+        ph.rows = rowsOf(body.columns).sort((a, b) => a.seq_num - b.seq_num);
+        ph.transitions = body.transitions || [];
+        drawPhases();
+      })
+      .catch(() => { ph.loading = false; });
+  }
+
+  function drawPhases() {
+    const ph = S.phases, rows = ph.rows;
+    $("phase-panel").hidden = false;
+    const last = rows[rows.length - 1];
+    $("phase-now").textContent = `frame ${last.seq_num}: ${last.phase} (p ${fmt(last.probability, 2)})`;
+    const xs = rows.map((r) => xOf(r.seq_num, r.time));
+    const ci = rows.map((r) => r.crystallinity);
+    const lo = rows.map((r) => r.crystallinity !== null && r.crystallinity_sigma !== null ? r.crystallinity - r.crystallinity_sigma : null);
+    const hi = rows.map((r) => r.crystallinity !== null && r.crystallinity_sigma !== null ? r.crystallinity + r.crystallinity_sigma : null);
+    const labels = rows.map((r) => r.phase);
+    const strip = {hooks: {drawClear: [(u) => {
+      const ctx = u.ctx, {top, height} = u.bbox, x = u.data[0];
+      for (let i = 0; i < x.length; i++) {
+        const a = u.valToPos(i ? (x[i - 1] + x[i]) / 2 : x[i], "x", true);
+        const b = u.valToPos(i < x.length - 1 ? (x[i] + x[i + 1]) / 2 : x[i], "x", true);
+        ctx.fillStyle = phaseColor(labels[i]) + "40";
+        ctx.fillRect(a, top, Math.max(b - a, 1), height);
+      }
+    }]}};
+    if (ph.chart) ph.chart.destroy();
+    const el = $("phase-chart");
+    ph.chart = new uPlot({
+      width: width(el), height: 170, scales: {x: {time: false}}, legend: {show: false},
+      axes: [{label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18},
+             {label: "crystallinity", size: 60, labelSize: 18}],
+      series: [{label: "x"}, {label: "crystallinity", stroke: "#222", width: 1.5, points: {show: false}},
+               {label: "-σ", stroke: "transparent", points: {show: false}},
+               {label: "+σ", stroke: "transparent", points: {show: false}}],
+      bands: [{series: [3, 2], fill: "#2223"}],
+      plugins: [strip],
+    }, [xs, ci, lo, hi], el);
+    $("phase-legend").innerHTML = [...new Set(labels)].map((l) =>
+      `<span><i style="background:${phaseColor(l)}"></i>${l}</span>`).join("");
+    const list = $("phase-transitions");
+    list.innerHTML = "";
+    for (const t of ph.transitions) {
+      const li = document.createElement("li");
+      li.textContent = `${t.from} → ${t.to} at frame ${t.seq_num} ± ${fmt(t.frame_sigma, 2)}` +
+        (t.time_sigma !== null && t.time_sigma !== undefined ? ` (± ${fmt(t.time_sigma, 2)} s)` : "");
+      list.appendChild(li);
+    }
   }
 
   function drawRuns(runs) {
@@ -311,6 +387,7 @@
     const cur = runs.find((r) => r.uid === S.uid);
     if (cur) {
       const failed = sum(cur.frames_failed);
+      S.runFailed = failed;
       $("run-info").textContent = `run ${cur.uid.slice(0, 8)}: ${cur.status}${cur.reason ? " (" + cur.reason + ")" : ""}, ` +
         `received ${cur.frames_received}, fitted ${cur.frames_fitted}, final ${cur.frames_final}` + (failed ? `, failed ${failed}` : "");
     }
@@ -331,7 +408,7 @@
     on("profile", (m) => { if (m.uid === S.uid) { drawProfile(m); } });
     on("frame", (m) => { if (m.uid === S.uid) { S.frame.seq = m.seq_num; loadFrame(); } });
     on("qmap", (m) => { if (m.uid === S.uid) { S.qmap.seq = m.seq_num; loadQmap(); } });
-    on("status", drawHealth);
+    on("status", (m) => { drawHealth(m); loadPhases(); });
   }
 
   $("run-select").addEventListener("change", (ev) => {
@@ -371,7 +448,8 @@
       return {uid: S.uid, peaks: S.cards.size, provisional, final, changePoints,
               profileSeq: S.profile ? S.profile.seq_num : null,
               profileBins: S.profileChart ? S.profileChart.data[0].length : 0,
-              frameShown: S.frame.shown, qmapShown: S.qmap.shown, connected: S.connected, messages: S.messages};
+              frameShown: S.frame.shown, qmapShown: S.qmap.shown, connected: S.connected, messages: S.messages,
+              phaseRows: S.phases.rows.length, transitions: S.phases.transitions.length, runFailed: S.runFailed};
     },
   };
   connect();
