@@ -8,16 +8,29 @@ CPU time per frame at batch 1 and batch 64.
 
     python benchmarks/bench_inversion.py [--kind saxs|gisaxs|both] [--n-test N] [--data-dir var/inversion]
                                          [--threads 1]
+    python benchmarks/bench_inversion.py --lm [--n-test 128] [--n-real 24] [--threads 1]
 
 Reference sets and the XGBoost model are read from --data-dir when ``scatterflow train`` left
 them there; otherwise generated (XGBoost retrained on the same simulated training law).
+
+``--lm`` (issue 28) compares the LM refinements from the same encoder start: lmfit's bound
+transform (``workers.fit``, the LM before issue 28) at max_iter 40 and 400 against the projected
+active-set LM (``workers.inversion.lm``) at 40, on (1) the held-out sasmodels frames and (2)
+real-like sasmodels profiles whose hard-sphere optimum lies on a bound (polydispersity above the
+model's 0.3; dilute spheres with a weak low-q excess; spheres with a strong low-q upturn that
+hard spheres cannot describe), against a multi-start sasmodels reference (scipy least_squares,
+trf, bounds, 8 starts, sasmodels sphere x hardsphere with R_eff = mean radius). Per method: chi2
+relative to the reference (median, max, share within 10 %), the largest radius difference,
+converged share, its verdicts, and ms/profile at batch 1 and 64 (encoder + LM).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -45,14 +58,132 @@ def bench(kind: str, n_test: int | None, data_dir: Path, threads: int, seed: int
                            f"{kind.upper()}: {n} held-out {src} frames, CPU, {threads} thread(s)")
 
 
+REAL_KINDS = ("pd above bound", "dilute + weak upturn", "strong upturn")
+
+
+def real_like_set(n: int, q_range=(0.04, 4.5), seed: int = 28) -> dict:
+    """sasmodels Schulz spheres (radius_pd_n 300) on 300 points over q_range (1/nm), n / 3
+    profiles of each REAL_KINDS (docstring), counting noise 10^U(4.5, 5.5)."""
+    from sasmodels.core import load_model
+    from sasmodels.direct_model import call_kernel
+    rng = np.random.default_rng(seed)
+    q = np.linspace(*q_range, 300)
+    sph = load_model("sphere", dtype="double")
+    k_q, k_0 = sph.make_kernel([q / 10.0]), sph.make_kernel([np.array([1e-7])])
+    ys, ss, kinds = [], [], []
+    for i in range(n):
+        kind = REAL_KINDS[i % 3]
+        r, i0 = math.exp(rng.uniform(math.log(3.0), math.log(20.0))), 10 ** rng.uniform(1, 3)
+        pd = rng.uniform(0.33, 0.45) if kind == REAL_KINDS[0] else rng.uniform(0.08, 0.25)
+        up = {REAL_KINDS[0]: 0.0, REAL_KINDS[1]: rng.uniform(0.002, 0.01), REAL_KINDS[2]: 10 ** rng.uniform(-1.5, 0)}[kind]
+        poly = dict(radius=10 * r, radius_pd=pd, radius_pd_type="schulz", radius_pd_n=300, radius_pd_nsigma=8,
+                    sld=2.0, sld_solvent=1.0, background=0.0)
+        unit = call_kernel(k_0, dict(poly, scale=1.0))[0]
+        clean = (call_kernel(k_q, dict(poly, scale=i0 / unit)) + up * i0 * (q / q[0]) ** -rng.uniform(3.0, 4.0)
+                 + i0 * 10 ** rng.uniform(-4, -3))
+        sigma = np.sqrt(clean * i0 / 10 ** rng.uniform(4.5, 5.5))
+        ys.append(clean + sigma * rng.standard_normal(q.size))
+        ss.append(sigma)
+        kinds.append(kind)
+    return {"q": q, "y": np.array(ys), "sigma": np.array(ss), "kind": np.array(kinds)}
+
+
+def sasmodels_reference(q, y, sigma, lo, hi) -> tuple[np.ndarray, float]:
+    """Multi-start bounded least squares on sasmodels (module docstring): best (radius, pd,
+    volfraction, i0, background) and its chi2 / (N - 5)."""
+    from sasmodels.core import load_model
+    from sasmodels.direct_model import call_kernel
+    from scipy.optimize import least_squares
+    sph, hs = load_model("sphere", dtype="double"), load_model("hardsphere", dtype="double")
+    k_q, k_0, k_s = sph.make_kernel([q / 10.0]), sph.make_kernel([np.array([1e-7])]), hs.make_kernel([q / 10.0])
+
+    def shape(p):
+        poly = dict(radius=10 * p[0], radius_pd=p[1], radius_pd_type="schulz", radius_pd_n=300, radius_pd_nsigma=8,
+                    sld=2.0, sld_solvent=1.0, background=0.0, scale=1.0)
+        sq = call_kernel(k_s, dict(radius_effective=10 * p[0], volfraction=p[2], scale=1.0, background=0.0))
+        return call_kernel(k_q, poly) / call_kernel(k_0, poly)[0] * sq
+
+    def res(p):
+        return (p[3] * shape(p) + p[4] - y) / sigma
+
+    best = None
+    for r0 in (3.0, 6.0, 12.0, 20.0):
+        for pd0, phi0 in ((0.1, 0.05), (0.25, 0.2)):
+            g = shape((r0, pd0, phi0))
+            a = np.linalg.lstsq(np.stack([g, np.ones_like(g)], 1) / sigma[:, None], y / sigma, rcond=None)[0]
+            x0 = np.array([r0, pd0, phi0, max(a[0], 1e-6), max(a[1], 0.0)])
+            sol = least_squares(res, x0, bounds=(lo, hi), method="trf", x_scale="jac", max_nfev=400)
+            if best is None or sol.cost < best.cost:
+                best = sol
+    return best.x, 2 * best.cost / (len(q) - 5)
+
+
+def lm_compare(n_test: int, n_real: int, data_dir: Path, threads: int, seed: int = 0) -> str:
+    """Tables of the --lm comparison (module docstring)."""
+    from service.train import inversion as T
+    from service.train.inversion import _time_per_frame
+    from workers.inversion.refine import SaxsInverter, refine
+    inv = SaxsInverter(T.load_encoder_checkpoint("saxs"))
+    methods = (("transform (before), max_iter 40", "transform", 40), ("transform, max_iter 400", "transform", 400),
+               ("projected (now), max_iter 40", "projected", 40))
+    lo, hi = inv.lower.numpy(), np.array([25.0, 0.3, 0.4, np.inf, np.inf])
+    held = T.saxs_reference_set(n_test, seed, data_dir, print)
+    sets = [(f"{n_test} held-out sasmodels frames (chi2 against the projected LM at 400 iterations, radius "
+             "against the truth)", held, held["params"], None)]
+    for q_range in ((0.04, 4.5), (0.02, 1.5)):
+        real = real_like_set(n_real, q_range)
+        t0 = time.perf_counter()
+        ref = [sasmodels_reference(real["q"], y, s, lo, hi) for y, s in zip(real["y"], real["sigma"])]
+        print(f"sasmodels multi-start reference: {n_real} profiles in {time.perf_counter() - t0:.0f} s")
+        real["ref_chi2"] = np.array([c for _, c in ref])
+        sets.append((f"{n_real} real-like profiles, q {q_range[0]}-{q_range[1]} 1/nm, optima on bounds (multi-start "
+                     "sasmodels reference)", real, np.array([p for p, _ in ref]), real["ref_chi2"]))
+    out = []
+    for title, data, rp, rc in sets:
+        x, y, s = inv._prep(data["q"], data["y"], data["sigma"])
+        start, n1, n64 = inv._encode(x, y, s), min(8, len(y)), min(64, len(y))
+        lines = [f"### LM from the encoder: {title}, CPU, {threads} thread(s)", "",
+                 "| method | chi2 / ref. min | median | max | within 10 % | radius max rel. diff. | at-bound flags | "
+                 "converged (%) | ms/profile B=1 | ms/profile B=64 |", "|" + "---|" * 10]
+        for name, method, iters in methods:
+            def run(a, b, method=method, iters=iters, x=x, y=y, s=s):
+                return refine(inv._fn, x, y[a:b], s[a:b], inv._encode(x, y[a:b], s[a:b]), inv.lower, inv.upper,
+                              max_iter=iters, method=method)
+            res = run(0, len(y))
+            p, c = res.params.numpy(), res.chi2_red.numpy()
+            if rc is None:                      # no reference optimum: the projected LM's chi2 is the yardstick
+                rc = refine(inv._fn, x, y, s, start, inv.lower, inv.upper, method="projected", max_iter=400).chi2_red.numpy()
+            ratio = c / rc
+            flags = getattr(res, "at_bound", None)
+            nb = "" if flags is None else f"{int(flags.any(1).sum())} frames"
+            lines.append(f"| {name} | {ratio.min():.4f} | {np.median(ratio):.4f} | {ratio.max():.3f} | {100 * np.mean(np.abs(ratio - 1) < 0.1):.0f} % "
+                         f"| {np.abs(p[:, 0] / rp[:, 0] - 1).max():.3f} | {nb} | {100 * res.converged.float().mean():.0f} "
+                         f"| {_time_per_frame(lambda run=run, n1=n1: [run(i, i + 1) for i in range(n1)], n1, 2):.2f} "
+                         f"| {_time_per_frame(lambda run=run, n64=n64: run(0, n64), n64, 2):.3f} |")
+        out.append("\n".join(lines) + "\n")
+    for _, real, _, ref_c in sets[1:]:
+        res = inv(real["q"], real["y"], real["sigma"])
+        verdicts = {k: dict(zip(*np.unique(res.quality[real["kind"] == k], return_counts=True))) for k in REAL_KINDS}
+        out.append(f"Verdicts of sphere_hs, q {real['q'][0]:.2f}-{real['q'][-1]:.2f} 1/nm: " + "; ".join(
+            f"{k}: " + ", ".join(f"{v} {n}" for v, n in d.items()) for k, d in verdicts.items())
+            + " (reference chi2_red per kind: " + "; ".join(
+                f"{k} {ref_c[real['kind'] == k].min():.2f}-{ref_c[real['kind'] == k].max():.2f}" for k in REAL_KINDS) + ")\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=("saxs", "gisaxs", "both"), default="both")
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--data-dir", type=Path, default=Path("var/inversion"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lm", action="store_true", help="compare the LM refinements (issue 28) instead")
+    ap.add_argument("--n-real", type=int, default=24)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.lm:
+        print(lm_compare(args.n_test or 128, args.n_real, args.data_dir, args.threads))
+        return
     kinds = ("saxs", "gisaxs") if args.kind == "both" else (args.kind,)
     tables = [bench(k, args.n_test, args.data_dir, args.threads) for k in kinds]
     print()

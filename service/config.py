@@ -258,17 +258,37 @@ class PhasesConfig(_Section):
 
 
 class InversionConfig(_Section):
-    """Fast structural inversion of each reduced SAXS profile (workers/inversion): the encoder of
-    `checkpoint` ("default": service/models/saxs_encoder.pt, Schulz hard spheres; or a path
-    `scatterflow train saxs` wrote) gives radius (nm), polydispersity, volume fraction, i0 and
-    background; `refine` adds bounded LM in the same forward model with standard errors.
-    `q_range` (1/nm) limits the points used. With `fit.peaks: []` peak fitting is off and runs
-    are reduced and inverted only."""
+    """Fast structural inversion of each reduced SAXS profile (workers/inversion) in the model
+    `model`: "sphere_hs" (Schulz hard spheres: radius nm, pd, volfraction, i0, background),
+    "powerlaw_spheres" (dilute Schulz spheres plus A q^-power for a low-q upturn) or
+    "unified_level" (one Beaucage level: rg, power, G, B). The LM's start comes from the encoder of
+    `checkpoint` ("default": service/models/saxs_encoder.pt, sphere_hs; or a path `scatterflow
+    train saxs` wrote) where the model has one and at least `min_q_overlap` of the profiles'
+    log-q span lies inside its grid (0.05-5 1/nm), else from a grid search (`n_starts` starts;
+    a warning once per run). `refine` adds the bounded LM (projected steps: parameters on a bound
+    flagged `<name>_at_bound`) with standard errors. `bounds` replaces the model's shape-parameter
+    bounds ({radius: [2, 500]}; workers/inversion/spec.py has the defaults). Per frame a verdict
+    `fit_quality`: good (chi2 p-value >= `good_p_value`), bad (chi2_red > `bad_chi2`: the model
+    cannot describe the sample), else poor. `q_range` (1/nm) limits the points used. A run may
+    set any of these but `checkpoint` in start["scatterflow"]["inversion"]. With `fit.peaks: []`
+    peak fitting is off and runs are reduced and inverted only."""
     enabled: bool = False
     checkpoint: str = "default"
+    model: Literal["sphere_hs", "powerlaw_spheres", "unified_level"] = "sphere_hs"
     refine: bool = True
     max_iter: int = Field(40, ge=1)
     q_range: tuple[float, float] | None = None
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    min_q_overlap: float = Field(0.5, gt=0, le=1)
+    n_starts: int = Field(3, ge=1, le=16)
+    good_p_value: float = Field(1e-3, gt=0, lt=1)
+    bad_chi2: float = Field(4.0, gt=1)
+
+    @model_validator(mode="after")
+    def _bounds_of_model(self):
+        from workers.inversion.spec import shape_bounds       # no torch: names and default bounds
+        shape_bounds(self.model, self.bounds)                  # ValueError naming the parameter
+        return self
 
 
 class LimitsConfig(_Section):

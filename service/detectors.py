@@ -48,7 +48,7 @@ DETECTOR_DOC_KEY = "scatterflow_detector"     # added to a detector's copy of th
 #: replaces so that several analyses of one source coexist: {"source_run": uid, "catalog": uri}
 REPLAY_DOC_KEY = "scatterflow_replay"
 RUN_KEYS = ("modality", "incident_angle", "tilt_angle", "critical_angle", "sample_orientation")
-ENTRY_KEYS = frozenset(("geometry", "reduction", "fit", *RUN_KEYS))
+ENTRY_KEYS = frozenset(("geometry", "reduction", "fit", "inversion", *RUN_KEYS))
 
 
 def _hints(start: dict) -> dict:

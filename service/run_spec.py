@@ -12,9 +12,11 @@ import logging
 import math
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from workers.specs import GRAZING, GrazingSpec, ReductionSpec
 
-from .config import FitConfig, LimitsConfig, ReductionConfig, Settings
+from .config import FitConfig, InversionConfig, LimitsConfig, ReductionConfig, Settings
 from .detectors import DETECTOR_DOC_KEY, detector_entries, run_settings
 from .errors import ConfigError, LimitExceeded
 from .images import read_image
@@ -156,7 +158,7 @@ class RunSpecBuilder:
                 phases = None
         return RunSpec(geometry=geometry, reduction=reduction, model=model, regularizer=run.fit.regularizer,
                        phases=phases, phase_checkpoint=self.phase_checkpoint if phases is not None else None,
-                       inversion=self.inversion, mask=mask, dark=_image_for(g.dark, geometry, "dark"),
+                       inversion=self._run_inversion(start), mask=mask, dark=_image_for(g.dark, geometry, "dark"),
                        flat=_image_for(g.flat, geometry, "flat"), calibrant=calibrant)
 
     def _phase_spec(self):
@@ -184,20 +186,65 @@ class RunSpecBuilder:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def _inversion_spec(self):
+        """The configuration's inversion (None: off); reads the encoder checkpoint once."""
         cfg = self.settings.inversion
-        if not cfg.enabled:
-            return None
-        from workers.specs import InversionSpec
+        self._encoder = self._load_encoder(cfg) if cfg.enabled else _UNREAD
+        return self._saxs_inversion(cfg) if cfg.enabled else None
+
+    def _load_encoder(self, cfg: InversionConfig) -> dict | None:
+        """The SAXS encoder of ``inversion.checkpoint``; None where the default is missing and the
+        model is not sphere_hs (the LM starts from a grid search then)."""
         path = MODELS / "saxs_encoder.pt" if cfg.checkpoint == "default" else Path(cfg.checkpoint)
         if not path.is_file():
-            raise ConfigError(f"inversion.checkpoint: no file {path}")
+            if cfg.checkpoint != "default" or cfg.model == "sphere_hs":
+                raise ConfigError(f"inversion.checkpoint: no file {path}")
+            log.info("no SAXS inversion encoder at %s: LM from a grid search", path)
+            return None
         import torch
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("model") != "sphere_hs":
             raise ConfigError(f"inversion.checkpoint: {path} is a {state.get('model')!r} encoder; "
                               "per-frame inversion takes SAXS profiles (sphere_hs)")
         log.info("SAXS inversion encoder: %s", path)
-        return InversionSpec(state=state, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range)
+        return state
+
+    def _saxs_inversion(self, cfg: InversionConfig):
+        from workers.inversion.spec import SaxsInversionSpec
+        return SaxsInversionSpec(state=self._encoder, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range,
+                                 model=cfg.model, bounds=tuple((k, lo, hi) for k, (lo, hi) in cfg.bounds.items()),
+                                 min_q_overlap=cfg.min_q_overlap, n_starts=cfg.n_starts,
+                                 good_p_value=cfg.good_p_value, bad_chi2=cfg.bad_chi2)
+
+    def _run_inversion(self, start: dict):
+        """The run's inversion: the configuration's, with the keys of start["scatterflow"]["inversion"]
+        (any InversionConfig key but ``checkpoint``: a start document names no files). ValueError
+        naming the key for a bad value."""
+        hints = start.get("scatterflow")
+        over = hints.get("inversion") if isinstance(hints, dict) else None
+        if over is None:
+            return self.inversion
+        where = "start.scatterflow.inversion"
+        if not isinstance(over, dict):
+            raise ValueError(f"{where} must be a mapping, got {over!r}")
+        if "checkpoint" in over:
+            raise ValueError(f"{where}.checkpoint: a start document may not name files")
+        try:
+            cfg = InversionConfig.model_validate({**self.settings.inversion.model_dump(), **over})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}{'.' + loc if loc else ''}: {err['msg']}") from None
+        if not cfg.enabled:
+            return None
+        if self._encoder is _UNREAD:                  # inversion off in the configuration, on for this run
+            try:
+                self._encoder = self._load_encoder(self.settings.inversion.model_copy(update={"model": cfg.model}))
+            except ConfigError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return self._saxs_inversion(cfg)
+
+
+_UNREAD = object()          # the encoder checkpoint not read yet
 
 
 def _pyfai_load(mapping: dict, where: str):

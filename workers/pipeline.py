@@ -314,7 +314,7 @@ class RunPipeline:
             raise ValueError(f"reduction.snapshot_every must be >= 0 (0 = off), got {spec.reduction.snapshot_every}")
         self.spec, self.device, self.cache = spec, device, cache
         self.fitter = None if spec.model is None else TrajectoryFitter(spec.model, spec.regularizer, device=device)
-        self.inverter = None if spec.inversion is None else SaxsInverter(spec.inversion.state, device=device)
+        self.inverter = None if spec.inversion is None else SaxsInverter.from_spec(spec.inversion, device=device)
         self.phases = (None if spec.phases is None or self.fitter is None
                        else PhaseTracker(spec.phases, spec.phase_checkpoint, device=device))
         self._reseeds_reported = 0

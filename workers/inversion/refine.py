@@ -1,25 +1,31 @@
-"""Encoder warm start + batched bounded LM refinement in the same forward model, with errors.
+"""LM start (encoder or grid search) + bounded LM in the same forward model, with errors and a
+fit-quality verdict.
 
 Per batch of profiles (q (N,), intensity and sigma (B, N)):
-  1. the encoder maps ``profile_features`` to the shape parameters (radius, pd, volfraction),
-     always inside their bounds;
-  2. the linear parameters (i0, background) follow by weighted linear least squares
-     (``linear_amplitudes``; variable projection), clamped to >= 0;
-  3. optionally, ``workers.fit.fit_batch`` (bounded Levenberg-Marquardt, lmfit's MINUIT bound
-     transform, Jacobian by torch.func.jacfwd) refines all parameters of the forward model
-     against the data with weights 1/sigma^2; standard errors from the covariance scaled by
-     chi2_red (lmfit ``scale_covar=True``).
+  1. the start: the encoder maps ``profile_features`` to the shape parameters, always inside
+     their bounds, when the run's model has an encoder (``sphere_hs``) and the profiles' q
+     range overlaps the encoder's grid enough (``q_overlap``); otherwise a grid search over the
+     shape parameters gives ``n_starts`` starts (``workers.inversion.search``) and a warning is
+     logged once per inverter (one per run in the worker);
+  2. the linear amplitudes (i0, ..., background) by non-negative weighted least squares
+     (variable projection; ``search.nonneg_amplitudes``);
+  3. optionally, the projected active-set LM (``workers.inversion.lm.fit_bounded``) refines all
+     parameters against the data with weights 1/sigma^2, from each start; the start of least
+     final chi2 wins. Parameters on a bound are flagged, their standard errors NaN.
+  4. the verdict: p-value of chi2 and good / poor / bad (``workers.inversion.quality``).
 
-``SaxsInverter`` (profiles) and ``GisaxsInverter`` (maps on the checkpoint's detector grid)
-bundle the three steps for a checkpoint; ``inversion_rows`` turns a result into one row per
-frame for publishing (like the peaks table). Maps use the same steps with (shape..., i0,
-background) = SPHERE_PARACRYSTAL_PARAMS.
+``SaxsInverter`` (profiles, any model of ``workers.inversion.spec.SAXS_MODELS``) and
+``GisaxsInverter`` (maps on the checkpoint's detector grid, encoder always) bundle the steps;
+``inversion_rows`` turns a result into one row per frame for publishing (like the peaks
+table). ``refine`` is the LM alone (method "projected", or "transform": workers.fit's LM with
+lmfit's bound transform, the one used before issue 28, kept for comparison).
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -27,31 +33,45 @@ import torch
 from workers.fit import fit_batch
 from workers.inversion.encoder import ParamBounds, encoder_from_state, map_features, profile_features
 from workers.inversion.gisaxs import SPHERE_PARACRYSTAL_PARAMS, DetectorGrid, spheres_paracrystal
+from workers.inversion.lm import bound_flags, fit_bounded
+from workers.inversion.models import SAXS_BASIS, SAXS_FORWARD, AmplitudeModel, BasisModel, amplitude_basis
+from workers.inversion.quality import fit_verdict
 from workers.inversion.saxs import SPHERE_HS_PARAMS, sphere_hs
-from workers.profiles import BoundModel
+from workers.inversion.search import grid_starts, nonneg_amplitudes, shape_grid, size_window
+from workers.inversion.spec import SAXS_MODELS, shape_bounds
+
+log = logging.getLogger(__name__)
 
 FORWARD_MODELS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "sphere_hs": (sphere_hs, SPHERE_HS_PARAMS),
     "spheres_paracrystal": (spheres_paracrystal, SPHERE_PARACRYSTAL_PARAMS),
+    **{k: (SAXS_FORWARD[k], m.names) for k, m in SAXS_MODELS.items() if k != "sphere_hs"},
 }
+ENCODER_MIN_COVERAGE = 0.4    # the encoder's training crops kept >= 44 % of its grid's log span
 
 
 @dataclass
 class InversionResult:
     """B frames, P parameters (``names``)."""
     names: tuple[str, ...]
-    params: torch.Tensor          # (B, P) refined (or encoder) values, inside the bounds
-    stderr: torch.Tensor          # (B, P) standard errors (NaN without refinement)
-    encoder: torch.Tensor         # (B, P) encoder + linear-amplitude values (the LM start)
-    chi2_red: torch.Tensor        # (B,)
-    converged: torch.Tensor       # (B,) bool (True for encoder-only results)
+    params: torch.Tensor          # (B, P) refined (or start) values, inside the bounds
+    stderr: torch.Tensor          # (B, P) standard errors (NaN without refinement and on a bound)
+    encoder: torch.Tensor         # (B, P) the LM start (encoder or grid search, with its amplitudes)
+    chi2_red: torch.Tensor        # (B,) chi2 / (N - P)
+    converged: torch.Tensor       # (B,) bool: the LM met its optimality test (False without LM)
     model: str = ""               # forward-model name (FORWARD_MODELS key)
+    at_bound: torch.Tensor | None = None     # (B, P) bool
+    p_value: torch.Tensor | None = None      # (B,) P(chi2_dof >= chi2)
+    quality: np.ndarray | None = None        # (B,) str: good | poor | bad
+    warm_start: str = "encoder"              # "encoder" | "grid"
+    dof: torch.Tensor | None = field(default=None, repr=False)
 
 
 def linear_amplitudes(shape: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted least squares for y ~ a * shape + b with a > 0, b >= 0; all (B, N) -> a, b (B,).
 
-    Points with non-finite y or sigma <= 0 get weight 0. Differentiable (closed-form 2x2 solve).
+    Points with non-finite y or sigma <= 0 get weight 0. Differentiable (closed-form 2x2 solve;
+    the encoder's physics loss in service/train uses it).
     """
     ok = torch.isfinite(y) & torch.isfinite(sigma) & (sigma > 0)
     w = torch.where(ok, 1.0 / torch.where(ok, sigma, torch.ones_like(sigma)) ** 2, torch.zeros_like(y))
@@ -70,89 +90,55 @@ def linear_amplitudes(shape: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor)
     return a, b
 
 
-class AmplitudeModel(BoundModel):
-    """A forward model I = i0 g(q; shape) + background as a ``workers.fit`` model on a fixed q.
-
-    model(q (N,), p (B, P)) with p = (shape..., i0, background). The Jacobian is analytic in i0
-    and background (g and 1) and by central differences in the shape parameters, all 2 S + 1
-    evaluations in one batched call (S shape parameters; step 1e-5 of each bound interval:
-    truncation and rounding errors ~1e-10 relative in float64). Forward-mode autodiff
-    (torch.func.jacfwd) gives the same numbers but is ~30x slower on CPU for these models.
-    Subclasses BoundModel only for its interface (lower, upper, free, evaluate,
-    evaluate_and_jacobian); BoundModel.__init__ is not used.
-    """
-
-    def __init__(self, model: Callable, q: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
-        self.fn, self.x = model, q
-        self.lower, self.upper = lower.to(q.dtype), upper.to(q.dtype)
-        self.n_params = lower.shape[0]
-        self.n_shape = self.n_params - 2
-        self.free = torch.ones(self.n_params, dtype=torch.bool, device=q.device)
-        span = (self.upper - self.lower)[:self.n_shape]
-        if not bool(torch.isfinite(span).all()):
-            raise ValueError("AmplitudeModel: shape parameters need finite bounds")
-        self.h = 1e-5 * span
-
-    def evaluate(self, p: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.x, p)
-
-    def evaluate_and_jacobian(self, p, scale=None, jac=True):
-        B, S = p.shape[0], self.n_shape
-        shape = p[:, :S]
-        if jac:
-            d = torch.diag_embed(self.h).to(p)                                   # (S, S)
-            shape = torch.cat([shape, (shape[None] + d[:, None]).reshape(-1, S),
-                               (shape[None] - d[:, None]).reshape(-1, S)], 0)      # ((2S+1) B, S)
-        one = torch.ones_like(shape[:, :1])
-        g = self.fn(self.x, torch.cat([shape, one, 0 * one], 1))
-        i0, bkg = p[:, S:S + 1], p[:, S + 1:S + 2]
-        f = i0 * g[:B] + bkg
-        if scale is not None:
-            f = f * scale
-        if not jac:
-            return f, None
-        gp, gm = g[B:B + S * B].reshape(S, B, -1), g[B + S * B:].reshape(S, B, -1)
-        js = (gp - gm) / (2.0 * self.h.to(p)[:, None, None]) * i0[None]         # (S, B, N)
-        cols = torch.cat([js, g[:B][None], torch.ones_like(g[:B])[None]], 0).transpose(0, 1)   # (B, P, N)
-        if scale is not None:
-            cols = cols * scale[:, None, :]
-        return f, cols
-
-
 def refine(model: Callable, q: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, p0: torch.Tensor,
            lower: torch.Tensor, upper: torch.Tensor, *, max_iter: int = 40, ftol: float = 1e-6,
-           chunk_size: int | None = None):
-    """Bounded batched LM (``workers.fit.fit_batch``) of model = i0 g(shape) + background from p0
-    (B, P); returns workers.fit.FitResult (params, stderr, chi2_red, converged, n_iter).
-    chunk_size: frames per LM chunk (every frame of a chunk is evaluated until the chunk's last
-    one converges; None: fit_batch's default)."""
+           chunk_size: int | None = None, method: Literal["projected", "transform"] = "projected"):
+    """Bounded batched LM of model = i0 g(shape) + background from p0 (B, P). "projected":
+    ``workers.inversion.lm.fit_bounded`` (BoundedFit); "transform": ``workers.fit.fit_batch``
+    (FitResult). Both have params, stderr, chi2_red, converged, n_iter."""
     bound = AmplitudeModel(model, q, lower, upper)
-    return fit_batch(bound, q, y, sigma, p0, max_iter=max_iter, ftol=ftol, return_covariance=False,
-                     chunk_size=chunk_size)
+    if method == "transform":
+        return fit_batch(bound, q, y, sigma, p0, max_iter=max_iter, ftol=ftol, return_covariance=False,
+                         chunk_size=chunk_size)
+    if method != "projected":
+        raise ValueError(f"method must be 'projected' or 'transform', got {method!r}")
+    return fit_bounded(bound, y, sigma, p0, lower, upper, max_iter=max_iter, ftol=ftol, chunk_size=chunk_size)
+
+
+def q_overlap(q_lo: float, q_hi: float, grid_lo: float, grid_hi: float) -> tuple[float, float]:
+    """Fractions of the data's log-q span [q_lo, q_hi] inside [grid_lo, grid_hi], and of the
+    grid's log span covered by the data (all > 0)."""
+    common = max(0.0, math.log(min(q_hi, grid_hi) / max(q_lo, grid_lo)))
+    span = math.log(q_hi / q_lo)
+    inside = (1.0 if grid_lo <= q_lo <= grid_hi else 0.0) if span <= 0 else common / span
+    return inside, common / math.log(grid_hi / grid_lo)
 
 
 class _Inverter:
-    """Encoder + refinement for one checkpoint (``encoder_state`` dict with ``model``).
+    """Start (encoder or grid search) + refinement for one forward model.
 
-    The encoder runs in float32; the linear amplitudes and the LM in ``dtype`` (float64
-    default: the LM's covariance wants it; float32 works on GPUs).
+    The encoder runs in float32; the amplitudes and the LM in ``dtype`` (float64 default: the
+    covariance wants it; float32 works on GPUs).
     """
+    encoder = None
+    enc_bounds: ParamBounds | None = None
+    lm_chunk: int | None = None
+    good_p_value, bad_chi2 = 1e-3, 4.0
 
-    def __init__(self, state: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
-        if state.get("model") not in FORWARD_MODELS:
-            raise ValueError(f"checkpoint model must be one of {tuple(FORWARD_MODELS)}, got {state.get('model')!r}")
-        self.model_name = state["model"]
-        self.model, self.names = FORWARD_MODELS[state["model"]]
-        self.encoder = encoder_from_state(state).to(device)
-        self.enc_bounds: ParamBounds = self.encoder.bounds
+    def _setup(self, model_name: str, names, basis, n_amp: int, lo, hi, state, device, dtype):
+        self.model_name, self.names = model_name, tuple(names)
+        self.model = FORWARD_MODELS[model_name][0]
+        self.basis, self.n_amp = basis, n_amp
+        self.n_shape = len(self.names) - n_amp - 1
         self.device, self.dtype = torch.device(device), dtype
-        n_shape = len(self.enc_bounds.names)
-        if tuple(self.enc_bounds.names) != self.names[:n_shape] or len(self.names) != n_shape + 2:
-            raise ValueError(f"encoder parameters {self.enc_bounds.names} must be {self.names} less (i0, background)")
-        lo, hi = list(self.enc_bounds.lo) + [0.0, 0.0], list(self.enc_bounds.hi) + [math.inf, math.inf]
-        self.lower = torch.tensor(lo, dtype=dtype, device=device)
-        self.upper = torch.tensor(hi, dtype=dtype, device=device)
-        self.lm_chunk: int | None = None
+        if state is not None:
+            self.encoder = encoder_from_state(state).to(device)
+            self.enc_bounds = self.encoder.bounds
+            if tuple(self.enc_bounds.names) != self.names[:self.n_shape]:
+                raise ValueError(f"encoder parameters {self.enc_bounds.names} must be {self.names[:self.n_shape]}")
+        rest = [0.0] * (n_amp + 1), [math.inf] * (n_amp + 1)
+        self.lower = torch.tensor(list(lo) + rest[0], dtype=dtype, device=device)
+        self.upper = torch.tensor(list(hi) + rest[1], dtype=dtype, device=device)
 
     def _features(self, x, y, s) -> torch.Tensor:
         raise NotImplementedError
@@ -161,64 +147,175 @@ class _Inverter:
         """Forward model on the flattened data grid: (B, P) -> (B, N)."""
         return self.model(x, p)
 
+    def _basis(self, x, shape):
+        return self.basis(x, shape)
+
+    def _amplitudes(self, x, shape, y, s) -> torch.Tensor:
+        """(B, P): shape (B, S) with its non-negative amplitudes and background."""
+        amp, _ = nonneg_amplitudes(self._basis(x, shape), y, s)
+        return torch.cat([shape, amp], 1)
+
     @torch.no_grad()
     def _encode(self, x, y, s) -> torch.Tensor:
         shape_p = self.encoder(self._features(x, y, s)).to(self.dtype)
-        one = torch.ones_like(shape_p[:, :1])
-        a, b = linear_amplitudes(self._fn(x, torch.cat([shape_p, one, 0 * one], 1)), y, s)
-        return torch.cat([shape_p, a[:, None], b[:, None]], 1)
+        shape_p = torch.minimum(torch.maximum(shape_p, self.lower[:self.n_shape]), self.upper[:self.n_shape])
+        return self._amplitudes(x, shape_p, y, s)
 
     def _invert(self, x, y, s, refine_fit: bool, max_iter: int) -> InversionResult:
-        p_enc = self._encode(x, y, s)
+        """From the encoder (the path ``service.train.inversion.evaluate`` times)."""
+        return self._refine(x, y, s, self._encode(x, y, s)[:, None], refine_fit, max_iter, "encoder")
+
+    def _refine(self, x, y, s, starts: torch.Tensor, refine_fit: bool, max_iter: int, how: str) -> InversionResult:
+        """LM from each of the starts (B, K, P); per frame the result of least chi2."""
+        B, K, P = starts.shape
+        bound = BasisModel(lambda xx, sh: self._basis(xx, sh), x, self.lower, self.upper, self.n_amp)
         if not refine_fit:
-            nan = torch.full_like(p_enc, math.nan)
-            chi = ((y - self._fn(x, p_enc)) / s).pow(2).nanmean(-1)
-            return InversionResult(self.names, p_enc, nan, p_enc, chi, torch.ones_like(chi, dtype=torch.bool),
-                                   self.model_name)
-        res = refine(self._fn, x, y, s, p_enc, self.lower, self.upper, max_iter=max_iter, chunk_size=self.lm_chunk)
-        return InversionResult(self.names, res.params, res.stderr, p_enc, res.chi2_red, res.converged, self.model_name)
+            p0 = starts[:, 0]
+            ok = torch.isfinite(y) & torch.isfinite(s) & (s > 0)
+            r = torch.where(ok, (y - bound.evaluate(p0)) / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(y))
+            dof = (ok.sum(-1) - P).clamp_min(1).to(y.dtype)
+            chi2r = torch.where(ok.sum(-1) > P, (r * r).sum(-1) / dof, torch.full_like(dof, math.nan))
+            return self._result(p0, torch.full_like(p0, math.nan), p0, chi2r,
+                                torch.zeros(B, dtype=torch.bool, device=y.device),
+                                bound_flags(p0, self.lower, self.upper), dof, how)
+        yk, sk = (y, s) if K == 1 else (y.repeat_interleave(K, 0), s.repeat_interleave(K, 0))
+        fit = fit_bounded(bound, yk, sk, starts.reshape(B * K, P), self.lower, self.upper, max_iter=max_iter,
+                          chunk_size=self.lm_chunk)
+        chi = fit.chi2_red.reshape(B, K)
+        best = torch.where(torch.isfinite(chi), chi, torch.full_like(chi, math.inf)).argmin(-1)
+        pick = best + K * torch.arange(B, device=best.device)
+        return self._result(fit.params[pick], fit.stderr[pick], starts.reshape(B * K, P)[pick], fit.chi2_red[pick],
+                            fit.converged[pick], fit.at_bound[pick], fit.dof[pick], how)
+
+    def _result(self, p, se, start, chi2r, conv, at_b, dof, how) -> InversionResult:
+        pv, verdict = fit_verdict(chi2r, dof, good_p_value=self.good_p_value, bad_chi2=self.bad_chi2)
+        return InversionResult(self.names, p, se, start, chi2r, conv, self.model_name, at_b, pv, verdict, how, dof)
 
     def _t(self, v):
         return torch.as_tensor(v, dtype=self.dtype, device=self.device)
 
 
 class SaxsInverter(_Inverter):
-    """Profiles: ``profile_features`` on the checkpoint's ``q_grid``, forward model on the data's q."""
+    """Profiles: any SAXS_MODELS model; the encoder (``state``, on its ``q_grid``) where the
+    model is the checkpoint's and the q ranges overlap, else a grid search (module docstring).
 
-    def __init__(self, state: dict, device="cpu", dtype=torch.float64):
-        super().__init__(state, device, dtype)
-        self.q_grid = torch.as_tensor(state["q_grid"], dtype=torch.float64, device=device)
+    bounds: {name: (lo, hi)} or (name, lo, hi) overrides of the shape bounds (defaults: the
+    encoder's for its model, else ``SAXS_MODELS``). min_q_overlap: fraction of the profiles'
+    log-q span that must lie inside the encoder's grid (and the profiles must cover >=
+    ENCODER_MIN_COVERAGE of the grid's span). n_starts: LM starts from the grid search.
+    good_p_value, bad_chi2: verdict thresholds (``workers.inversion.quality``).
+    """
+
+    def __init__(self, state: dict | None = None, device="cpu", dtype=torch.float64, *, model: str | None = None,
+                 bounds=(), min_q_overlap: float = 0.5, n_starts: int = 3, good_p_value: float = 1e-3,
+                 bad_chi2: float = 4.0):
+        model = model or (state or {}).get("model") or "sphere_hs"
+        info = SAXS_MODELS.get(model)
+        if info is None:
+            raise ValueError(f"SAXS inversion model must be one of {tuple(SAXS_MODELS)}, got {model!r}")
+        if state is not None and state.get("model") != model:
+            state = None                                  # the checkpoint encodes another model
+        self.info = info
+        if state is not None:                            # the encoder's training ranges are the defaults
+            eb = ParamBounds.from_dict(state["bounds"])
+            defaults = dict(zip(eb.names, zip(eb.lo, eb.hi)))
+            lo, hi = shape_bounds(model, {**defaults, **_as_dict(bounds)})
+        else:
+            lo, hi = shape_bounds(model, bounds)
+        self._setup(model, info.names, SAXS_BASIS[model], len(info.amplitudes), lo, hi, state, device, dtype)
+        self.q_grid = None if state is None else torch.as_tensor(state["q_grid"], dtype=torch.float64, device=device)
+        self.min_q_overlap, self.n_starts = float(min_q_overlap), int(n_starts)
+        self.good_p_value, self.bad_chi2 = float(good_p_value), float(bad_chi2)
+        self._bounds = (lo, hi)
+        self._grid_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # q, grid, basis
+        self._warned = False
+
+    @classmethod
+    def from_spec(cls, spec, device="cpu") -> "SaxsInverter":
+        """From a run's InversionSpec (``workers.inversion.spec.SaxsInversionSpec`` or the plain one)."""
+        kw = {k: getattr(spec, k) for k in ("model", "bounds", "min_q_overlap", "n_starts", "good_p_value",
+                                             "bad_chi2") if hasattr(spec, k)}
+        return cls(spec.state, device=device, **kw)
 
     def _features(self, q, y, s):
         return profile_features(self.q_grid, q, y.float(), s.float())
 
     def encode(self, q, intensity, sigma) -> torch.Tensor:
-        """Encoder shape parameters + linear amplitudes: (B, P) in ``dtype``."""
+        """Encoder shape parameters + amplitudes: (B, P) in ``dtype``."""
         return self._encode(*self._prep(q, intensity, sigma))
 
     def __call__(self, q, intensity, sigma, *, refine_fit: bool = True, max_iter: int = 40) -> InversionResult:
         """Invert B profiles. q (N,) 1/nm increasing, intensity and sigma (B, N) (units of i0);
-        points with non-finite values or sigma <= 0 are ignored."""
-        return self._invert(*self._prep(q, intensity, sigma), refine_fit, max_iter)
+        points with q <= 0, non-finite values or sigma <= 0 are ignored."""
+        x, y, s = self._prep(q, intensity, sigma)
+        if self.use_encoder(x, y, s):
+            return self._invert(x, y, s, refine_fit, max_iter)
+        return self._refine(x, y, s, self.grid_starts(x, y, s), refine_fit, max_iter, "grid")
+
+    def use_encoder(self, q, y, s) -> bool:
+        """The encoder has been trained for these profiles' q range (class docstring); warns once
+        when it has not."""
+        if self.encoder is None:
+            return False
+        ok = (torch.isfinite(y) & torch.isfinite(s) & (s > 0)).any(0) & (q > 0)
+        if not bool(ok.any()):
+            return True                                   # nothing to fit: the results are NaN anyway
+        q_lo, q_hi = float(q[ok].min()), float(q[ok].max())
+        g_lo, g_hi = float(self.q_grid[0]), float(self.q_grid[-1])
+        inside, covered = q_overlap(q_lo, q_hi, g_lo, g_hi)
+        use = inside >= self.min_q_overlap and covered >= ENCODER_MIN_COVERAGE
+        if not use and not self._warned:
+            self._warned = True
+            log.warning("inversion: profiles with q %.3g-%.3g 1/nm have %.0f %% of their log-q span inside the "
+                        "encoder's grid %.3g-%.3g 1/nm (needs %.0f %%) and cover %.0f %% of it (needs %.0f %%): "
+                        "the encoder was not trained for them; LM from a grid search instead (%s)", q_lo, q_hi,
+                        100 * inside, g_lo, g_hi, 100 * self.min_q_overlap, 100 * covered,
+                        100 * ENCODER_MIN_COVERAGE, self.model_name)
+        return use
+
+    def grid_starts(self, q, y, s) -> torch.Tensor:
+        """(B, n_starts, P) starts from the grid search (``workers.inversion.search``)."""
+        if self._grid_cache is None or not torch.equal(self._grid_cache[0], q):
+            lo, hi = list(self._bounds[0]), list(self._bounds[1])
+            ok = (torch.isfinite(y) & torch.isfinite(s) & (s > 0)).any(0)
+            lo[0], hi[0] = size_window(q[ok], lo[0], hi[0])
+            grid = shape_grid(self.info, lo, hi, self.dtype, self.device)
+            self._grid_cache = (q, grid, self.basis(q, grid))
+        _, grid, basis = self._grid_cache
+        starts, _ = grid_starts(grid, basis, self.info.grid[0], y, s, self.n_starts)
+        return starts
 
     def _prep(self, q, intensity, sigma):
         q, y, s = self._t(q), self._t(intensity), self._t(sigma)
         if y.dim() != 2 or s.shape != y.shape or q.dim() != 1 or q.shape[0] != y.shape[1]:
             raise ValueError(f"need q (N,), intensity and sigma (B, N); got {tuple(q.shape)}, "
                              f"{tuple(y.shape)}, {tuple(s.shape)}")
+        if bool((q <= 0).any()):
+            s = torch.where(q > 0, s, torch.full_like(s, math.nan))
         return q, y, s
+
+
+def _as_dict(bounds) -> dict:
+    return dict(bounds) if isinstance(bounds, dict) else {n: (a, b) for n, a, b in bounds}
 
 
 class GisaxsInverter(_Inverter):
     """Maps on the checkpoint's detector grid (``state["grid"]``: DetectorGrid fields)."""
 
     def __init__(self, state: dict, device="cpu", dtype=torch.float64):
-        super().__init__(state, device, dtype)
+        if state.get("model") not in FORWARD_MODELS:
+            raise ValueError(f"checkpoint model must be one of {tuple(FORWARD_MODELS)}, got {state.get('model')!r}")
+        names = FORWARD_MODELS[state["model"]][1]
+        eb = ParamBounds.from_dict(state["bounds"])
+        if len(names) != len(eb.names) + 2:
+            raise ValueError(f"encoder parameters {eb.names} must be {names} less (i0, background)")
+        self._setup(state["model"], names, None, 1, eb.lo, eb.hi, state, device, dtype)
+        self.basis = amplitude_basis(lambda x, p: self._fn(x, p))
         g = state["grid"]
         self.grid = DetectorGrid(float(g["wavelength"]), float(g["alpha_i"]), tuple(g["u"]), tuple(g["v"]))
         self.grid_q = self.grid.q(dtype, device)
-        # CPU: one map per LM chunk, so that a converged map stops costing evaluations (measured
-        # 92 ms/map vs 400 (chunks of 4) and 670 (16) on the held-out BornAgain maps)
+        # CPU: one map per LM chunk (measured with workers.fit's LM: 92 ms/map vs 400 (chunks of 4)
+        # and 670 (16) on the held-out BornAgain maps)
         self.lm_chunk = 1 if self.device.type == "cpu" else None
 
     def _fn(self, x, p):
@@ -248,15 +345,21 @@ class GisaxsInverter(_Inverter):
 
 def inversion_rows(res: InversionResult, seq_num=None, time=None) -> dict[str, np.ndarray]:
     """Columnar rows, one per frame: seq_num, time, model, then for each parameter <name>,
-    <name>_err (NaN without refinement), <name>_encoder (the LM start), then chi2 (reduced),
-    converged. seq_num, time: (B,) (default 1..B and NaN)."""
+    <name>_err (NaN without refinement and on a bound), <name>_encoder (the LM start: encoder or
+    grid search), <name>_at_bound (bool); then chi2 (reduced), p_value, fit_quality (good | poor
+    | bad, workers.inversion.quality), converged, warm_start ("encoder" | "grid").
+    seq_num, time: (B,) (default 1..B and NaN)."""
     B = res.params.shape[0]
     out = {"seq_num": np.asarray(seq_num if seq_num is not None else np.arange(1, B + 1), np.int64),
            "time": np.asarray(time if time is not None else np.full(B, np.nan), np.float64),
            "model": np.full(B, res.model)}
     p, e, pe = (t.detach().double().cpu().numpy() for t in (res.params, res.stderr, res.encoder))
+    ab = (np.zeros(p.shape, bool) if res.at_bound is None else res.at_bound.detach().cpu().numpy().astype(bool))
     for j, nm in enumerate(res.names):
-        out[nm], out[f"{nm}_err"], out[f"{nm}_encoder"] = p[:, j], e[:, j], pe[:, j]
+        out[nm], out[f"{nm}_err"], out[f"{nm}_encoder"], out[f"{nm}_at_bound"] = p[:, j], e[:, j], pe[:, j], ab[:, j]
     out["chi2"] = res.chi2_red.detach().double().cpu().numpy()
+    out["p_value"] = (np.full(B, np.nan) if res.p_value is None else res.p_value.detach().double().cpu().numpy())
+    out["fit_quality"] = (np.full(B, "") if res.quality is None else np.asarray(res.quality, dtype=np.str_))
     out["converged"] = res.converged.detach().cpu().numpy().astype(bool)
+    out["warm_start"] = np.full(B, res.warm_start)
     return out

@@ -32,6 +32,18 @@ series below X = 1 instead of sasmodels' 3 terms below 0.05), with R_eff = <r> =
 sasmodels ``sphere@hardsphere`` (structure_factor_mode 0 = P*S, radius_effective_mode 1) with
 i0 = scale * volfraction * 1e-4 * drho^2 * <V^2>/<V> (V in A^3, drho in 1e-6/A^2, I in 1/cm):
 the dilute forward intensity.
+
+Models for samples hard spheres cannot describe (issue 28), each a sum of basis functions with
+non-negative linear amplitudes plus a background:
+
+``powerlaw_spheres``: I(q) = i0 P(q; R, pd) + power_scale q^-power + background: dilute Schulz
+spheres (no S(q)) and a low-q power law (aggregates, large-scale interfaces). It is sasmodels
+``power_law+sphere`` with A_scale = power_scale 10^-power (q in 1/A there) and B_scale =
+i0 / (1e-4 drho^2 <V^2>/<V>).
+
+``unified_level``: one Beaucage level (Beaucage, J. Appl. Cryst. 28, 717 (1995), eq. 10 with k = 1):
+I(q) = G exp(-q^2 Rg^2 / 3) + B [erf(q Rg / sqrt 6)^3 / q]^P + background. It is sasmodels
+``unified_power_Rg`` with level = 1, G the same, B(1/nm units) = B(sasmodels) 10^P.
 """
 from __future__ import annotations
 
@@ -43,6 +55,8 @@ import torch
 SPHERE_HS_PARAMS = ("radius", "pd", "volfraction", "i0", "background")
 GUINIER_PARAMS = ("i0", "rg", "background")
 POROD_PARAMS = ("porod_constant", "background")
+POWERLAW_SPHERES_PARAMS = ("radius", "pd", "power", "i0", "power_scale", "background")
+UNIFIED_LEVEL_PARAMS = ("rg", "power", "G", "B", "background")
 
 TAYLOR_CUT = 0.3          # q R below which the moment series replaces the analytic average
 _N_TAYLOR = 9             # terms m = 3 .. 3 + _N_TAYLOR - 1 of (sin x - x cos x)^2 = sum c_m x^2m
@@ -185,6 +199,41 @@ def porod(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     _check(q, params, 2, "porod")
     c, bkg = params.unbind(-1)
     return c[:, None] / q[None, :] ** 4 + bkg[:, None]
+
+
+def powerlaw_spheres_basis(q: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Basis of ``powerlaw_spheres``: shape (B, 3) = (radius nm, pd, power) -> (B, 2, N) =
+    (P(q; R, pd), q^-power); q (N,) 1/nm, q > 0."""
+    r, pd, m = shape.unbind(-1)
+    form = sphere_schulz_form(q, r, pd)
+    law = torch.exp(-m[:, None] * torch.log(q.to(shape.dtype))[None, :])
+    return torch.stack([form, law], 1)
+
+
+def powerlaw_spheres(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """I = i0 P(q; R, pd) + power_scale q^-power + background; params (B, 6) = POWERLAW_SPHERES_PARAMS
+    (radius nm, pd, power, i0, power_scale in intensity x nm^-power, background)."""
+    _check(q, params, 6, "powerlaw_spheres")
+    basis = powerlaw_spheres_basis(q, params[:, :3])
+    return (params[:, 3:5, None] * basis).sum(1) + params[:, 5:6]
+
+
+def unified_level_basis(q: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Basis of ``unified_level``: shape (B, 2) = (Rg nm, P) -> (B, 2, N) =
+    (exp(-q^2 Rg^2 / 3), [erf(q Rg / sqrt 6)^3 / q]^P); q (N,) 1/nm, q > 0."""
+    rg, m = shape.unbind(-1)
+    x = q.to(shape.dtype)[None, :] * rg[:, None]
+    guinier_term = torch.exp(-x * x / 3.0)
+    qs = 3.0 * torch.log(torch.erf(x / math.sqrt(6.0)).clamp_min(1e-300)) - torch.log(q.to(shape.dtype))[None, :]
+    return torch.stack([guinier_term, torch.exp(m[:, None] * qs)], 1)
+
+
+def unified_level(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """One Beaucage level: I = G exp(-q^2 Rg^2/3) + B [erf(q Rg/sqrt 6)^3 / q]^P + background;
+    params (B, 5) = UNIFIED_LEVEL_PARAMS (Rg nm, P, G, B in intensity x nm^-P, background)."""
+    _check(q, params, 5, "unified_level")
+    basis = unified_level_basis(q, params[:, :2])
+    return (params[:, 2:4, None] * basis).sum(1) + params[:, 4:5]
 
 
 # ---------------------------------------------------------------------------------------------

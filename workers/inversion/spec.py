@@ -1,0 +1,95 @@
+"""The SAXS models the inversion offers, and the run's inversion spec (no torch here: the
+configuration reads the names and default bounds).
+
+Every model is I(q) = sum_k a_k g_k(q; shape) + background, with non-negative linear amplitudes
+a_k (``amplitudes``) and nonlinear ``shape`` parameters in [lo, hi] (``log``: searched on a log
+grid). Parameters in that order: shape..., amplitudes..., background (``ModelInfo.names``).
+
+| model | shape (bounds) | amplitudes | encoder |
+| --- | --- | --- | --- |
+| ``sphere_hs`` | radius 2-25 nm, pd 0.02-0.3, volfraction 0-0.4 | i0 | shipped (service/models/saxs_encoder.pt) |
+| ``powerlaw_spheres`` | radius 1-300 nm, pd 0.02-0.5, power 1-5 | i0, power_scale | none: grid search |
+| ``unified_level`` | rg 0.5-500 nm, power 1-5 | G, B | none: grid search |
+
+(forward models in ``workers.inversion.saxs``). ``sphere_hs``'s bounds are the encoder's
+training ranges; the others' span what SAXS and USAXS measure (q 0.002-5 1/nm).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from workers.specs import InversionSpec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Names, default bounds and search grid of one SAXS model (module docstring)."""
+    name: str
+    shape: tuple[str, ...]
+    amplitudes: tuple[str, ...]
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+    log: tuple[bool, ...]
+    grid: tuple[int, ...]         # grid-search points per shape parameter
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.shape, *self.amplitudes, "background")
+
+
+SAXS_MODELS: dict[str, ModelInfo] = {m.name: m for m in (
+    ModelInfo("sphere_hs", ("radius", "pd", "volfraction"), ("i0",), (2.0, 0.02, 0.0), (25.0, 0.3, 0.4),
+              (True, False, False), (24, 3, 3)),
+    ModelInfo("powerlaw_spheres", ("radius", "pd", "power"), ("i0", "power_scale"), (1.0, 0.02, 1.0),
+              (300.0, 0.5, 5.0), (True, False, False), (24, 3, 9)),
+    ModelInfo("unified_level", ("rg", "power"), ("G", "B"), (0.5, 1.0), (500.0, 5.0), (True, False), (32, 9)),
+)}
+
+
+def shape_bounds(model: str, overrides: tuple[tuple[str, float, float], ...] | dict = ()) -> tuple[tuple, tuple]:
+    """(lo, hi) of ``model``'s shape parameters: its defaults, replaced by ``overrides``
+    ((name, lo, hi) triples or {name: (lo, hi)}). ValueError naming the model, parameter or bound."""
+    if model not in SAXS_MODELS:
+        raise ValueError(f"inversion model must be one of {tuple(SAXS_MODELS)}, got {model!r}")
+    info = SAXS_MODELS[model]
+    items = overrides.items() if isinstance(overrides, dict) else ((n, (a, b)) for n, a, b in overrides)
+    lo, hi = list(info.lo), list(info.hi)
+    for name, (a, b) in items:
+        if name not in info.shape:
+            raise ValueError(f"inversion bounds: {name!r} is not a shape parameter of {model} {info.shape}")
+        a, b = float(a), float(b)
+        if not (math.isfinite(a) and math.isfinite(b) and a < b):
+            raise ValueError(f"inversion bounds: {name} needs finite lo < hi, got ({a}, {b})")
+        j = info.shape.index(name)
+        if info.log[j] and not a > 0:
+            raise ValueError(f"inversion bounds: {name} is a size, its lower bound must be > 0, got {a}")
+        lo[j], hi[j] = a, b
+    return tuple(lo), tuple(hi)
+
+
+@dataclass(frozen=True, eq=False)
+class SaxsInversionSpec(InversionSpec):
+    """InversionSpec (``state``: the encoder checkpoint, or None; refine, max_iter, q_range) and:
+
+    model: a SAXS_MODELS key; bounds: (name, lo, hi) overrides of its shape bounds;
+    min_q_overlap: the encoder gives the LM's start only when at least this fraction of the
+    profiles' log-q span lies inside the encoder's grid (else: grid search); n_starts: LM
+    starts from the grid search; good_p_value, bad_chi2: the fit-quality verdict's thresholds
+    (``workers.inversion.quality``)."""
+    model: str = "sphere_hs"
+    bounds: tuple[tuple[str, float, float], ...] = ()
+    min_q_overlap: float = 0.5
+    n_starts: int = 3
+    good_p_value: float = 1e-3
+    bad_chi2: float = 4.0
+
+    def __post_init__(self):
+        shape_bounds(self.model, self.bounds)
+        if not 0 < self.min_q_overlap <= 1:
+            raise ValueError(f"inversion min_q_overlap must be in (0, 1], got {self.min_q_overlap!r}")
+        if not 1 <= self.n_starts <= 16:
+            raise ValueError(f"inversion n_starts must be in 1..16, got {self.n_starts!r}")
+        if not 0 < self.good_p_value < 1 or not self.bad_chi2 > 1:
+            raise ValueError(f"inversion needs 0 < good_p_value < 1 and bad_chi2 > 1, got "
+                             f"{self.good_p_value!r}, {self.bad_chi2!r}")
