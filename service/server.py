@@ -39,7 +39,7 @@ class Service:
         self._seen = {"tiled_requests": 0, "tiled_failures": 0, "tiled_spooled": 0, "tiled_interrupted": 0, "catalog": 0}   # writer counts already in the counters
         self._first_seen: dict[tuple[str, int], float] = {}           # (dead|starting, pid) -> time.monotonic()
         self._deadline = float("inf")                                 # of close(), time.monotonic()
-        self.store = RunStore()
+        self.store = RunStore(max_runs=settings.api.max_runs, held_rows=settings.api.held_rows)
         self.started = time.time()
         self._closers: list = []
         self.tiled_uri: str | None = None
@@ -162,7 +162,12 @@ class Service:
         import uvicorn
         from .api import build_app
         a = self.settings.api
-        app = build_app(self.store, self.metrics, self.status, health=self.health, api_key=a.api_key)
+        archive = None
+        if self.tiled_uri is not None:          # runs and rows the store no longer holds, read back from Tiled
+            from .publish.archive_reader import ArchiveReader
+            archive = ArchiveReader(self.tiled_uri, self.tiled_api_key, cache_rows=a.archive_cache_rows)
+        app = build_app(self.store, self.metrics, self.status, health=self.health, api_key=a.api_key,
+                        archive=archive)
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                                                      timeout_graceful_shutdown=2))
         t = threading.Thread(target=self._uvicorn.run, name="api", daemon=True)

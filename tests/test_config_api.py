@@ -87,7 +87,7 @@ def test_openapi_names_response_models():
         return schemas[ok["$ref"].rsplit("/", 1)[-1]]
 
     peaks = model("/api/v1/runs/{uid}/peaks")
-    assert set(peaks["properties"]) == {"columns", "next_since"}
+    assert set(peaks["properties"]) == {"columns", "next_since", "next_seq", "missing"}   # seq_num paging, gaps
     assert set(peaks["required"]) == {"columns", "next_since"}
     runs = model("/api/v1/runs")
     assert set(runs["properties"]) == {"runs"}

@@ -233,16 +233,26 @@ def test_ingest_through_a_curve_proxy_only_with_its_keys(free_port, tmp_path):
     keyed, keyed_sub = subscriber(curve_secret_key=str(client_secret),
                                   curve_server_public_key=str(server_dir / "proxy.key"))
     plain, plain_sub = subscriber()
-    time.sleep(1.0)                                         # 0MQ slow joiners (and the CURVE handshake)
-    RE = RunEngine({}, context_managers=[])
-    RE.subscribe(Publisher(f"127.0.0.1:{in_port}", serializer=pack))
-    (uid,) = RE(count([det], num=3))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not keyed.stopped:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    keyed_sub.stop(), plain_sub.stop()
+    publisher = Publisher(f"127.0.0.1:{in_port}", serializer=pack)
+    try:
+        # 0MQ slow joiners and the CURVE handshake: a message nobody routes (refused, counted) until
+        # the keyed subscriber receives one
+        deadline = time.monotonic() + 20
+        while keyed_sub.received == 0 and time.monotonic() < deadline:
+            publisher("warm-up-not-a-document", {})
+            time.sleep(0.2)
+        warmups = plain_sub.received
+        RE = RunEngine({}, context_managers=[])
+        RE.subscribe(publisher)
+        (uid,) = RE(count([det], num=3))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not keyed.stopped:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        keyed_sub.stop(), plain_sub.stop()
+        publisher.close()
     assert keyed.started == [uid] and keyed.stopped == [(uid, "success")]
-    assert plain.started == [] and plain_sub.received == 0
+    assert plain.started == [] and plain_sub.received == warmups == 0
     with pytest.raises(ValueError, match="go together"):
         IngestConfig(curve_secret_key=str(client_secret))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -29,16 +30,23 @@ from . import dashboard, events, health, images, results, runs
 from .dependencies import ApiContext
 from .schemas import Health
 
+if TYPE_CHECKING:
+    from ..publish.archive_reader import ArchiveReader
+
 ROUTERS = (health.router, runs.router, results.router, images.router, events.router, dashboard.router)
 
 
 def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
               health: Callable[[], Health] | None = None,
               api_key: str | SecretStr | None = None, stream_interval_s: float = 0.5,
-              stream_max_s: float = 20.0) -> FastAPI:
+              stream_max_s: float = 20.0, archive: ArchiveReader | None = None) -> FastAPI:
     """The service's web app.
 
     health : what ``/api/v1/health`` reports (`service.server.Service.health`); None: always "ok".
+
+    archive : reads runs and rows that ``store`` no longer holds back from Tiled
+        (`service.publish.archive_reader.ArchiveReader`); None: memory only (rows not held are
+        named in the pages' ``missing``).
 
     api_key : None or empty: no authentication (the configuration allows that on loopback only).
 
@@ -56,6 +64,6 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
     app.state.context = ApiContext(store=store, metrics=metrics, status=status, health=health,
                                    api_key=secret(api_key),
                                    started=time.time(), stream_interval_s=stream_interval_s,
-                                   stream_max_s=stream_max_s)
+                                   stream_max_s=stream_max_s, archive=archive)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app

@@ -1,17 +1,25 @@
-"""What routes share: the app's collaborators, the API key check, the run lookup and the
-query parameters parsed at the edge (bad values answer 422)."""
+"""What routes share: the app's collaborators, the API key check, the run lookup (a uid or a
+unique prefix of one, in memory or in Tiled) and the query parameters parsed at the edge (bad
+values answer 422)."""
 from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Depends, HTTPException, Query, Request
 
 from ..metrics import Metrics
+from ..publish.rowtable import RowQuery
 from ..publish.state import RunRecord, RunStore
 from .schemas import Health
+
+if TYPE_CHECKING:                  # imported by whoever builds one (it pulls in tiled's client)
+    from ..publish.archive_reader import ArchiveReader
+
+LIMIT = 100_000                    # rows per response unless `limit` says otherwise
+MAX_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,7 @@ class ApiContext:
     started: float                 # s since the epoch
     stream_interval_s: float       # how often an open event stream polls the store
     stream_max_s: float            # how long an event stream stays open
+    archive: ArchiveReader | None = None   # runs and old rows read back from Tiled; None: memory only
 
 
 def get_context(request: Request) -> ApiContext:
@@ -50,16 +59,70 @@ def given_key(request: Request) -> str:
     return request.headers.get("x-api-key") or bearer or request.query_params.get("api_key") or ""
 
 
-def get_run(uid: str, ctx: Context) -> RunRecord:
-    """The run `uid` of the store, or 404."""
-    run = ctx.store.get(uid)
-    if run is None:
-        raise HTTPException(status_code=404, detail=f"no run {uid!r}")
-    return run
+@dataclass(frozen=True)
+class RunRef:
+    """A run a request names: its full uid, and its record when the store holds it (None: the run
+    is only in Tiled, under ``scatterflow/<uid>``)."""
+    uid: str
+    record: RunRecord | None
+
+
+def resolve_run(uid: str, ctx: Context) -> RunRef:
+    """The run ``uid`` names: a run held in memory, else one in Tiled, else the one run (in
+    either) whose uid starts with ``uid``. 404 if none, 409 if several, 503 if Tiled does not
+    answer and memory has none."""
+    from ..publish.archive_reader import ArchiveUnavailable
+
+    record = ctx.store.get(uid)
+    if record is not None:
+        return RunRef(uid, record)
+    matches = set(ctx.store.uids(uid))
+    if ctx.archive is not None:
+        try:
+            if ctx.archive.has(uid):
+                return RunRef(uid, None)
+            matches |= set(ctx.archive.keys(uid))
+        except ArchiveUnavailable as exc:
+            if not matches:
+                raise HTTPException(status_code=503, detail=str(exc)) from exc
+    if not matches:
+        where = "in memory or in Tiled" if ctx.archive is not None else "in memory (no Tiled archive configured)"
+        raise HTTPException(status_code=404, detail=f"no run {uid!r} {where}")
+    if len(matches) > 1:
+        shown = sorted(matches)
+        raise HTTPException(status_code=409, detail=f"run uid prefix {uid!r} is ambiguous: {len(shown)} runs match "
+                                                    f"({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''})")
+    full = matches.pop()
+    return RunRef(full, ctx.store.get(full))
+
+
+AnyRun = Annotated[RunRef, Depends(resolve_run)]
+
+
+def get_run(ref: AnyRun) -> RunRecord:
+    """The run a request names, held in memory; 404 for a run only in Tiled."""
+    if ref.record is None:
+        raise HTTPException(status_code=404, detail=f"run {ref.uid!r} is no longer held in memory; Tiled has it "
+                                                    f"under scatterflow/{ref.uid} (REST serves its summary, peaks, "
+                                                    f"phases and inversion)")
+    return ref.record
 
 
 Run = Annotated[RunRecord, Depends(get_run)]
 
-Since = Annotated[int, Query(ge=0, description="row index to start from")]
-FinalOnly = Annotated[bool | None, Query(description="only final (true) or provisional (false) rows")]
+
+def row_query(
+        since: int | None = Query(None, ge=0, description="row index to start from: rows in arrival order, "
+                                                         "provisional and final counted together (next_since)"),
+        since_seq: int | None = Query(None, ge=0, description="lowest seq_num (frame) to return; rows ordered by "
+                                                             "seq_num; needs final=true or false (next_seq)"),
+        final: bool | None = Query(None, description="only final (true) or provisional (false) rows"),
+        limit: int = Query(LIMIT, ge=1, le=MAX_LIMIT, description="rows at most (by seq_num: whole frames)")) -> RowQuery:
+    """The rows a table poll asks for; since and since_seq together answer 422."""
+    if since is not None and since_seq is not None:
+        raise HTTPException(status_code=422, detail="give since (a row index) or since_seq (a seq_num), not both")
+    return RowQuery(since=since, since_seq=since_seq, final=final, limit=limit)
+
+
+Rows = Annotated[RowQuery, Depends(row_query)]
 ColourScale = Annotated[Literal["log", "linear"], Query(description="colour scale of the image")]

@@ -1,14 +1,16 @@
-"""A run's results: ``peaks``, ``phases`` and ``inversion`` (columnar tables, ``since=`` for
-incremental polling), ``profiles``, ``latest`` (profile and peak rows of the newest frame) and
-``extras`` (a modality's extra profiles and scalar series), under ``/api/v1/runs/{uid}/``."""
+"""A run's results: ``peaks``, ``phases`` and ``inversion`` (columnar tables paged by row index
+or by seq_num, read back from Tiled beyond the rows held in memory, tables.py), ``profiles``,
+``latest`` (profile and peak rows of the newest frame) and ``extras`` (a modality's extra
+profiles and scalar series), under ``/api/v1/runs/{uid}/``; ``uid`` may be a unique prefix."""
 from __future__ import annotations
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import Response
 
 from ..jsonsafe import jsonable
 from ..publish.state import RunStore
-from .dependencies import Context, FinalOnly, Run, Since, check_api_key
+from .dependencies import AnyRun, Context, Rows, Run, check_api_key
 from .schemas import (
     Extras,
     InversionTable,
@@ -17,31 +19,55 @@ from .schemas import (
     PhaseTable,
     Profiles,
 )
+from .tables import table_page, table_response
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
 
 
 @router.get("/api/v1/runs/{uid}/peaks", response_model=PeakTable)
-def peaks(run: Run, ctx: Context, since: Since = 0, final: FinalOnly = None) -> PeakTable:
-    """Fitted peaks, one row per frame and peak (columnar; NaN as null)."""
-    cols, next_since = ctx.store.peaks_since(run.uid, since, final)
-    return PeakTable(columns=cols, next_since=next_since)
+def peaks(ref: AnyRun, ctx: Context, q: Rows) -> Response:
+    """Fitted peaks, one row per frame and peak (columnar; NaN as null).
+
+    Paging: ``since=N`` returns rows from row index N, rows counted in arrival order (provisional
+    and final together) since the run started; poll on with ``next_since``. ``since_seq=S`` with
+    ``final=true`` (or false) returns that kind of rows of frames seq_num >= S, ordered by seq_num;
+    poll on with ``next_seq`` (one past the last frame returned; a frame whose rows arrive after a
+    later frame's, e.g. recovered late from the catalogue, is met by ``since`` paging only).
+    ``limit`` caps the rows (default 100,000; by seq_num rounded up to whole frames); a page cut
+    by it has its cursors at the first row left. Rows older than those held in memory (the
+    newest ``api.held_rows`` of each table) are read from Tiled's ``scatterflow/<uid>/peaks``;
+    rows neither holds are named in ``missing`` ({first_row, end_row, reason}, row indices),
+    null when the page is whole. A run no longer in memory is served from Tiled alone.
+    """
+    return table_response(*table_page(ctx, ref, "peaks", q))
 
 
 @router.get("/api/v1/runs/{uid}/phases", response_model=PhaseTable)
-def phases(run: Run, ctx: Context, since: Since = 0, final: FinalOnly = None) -> PhaseTable:
-    """Phase label, probability and crystallinity index per frame (columnar, like peaks), and
-    the confirmed transitions: {from, to, seq_num, time, time_sigma, frame_sigma, change_point}."""
-    cols, next_since, transitions = ctx.store.phases_since(run.uid, since, final)
-    return PhaseTable(columns=cols, next_since=next_since, transitions=transitions)
+def phases(ref: AnyRun, ctx: Context, q: Rows) -> Response:
+    """Phase label, probability and crystallinity index per frame (columnar, paged as peaks),
+    and the confirmed transitions: {from, to, seq_num, time, time_sigma, frame_sigma, change_point}."""
+    page, missing = table_page(ctx, ref, "phases", q)
+    return table_response(page, missing, transitions=_transitions(ctx, ref))
 
 
 @router.get("/api/v1/runs/{uid}/inversion", response_model=InversionTable)
-def inversion(run: Run, ctx: Context, since: Since = 0) -> InversionTable:
+def inversion(ref: AnyRun, ctx: Context, q: Rows) -> Response:
     """Structural parameters per frame (inversion.enabled): radius (nm), pd, volfraction, i0,
-    background, each with _err (LM standard error) and _encoder (the encoder's value), chi2."""
-    cols, next_since = ctx.store.inversion_since(run.uid, since)
-    return InversionTable(columns=cols, next_since=next_since)
+    background, each with _err (LM standard error) and _encoder (the encoder's value), chi2.
+    Paged as peaks, without ``final`` (every row is final)."""
+    return table_response(*table_page(ctx, ref, "inversion", q))
+
+
+def _transitions(ctx: Context, ref: AnyRun) -> list:
+    """The run's confirmed phase transitions, from memory or from Tiled."""
+    from ..publish.archive_reader import ArchiveUnavailable
+
+    if ref.record is not None:
+        return ctx.store.transitions(ref.uid) or []
+    try:
+        return ctx.archive.transitions(ref.uid)
+    except ArchiveUnavailable as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
 
 
 @router.get("/api/v1/runs/{uid}/profiles", response_model=Profiles)
@@ -76,10 +102,7 @@ def latest_profile(store: RunStore, uid: str) -> LatestProfile | None:
     if run is None or not run.profiles:
         return None
     seq, t, intensity, sigma = run.profiles[-1]
-    n = len(run.peaks["seq_num"])              # that frame's rows are among the newest
-    cols, _ = store.peaks_since(uid, max(0, n - 2000))
-    idx = [i for i, s in enumerate(cols["seq_num"]) if s == seq]
-    rows = {c: [v[i] for i in idx] for c, v in cols.items()}
+    rows = store.frame_peaks(uid, seq) or {}           # that frame's rows are among the newest
     return LatestProfile(uid=uid, seq_num=seq, time=t, unit=run.unit, radial=_values(run.radial),
                          intensity=_values(intensity), sigma=_values(sigma), peaks=rows)
 

@@ -44,24 +44,28 @@ class Health(BaseModel):
 
 
 class RunSummary(BaseModel):
-    """One analysis run as the run store holds it."""
+    """One analysis run as the run store holds it (``source`` "memory"), or as Tiled's
+    ``scatterflow/<uid>`` has it (``source`` "catalog": what Tiled does not record is null, and a
+    catalogue listing leaves all counts null)."""
     model_config = ConfigDict(extra="allow")
 
     uid: str
     status: str = Field(description='"running", then complete | incomplete | failed | refused | quarantined, '
-                                    'or the abort | fail of its stop document')
+                                    'or the abort | fail of its stop document; from Tiled also "interrupted"')
     reason: str
     plan_name: str | None
     scan_id: int | None
-    created: float = Field(description="s since the epoch")
-    stopped: float | None = Field(description="s since the epoch; null while running")
-    frames_received: int
-    frames_fitted: int
-    frames_final: int
-    frames_failed: dict[str, int] = Field(description="frames counted as failed, by reason")
-    reseeds: int = Field(0, description="fits re-seeded after divergence")
-    peak_rows: int
-    unit: str = Field(description="unit of the profiles' radial axis")
+    created: float | None = Field(description="s since the epoch (from Tiled: the start document's time)")
+    stopped: float | None = Field(description="s since the epoch; null while running, and from Tiled")
+    frames_received: int | None
+    frames_fitted: int | None
+    frames_final: int | None
+    frames_failed: dict[str, int] | None = Field(description="frames counted as failed, by reason")
+    reseeds: int | None = Field(0, description="fits re-seeded after divergence")
+    peak_rows: int | None = Field(description="peak rows since the run started (row indices 0 .. peak_rows - 1)")
+    peak_rows_held: int = Field(0, description="the newest peak rows held in memory; older ones are read from Tiled")
+    source: Literal["memory", "catalog"] = Field("memory", description="where this summary comes from")
+    unit: str | None = Field(description="unit of the profiles' radial axis")
     modality: str | None = Field(None, description="only for runs analysed with a setup")
     source_run: str | None = Field(None, description="only for one detector of a multi-detector run")
     detector: str | None = Field(None, description="only for one detector of a multi-detector run")
@@ -75,10 +79,25 @@ class RunDetail(RunSummary):
     start: dict[str, Any] = Field(description="the run's start document")
 
 
-class PeakTable(BaseModel):
+class MissingRows(BaseModel):
+    """Rows a page leaves out because neither memory nor Tiled has them (now)."""
+    first_row: int = Field(description="row index of the first row left out")
+    end_row: int = Field(description="row index one past the last row left out")
+    reason: str
+
+
+class TablePage(BaseModel):
+    """The cursors and gaps of a page of a row table (peaks, phases, inversion)."""
+    next_since: int = Field(description="row index to ask from next (since=)")
+    next_seq: int | None = Field(None, description="seq_num to ask from next (since_seq=): one past the last "
+                                                   "frame returned; null when no rows came and no since_seq was given")
+    missing: MissingRows | None = Field(None, description="rows left out (not held in memory, not in Tiled); "
+                                                          "null: the page is whole")
+
+
+class PeakTable(TablePage):
     columns: dict[str, list[Any]] = Field(
         description="equal-length lists, one row per frame and peak: " + ", ".join(PEAK_COLUMNS))
-    next_since: int = Field(description="row index to ask from next")
 
 
 class Transition(BaseModel):
@@ -94,18 +113,16 @@ class Transition(BaseModel):
     change_point: bool = Field(description="located at a fit change point")
 
 
-class PhaseTable(BaseModel):
+class PhaseTable(TablePage):
     columns: dict[str, list[Any]] = Field(
         description="equal-length lists, one row per frame: " + ", ".join(PHASE_COLUMNS))
-    next_since: int = Field(description="row index to ask from next")
-    transitions: list[Transition] = Field(description="all confirmed transitions so far, in time order")
+    transitions: list[Transition] = Field(description="the confirmed transitions (the newest 10,000), in time order")
 
 
-class InversionTable(BaseModel):
+class InversionTable(TablePage):
     columns: dict[str, list[Any]] = Field(
         description="equal-length lists, one row per frame: seq_num, radius (nm), pd, volfraction, i0, "
                     "background, each with _err and _encoder, chi2; empty before the first row")
-    next_since: int = Field(description="row index to ask from next")
 
 
 class Profiles(BaseModel):
