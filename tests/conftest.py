@@ -27,6 +27,21 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def shared_tiled(tmp_path_factory):
+    """One real embedded Tiled server for the session, in a process of its own
+    (helpers.TiledProcess), started at its first use, in the background: each start costs
+    seconds (`tiled catalog init` in a subprocess); its ``uri`` and ``port`` wait until it
+    answers. For tests that write runs of their own (distinct keys) and read them back with
+    fresh clients; a test that stops, restarts or cuts its server itself, or needs Tiled only
+    after its service started, starts its own."""
+    pytest.importorskip("tiled")
+    from helpers import TiledProcess
+    server = TiledProcess(tmp_path_factory.mktemp("shared_tiled"), api_key="sharedtiledkey")
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def free_port():
     def _free() -> int:

@@ -1,6 +1,10 @@
-"""Test helpers: polls with a deadline that raise TimeoutError naming what did not happen, and
-a Tiled client that gives up at once."""
+"""Test helpers: polls with a deadline that raise TimeoutError naming what did not happen, a
+Tiled client that gives up at once, and a Tiled server in a process of its own."""
 import contextlib
+import pathlib
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -35,3 +39,53 @@ def one_tiled_attempt():
         mp.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
         mp.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
         yield
+
+
+class TiledProcess:
+    """A real embedded Tiled server (`service.publish.tiled_server.EmbeddedTiled`) in a process
+    of its own, for a server shared by several test modules: tiled allows one SimpleTiledServer
+    per process at a time (its settings, the API key among them, are process-wide), and the
+    modules that start their own in-process server must not clobber it. Same attributes as
+    EmbeddedTiled: ``uri``, ``api_key``, ``port``, ``directory``; it starts in the background,
+    and ``uri`` and ``port`` wait (up to ``timeout`` s) until it answers. It exits when `close`
+    (or the end of this process) closes its stdin."""
+
+    CODE = ("import os, sys\n"
+            "from service.publish.tiled_server import EmbeddedTiled\n"
+            "server = EmbeddedTiled(sys.argv[1], api_key=sys.argv[2])\n"
+            "print(server.port, flush=True)\n"
+            "os.dup2(2, 1)\n"                    # the rest of its output to the log: nobody reads the pipe
+            "sys.stdin.read()\n"
+            "server.close()\n")
+
+    def __init__(self, directory, api_key: str, timeout: float = 120):
+        self.directory, self.api_key, self.timeout = pathlib.Path(directory).resolve(), api_key, timeout
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.directory / "process.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.directory), api_key],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self._line: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._line.append(self.process.stdout.readline()),
+                                        daemon=True)
+        self._reader.start()
+
+    @property
+    def port(self) -> int:
+        self._reader.join(self.timeout)
+        if not (self._line and self._line[0].strip().isdigit()):
+            raise RuntimeError(f"Tiled server process did not start: see {self.directory / 'process.log'}")
+        return int(self._line[0])
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+                self.process.wait(15)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()

@@ -38,12 +38,7 @@ def beam(ai):
 
 def test_calibrant_run_sets_geometry_for_later_runs(tmp_path, free_port):
     truth = ai_at(0.15, (300.4, 240.8), rot1=-0.03, rot2=0.04)
-    cal = get_calibrant("CeO2")
-    cal.wavelength = WAVELENGTH
-    img = cal.fake_calibration_image(truth, Imax=500.0, Imin=10.0, resolution=0.08)
-    frame = np.random.default_rng(7).poisson(np.clip(img, 0, None)).astype(np.int32)
-    frame[truth.detector.mask.astype(bool)] = -1
-    rows, cols = np.indices(frame.shape)
+    rows, cols = np.indices(truth.detector.shape)
     (br, bc), _ = beam(truth)
     beamstop = (np.hypot(rows - br, cols - bc) < 25) | ((np.abs(rows - br) < 6) & (cols > bc))
     np.save(tmp_path / "mask.npy", beamstop)
@@ -60,7 +55,13 @@ def test_calibrant_run_sets_geometry_for_later_runs(tmp_path, free_port):
                              api={"port": free_port()})
     service = Service(settings).start()
     try:
-        time.sleep(1.0)
+        joined = time.monotonic() + 1.0                             # slow joiner; the frame is made meanwhile
+        cal = get_calibrant("CeO2")
+        cal.wavelength = WAVELENGTH
+        img = cal.fake_calibration_image(truth, Imax=500.0, Imin=10.0, resolution=0.08)
+        frame = np.random.default_rng(7).poisson(np.clip(img, 0, None)).astype(np.int32)
+        frame[truth.detector.mask.astype(bool)] = -1
+        time.sleep(max(0.0, joined - time.monotonic()))
         send = lambda name, doc: pub.send(b" " + name.encode() + b" " + pack(doc))
         bundle = compose_run(metadata={"plan_name": "count", "calibrant": "CeO2"})
         desc = bundle.compose_descriptor(name="primary", data_keys={

@@ -1,8 +1,8 @@
 """The whole path with real components: a bluesky RunEngine with the simulated beamline publishes
 through bluesky's real 0MQ Proxy (own process) into `scatterflow serve` (own process, real worker
-process); a real Tiled server started here receives the results. Trajectories are read back over
-HTTP and with a Tiled client and compared with the simulator's truth. A second, hostile sender
-feeds bad input into the same proxy during the run."""
+process); a real Tiled server (the session's, conftest.shared_tiled) receives the results.
+Trajectories are read back over HTTP and with a Tiled client and compared with the simulator's
+truth. A second, hostile sender feeds bad input into the same proxy during the run."""
 import functools
 import os
 import pickle
@@ -26,10 +26,10 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def tiled_server(tmp_path):
-    from service.publish.tiled_server import EmbeddedTiled
-    with EmbeddedTiled(directory=tmp_path / "tiled", api_key="secrettestkey") as server:
-        yield server
+def tiled_server(shared_tiled):
+    """The session's embedded Tiled server (conftest.shared_tiled): it may still be starting
+    while the beamline is built; up (`uri` waits) before the service starts."""
+    return shared_tiled
 
 
 def hostile_messages(start_uid: str):
@@ -83,7 +83,6 @@ def test_runengine_through_proxy_into_serve(tmp_path, free_port, tiled_server):
     api = f"http://127.0.0.1:{api_port}/api/v1"
     try:
         wait_for(lambda: httpx.get(f"{api}/health").status_code == 200, 120, "service did not come up")
-        time.sleep(1.5)                                     # slow joiner through the proxy
         n_frames = 40
         RE = RunEngine({})
         publisher = Publisher(f"127.0.0.1:{in_port}", serializer=pack)
@@ -95,7 +94,7 @@ def test_runengine_through_proxy_into_serve(tmp_path, free_port, tiled_server):
         ctx = zmq.Context.instance()
         bad = ctx.socket(zmq.PUB)
         bad.connect(f"tcp://127.0.0.1:{in_port}")
-        time.sleep(0.5)
+        time.sleep(1.5)                                     # slow joiners: serve and both senders, through the proxy
         expected_rejections = {}
         for msg, reason in hostile_messages("x"):
             bad.send(msg)

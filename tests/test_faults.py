@@ -24,6 +24,7 @@ import functools
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -58,10 +59,12 @@ FIT = {"q_range": [2.0, 4.6], "background": {"kind": "power_law"},
 # ------------------------------------------------------------------------------------ helpers
 class TcpRelay:
     """TCP forwarder 127.0.0.1:port -> 127.0.0.1:target. `down()` closes the port and cuts
-    every open connection (clients get "connection refused"); `up()` listens again on it."""
+    every open connection (clients get "connection refused"); `up()` listens again on it. A
+    connection made while the target does not listen yet (Tiled still starting) waits for it,
+    as in a listen backlog, up to `wait_s`; then it is reset."""
 
-    def __init__(self, target: int):
-        self.target, self.port = target, 0
+    def __init__(self, target: int, wait_s: float = 30.0):
+        self.target, self.port, self.wait_s = target, 0, wait_s
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.up()
@@ -78,15 +81,40 @@ class TcpRelay:
         while True:
             try:
                 client, _ = listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
                 if listener.fileno() == -1:
                     return
                 continue
             with self._lock:
-                self._conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                self._conns.add(client)
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                if upstream.getsockname() != upstream.getpeername():
+                    break
+                upstream.close()                          # TCP self-connect to a port nobody listens on
+                raise ConnectionRefusedError
+            except OSError:
+                if client.fileno() == -1:                 # cut by down()
+                    return
+                if time.monotonic() > deadline:
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self._cut(client)                     # reset, not held open
+                    return
+                time.sleep(0.05)
+        with self._lock:
+            cut = client.fileno() == -1
+            if not cut:
+                self._conns.add(upstream)
+        if cut:
+            upstream.close()
+            return
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         try:
@@ -231,7 +259,11 @@ def free_port() -> int:
 class Rig:
     """Tiled (this process) behind a TcpRelay, bluesky's proxy (subprocess), the service
     subscribed to the proxy, and a bluesky Publisher into the proxy. Also started here, so that
-    it boots while the other tests run: `scatterflow serve` for the crash test (`crash`)."""
+    it boots while the other tests run: `scatterflow serve` for the crash test (`crash`).
+
+    Tiled and the service start side by side: the service's first Tiled writes wait in the
+    relay until Tiled listens. Its BlueskyRun writer (tiled.bluesky_runs), and that of the crash
+    test's `serve`, stay off: they connect once, at start, before Tiled is up."""
 
     def __init__(self, tmp: Path):
         from bluesky.callbacks.zmq import Publisher
@@ -248,7 +280,7 @@ class Rig:
         settings = load_settings(
             None, ingest={"address": f"tcp://127.0.0.1:{self.out_port}"},
             tiled={"uri": f"http://127.0.0.1:{self.relay.port}/api/v1", "api_key": CrashServe.API_KEY,
-                   "directory": str(tmp / "sf"), "flush_seconds": 0.2},
+                   "directory": str(tmp / "sf"), "flush_seconds": 0.2, "bluesky_runs": False},
             results={"address": None}, api={"port": free_port()}, fit=FIT, run_timeout_s=RUN_TIMEOUT_S)
         self.service = Service(settings).start()
         starting.join()
@@ -293,7 +325,8 @@ class CrashServe:
                        "api": {"port": self.api_port},
                        "tiled": {"uri": f"http://127.0.0.1:{relay_port}/api/v1", "api_key": self.API_KEY,
                                  "directory": str(work / "sf"), "flush_seconds": 0.2}}
-        (work / "config.yaml").write_text(yaml.safe_dump(self.config))
+        serve_config = {**self.config, "tiled": {**self.config["tiled"], "bluesky_runs": False}}   # see Rig
+        (work / "config.yaml").write_text(yaml.safe_dump(serve_config))
         self.pub = zmq.Context.instance().socket(zmq.PUB)
         self.pub.bind(self.address)
         self.log = open(work / "serve.log", "w")

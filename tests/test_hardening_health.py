@@ -89,18 +89,19 @@ class Stream:
 
 class Rig:
     """One service: ingest from a PUB bound here, ingest.root_map set, the results stream on,
-    Tiled (this process) through a TcpRelay, /health limits of STUCK_S."""
+    Tiled (`tiled`, the session's server, up before the service) through a TcpRelay, /health
+    limits of STUCK_S."""
 
-    def __init__(self, tmp: Path):
-        from service.publish.tiled_server import EmbeddedTiled
-        tiled_port, ingest_port, self.results_port = free_port(), free_port(), free_port()
-        self.relay = TcpRelay(tiled_port)
+    def __init__(self, tmp: Path, tiled):
+        ingest_port, self.results_port = free_port(), free_port()
+        self.tiled = tiled
+        self.serve = KilledServe(tmp / "killed", tiled)       # boots while the other tests run
+        self.relay = TcpRelay(tiled.port)
         self.pub = zmq.Context.instance().socket(zmq.PUB)
         self.pub.bind(f"tcp://127.0.0.1:{ingest_port}")
-        self.tiled = EmbeddedTiled(tmp / "tiled", api_key="healthsecret", port=tiled_port)   # up before the service
         self.settings = load_settings(
             None, ingest={"address": f"tcp://127.0.0.1:{ingest_port}", "root_map": {"/data": str(tmp / "data")}},
-            tiled={"uri": f"http://127.0.0.1:{self.relay.port}/api/v1", "api_key": "healthsecret",
+            tiled={"uri": f"http://127.0.0.1:{self.relay.port}/api/v1", "api_key": tiled.api_key,
                    "directory": str(tmp / "sf"), "flush_seconds": 0.2},
             results={"address": f"tcp://127.0.0.1:{self.results_port}"}, api={"port": free_port()},
             phases={"enabled": False}, fit=FIT, health={"route_stuck_s": STUCK_S, "worker_stuck_s": STUCK_S})
@@ -114,16 +115,49 @@ class Rig:
     def close(self) -> None:
         self.stream.close()
         self.service.close()
+        self.serve.close()
         self.pub.close(linger=0)
         self.relay.down()
-        self.tiled.close()
+
+
+class KilledServe:
+    """`scatterflow serve` (subprocess) for the kill test, fed by a PUB bound here, writing to
+    `tiled` directly; started with the rig, so that it boots while the other tests run."""
+
+    def __init__(self, work: Path, tiled):
+        work.mkdir(parents=True)
+        self.work, port, api_port = work, free_port(), free_port()
+        self.pub = zmq.Context.instance().socket(zmq.PUB)
+        self.pub.bind(f"tcp://127.0.0.1:{port}")
+        self.config = {"ingest": {"address": f"tcp://127.0.0.1:{port}"}, "results": {"address": None},
+                       "tiled": {"uri": tiled.uri, "api_key": tiled.api_key, "directory": str(work / "sf"),
+                                 "flush_seconds": 0.2},
+                       "api": {"port": api_port}, "phases": {"enabled": False}, "fit": FIT}
+        (work / "config.yaml").write_text(yaml.safe_dump(self.config))
+        self.log = open(work / "serve.log", "w")
+        self.process = subprocess.Popen([str(BIN / "scatterflow"), "serve", "--config", str(work / "config.yaml")],
+                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.api = f"http://127.0.0.1:{api_port}/api/v1"
+
+    def close(self) -> None:
+        if self.process.poll() is None:                # the kill test did not run: no orphans either
+            kids = children(self.process.pid)
+            self.process.kill()
+            self.process.wait(10)
+            for pid in kids:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        self.pub.close(linger=0)
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory):
-    """The module's service, with one Tiled attempt per write (helpers.one_tiled_attempt)."""
+def rig(tmp_path_factory, shared_tiled):
+    """The module's service, with one Tiled attempt per write (helpers.one_tiled_attempt), on
+    the session's Tiled server."""
     with one_tiled_attempt():
-        r = Rig(tmp_path_factory.mktemp("health"))
+        r = Rig(tmp_path_factory.mktemp("health"), shared_tiled)
         try:
             yield r
         finally:
@@ -316,24 +350,14 @@ def stale_segments() -> dict[int, int]:
     return out
 
 
-def test_killed_serve_leaves_no_worker_and_next_start_cleans_up(rig, tmp_path, free_port):
-    """`scatterflow serve` (writing to the rig's Tiled) SIGKILLed mid-run: its worker and multiprocessing's
-    resource tracker exit by themselves within seconds. Its shared-memory frame files stay; the
-    next service to start on the same directory removes exactly the files of dead processes and
-    marks the run the killed one left "running" in Tiled interrupted, both counted in /metrics."""
+def test_killed_serve_leaves_no_worker_and_next_start_cleans_up(rig, free_port):
+    """`scatterflow serve` (writing to the rig's Tiled; started with the rig) SIGKILLed mid-run:
+    its worker and multiprocessing's resource tracker exit by themselves within seconds. Its
+    shared-memory frame files stay; the next service to start on the same directory removes
+    exactly the files of dead processes and marks the run the killed one left "running" in
+    Tiled interrupted, both counted in /metrics."""
     from tiled.client import from_uri
-    port, api_port = free_port(), free_port()
-    pub = zmq.Context.instance().socket(zmq.PUB)
-    pub.bind(f"tcp://127.0.0.1:{port}")
-    config = {"ingest": {"address": f"tcp://127.0.0.1:{port}"}, "results": {"address": None},
-              "tiled": {"uri": rig.tiled.uri, "api_key": rig.tiled.api_key, "directory": str(tmp_path / "sf"),
-                        "flush_seconds": 0.2},
-              "api": {"port": api_port}, "phases": {"enabled": False}, "fit": FIT}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "serve.log", "w")
-    serve = subprocess.Popen([str(BIN / "scatterflow"), "serve", "--config", str(tmp_path / "config.yaml")],
-                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    api = f"http://127.0.0.1:{api_port}/api/v1"
+    pub, config, serve, api = rig.serve.pub, rig.serve.config, rig.serve.process, rig.serve.api
     kids: list[int] = []
     service = None
 
@@ -378,5 +402,3 @@ def test_killed_serve_leaves_no_worker_and_next_start_cleans_up(rig, tmp_path, f
                 os.kill(k, signal.SIGKILL)
         if service is not None:
             service.close()
-        pub.close(linger=0)
-        log.close()

@@ -34,7 +34,7 @@ from workers.grazing import GrazingGeometry, missing_wedge_qxy
 
 from helpers import wait_stopped
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]   # small fits: one thread is faster
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 
 AI, AC = 3.5e-3, 1.8e-3          # incidence and critical angle, rad
@@ -246,12 +246,14 @@ def test_saxs_and_waxs_detectors_in_one_run(service_and_socket):
 
 
 @pytest.mark.slow
-def test_extras_reach_tiled_per_detector_container(tmp_path):
-    """Hub + TiledPublisher + embedded Tiled: a detector's container ``scatterflow/<uid>.<field>``
-    with source_run/detector metadata, the q-maps (NaN kept) with their axes and frames, the
-    in-plane profiles and the scalar table, read back by a fresh client equal to what the
-    worker produced."""
+def test_extras_reach_tiled_per_detector_container(tmp_path, shared_tiled):
+    """Hub + TiledPublisher + embedded Tiled (the session's): a detector's container
+    ``scatterflow/<uid>.<field>`` with source_run/detector metadata, the q-maps (NaN kept) with
+    their axes and frames, the in-plane profiles and the scalar table, read back by a fresh
+    client equal to what the worker produced."""
     pytest.importorskip("tiled")
+    import uuid
+
     from tiled.client import from_uri
 
     from service.detectors import detector_start
@@ -259,7 +261,6 @@ def test_extras_reach_tiled_per_detector_container(tmp_path):
     from service.metrics import Metrics
     from service.publish.hub import PublishHub
     from service.publish.state import RunStore
-    from service.publish.tiled_server import EmbeddedTiled
     from service.publish.tiled import TiledPublisher
     from service.run_spec import RunSpecBuilder
     from workers.pipeline import IntegratorCache, RunPipeline
@@ -267,7 +268,7 @@ def test_extras_reach_tiled_per_detector_container(tmp_path):
     g = giwaxs_geometry()
     sim = GrazingFrameSimulator(GrazingGeometry(g, incident_angle=AI), cycle(), mode="giwaxs",
                                 critical_angle=AC, flux=5.0, seed=6)
-    uid, field = "run-0001", "giwaxs_image"
+    uid, field = f"run-{uuid.uuid4().hex[:8]}", "giwaxs_image"      # a server shared with other tests
     key = f"{uid}.{field}"
     start = detector_start({"uid": uid, "scatterflow": {
         field: {"modality": "giwaxs", "incident_angle": AI, "fit": {**PI_PI_FIT, "regularizer": {"window": 2}},
@@ -277,36 +278,36 @@ def test_extras_reach_tiled_per_detector_container(tmp_path):
     pipe = RunPipeline(spec, "cpu", IntegratorCache())
     seqs = [np.array([1, 2]), np.array([3, 4])]
     outs = [pipe.process(q, 1e9 + q, np.stack([sim.frame(float(x)) for x in q])) for q in seqs]
-    with EmbeddedTiled(tmp_path / "tiled", api_key="modkey123") as server:
-        pub = TiledPublisher(server.uri, server.api_key, spool_dir=tmp_path / "spool", flush_rows=50)
-        hub = PublishHub(RunStore(), Metrics(), tiled=pub)
-        hub.run_started(key, start, spec)
-        for q, out in zip(seqs, outs):
-            hub.frames_reduced(key, [Frame(key, int(x), 1e9 + x, None, 0.0, {}) for x in q], out)
-        hub.run_stopped(key, {"exit_status": "success"}, None)
-        assert pub.drain(60)
-        pub.close()
-        assert pub.errors == 0
-        node = from_uri(server.uri, api_key=server.api_key)["scatterflow"][key]
-        md = node.metadata
-        assert (md["source_run"], md["detector"], md["modality"]) == (uid, field, "giwaxs")
-        assert md["analysis"]["reduction"]["incident_angle"] == AI
-        maps = [m for out in outs for m in out.qmaps.images]
-        assert [s for s, _ in maps] == [1, 2, 4]                    # first frame, then seq % 2 == 0
-        stored = node["qmap"].read()
-        assert stored.shape == (3, 20, 30) and np.isnan(stored).any()
-        np.testing.assert_array_equal(stored, np.stack([m for _, m in maps]))
-        np.testing.assert_array_equal(node["q_xy"].read(), outs[0].qmaps.q_xy)
-        np.testing.assert_array_equal(node["q_z"].read(), outs[0].qmaps.q_z)
-        assert node["qmap_frames"].read()["seq_num"].tolist() == [1, 2, 4]
-        ip = np.concatenate([out.extra_profiles["in_plane"].intensity for out in outs])
-        np.testing.assert_array_equal(node["in_plane"].read(), ip)
-        assert node["in_plane_sigma"].read().shape == ip.shape == (4, 40)
-        np.testing.assert_array_equal(node["in_plane_radial"].read(), outs[0].extra_profiles["in_plane"].radial)
-        table = node["scalars"].read()
-        assert table["seq_num"].tolist() == [1, 2, 3, 4]
-        np.testing.assert_allclose(table["hermans_orientation"].to_numpy(),
-                                   np.concatenate([out.scalars["hermans_orientation"] for out in outs]))
+    server = shared_tiled
+    pub = TiledPublisher(server.uri, server.api_key, spool_dir=tmp_path / "spool", flush_rows=50)
+    hub = PublishHub(RunStore(), Metrics(), tiled=pub)
+    hub.run_started(key, start, spec)
+    for q, out in zip(seqs, outs):
+        hub.frames_reduced(key, [Frame(key, int(x), 1e9 + x, None, 0.0, {}) for x in q], out)
+    hub.run_stopped(key, {"exit_status": "success"}, None)
+    assert pub.drain(60)
+    pub.close()
+    assert pub.errors == 0
+    node = from_uri(server.uri, api_key=server.api_key)["scatterflow"][key]
+    md = node.metadata
+    assert (md["source_run"], md["detector"], md["modality"]) == (uid, field, "giwaxs")
+    assert md["analysis"]["reduction"]["incident_angle"] == AI
+    maps = [m for out in outs for m in out.qmaps.images]
+    assert [s for s, _ in maps] == [1, 2, 4]                    # first frame, then seq % 2 == 0
+    stored = node["qmap"].read()
+    assert stored.shape == (3, 20, 30) and np.isnan(stored).any()
+    np.testing.assert_array_equal(stored, np.stack([m for _, m in maps]))
+    np.testing.assert_array_equal(node["q_xy"].read(), outs[0].qmaps.q_xy)
+    np.testing.assert_array_equal(node["q_z"].read(), outs[0].qmaps.q_z)
+    assert node["qmap_frames"].read()["seq_num"].tolist() == [1, 2, 4]
+    ip = np.concatenate([out.extra_profiles["in_plane"].intensity for out in outs])
+    np.testing.assert_array_equal(node["in_plane"].read(), ip)
+    assert node["in_plane_sigma"].read().shape == ip.shape == (4, 40)
+    np.testing.assert_array_equal(node["in_plane_radial"].read(), outs[0].extra_profiles["in_plane"].radial)
+    table = node["scalars"].read()
+    assert table["seq_num"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(table["hermans_orientation"].to_numpy(),
+                               np.concatenate([out.scalars["hermans_orientation"] for out in outs]))
 
 
 @pytest.mark.gpu

@@ -198,17 +198,16 @@ def test_snapshot_spool_file_roundtrip(tmp_path):
 
 
 @pytest.mark.slow
-def test_snapshots_roundtrip_tiled_and_report(tmp_path):
-    """TiledPublisher writes snapshots in two flushes (create, then patch-extend); a fresh
-    client reads back the exact values and seq_nums; a replayed op does not duplicate; the
-    report shows them with their frame numbers."""
+def test_snapshots_roundtrip_tiled_and_report(tmp_path, shared_tiled):
+    """TiledPublisher writes snapshots in two flushes (create, then patch-extend) to a real
+    embedded Tiled (the session's); a fresh client reads back the exact values and seq_nums; a
+    replayed op does not duplicate; the report shows them with their frame numbers."""
     pytest.importorskip("tiled")
     from PIL import Image
     from tiled.client import from_uri
 
     from service.publish.tiled import TiledPublisher
     from service.publish.tiled.ops import Op
-    from service.publish.tiled_server import EmbeddedTiled
     from service.report import write_report
 
     rng = np.random.default_rng(3)
@@ -222,41 +221,41 @@ def test_snapshots_roundtrip_tiled_and_report(tmp_path):
     images[1, 2, 3] = -0.5                                   # a negative corrected value
     snap_seq = np.array([1, 4, 6])
     uid = str(uuid.uuid4())
-    with EmbeddedTiled(tmp_path / "tiled", api_key="snapkey123") as server:
-        pub = TiledPublisher(server.uri, server.api_key, spool_dir=tmp_path / "spool", flush_rows=50)
-        pub.start_run(uid, {"uid": uid}, {})
-        pub.add_profiles(uid, seq[:3], times[:3], q, inten[:3], np.sqrt(inten[:3]), "q_nm^-1")
-        pub.add_snapshot(uid, 1, images[0], times[0])
-        assert pub.flush(30)                                 # first flush: write_array
-        pub.add_profiles(uid, seq[3:], times[3:], q, inten[3:], np.sqrt(inten[3:]), "q_nm^-1")
-        pub.add_snapshot(uid, 4, images[1], times[3])
-        pub.add_snapshot(uid, 6, images[2].astype(np.float64), times[5])
-        with pytest.raises(ValueError, match="shape"):
-            pub.add_snapshot(uid, 7, images[0][:10], times[5])
-        with pytest.raises(ValueError, match="2D"):
-            pub.add_snapshot(uid, 7, images[:2], times[5])
-        pub.stop_run(uid, "success")
-        assert pub.drain(60)
-        # replaying the second op (a retry after a lost reply) overwrites, appends nothing
-        replay = Op("snapshots", uid, {"offset": 1}, arrays={
-            "seq_num": snap_seq[1:], "time": times[[3, 5]], "images": images[1:]})
-        pub._execute(replay, check=True)
-        pub.close()
-        assert pub.errors == 0 and pub.snapshots_written == 5   # 3 + the 2 replayed
+    server = shared_tiled
+    pub = TiledPublisher(server.uri, server.api_key, spool_dir=tmp_path / "spool", flush_rows=50)
+    pub.start_run(uid, {"uid": uid}, {})
+    pub.add_profiles(uid, seq[:3], times[:3], q, inten[:3], np.sqrt(inten[:3]), "q_nm^-1")
+    pub.add_snapshot(uid, 1, images[0], times[0])
+    assert pub.flush(30)                                 # first flush: write_array
+    pub.add_profiles(uid, seq[3:], times[3:], q, inten[3:], np.sqrt(inten[3:]), "q_nm^-1")
+    pub.add_snapshot(uid, 4, images[1], times[3])
+    pub.add_snapshot(uid, 6, images[2].astype(np.float64), times[5])
+    with pytest.raises(ValueError, match="shape"):
+        pub.add_snapshot(uid, 7, images[0][:10], times[5])
+    with pytest.raises(ValueError, match="2D"):
+        pub.add_snapshot(uid, 7, images[:2], times[5])
+    pub.stop_run(uid, "success")
+    assert pub.drain(60)
+    # replaying the second op (a retry after a lost reply) overwrites, appends nothing
+    replay = Op("snapshots", uid, {"offset": 1}, arrays={
+        "seq_num": snap_seq[1:], "time": times[[3, 5]], "images": images[1:]})
+    pub._execute(replay, check=True)
+    pub.close()
+    assert pub.errors == 0 and pub.snapshots_written == 5   # 3 + the 2 replayed
 
-        client = from_uri(server.uri, api_key=server.api_key)
-        node = client["scatterflow"][uid]
-        assert {"snapshots", "snapshot_frames"} <= set(node)
-        stored = node["snapshots"].read()
-        assert stored.shape == (3, 20, 24) and stored.dtype == np.float32
-        np.testing.assert_array_equal(stored, images)        # NaN in the same places
-        assert list(node["snapshots"].metadata["dims"]) == ["snapshot", "row", "col"]
-        sf = node["snapshot_frames"].read()
-        np.testing.assert_array_equal(sf["seq_num"].to_numpy(), snap_seq)
-        np.testing.assert_array_equal(sf["time"].to_numpy(), times[[0, 3, 5]])
+    client = from_uri(server.uri, api_key=server.api_key)
+    node = client["scatterflow"][uid]
+    assert {"snapshots", "snapshot_frames"} <= set(node)
+    stored = node["snapshots"].read()
+    assert stored.shape == (3, 20, 24) and stored.dtype == np.float32
+    np.testing.assert_array_equal(stored, images)        # NaN in the same places
+    assert list(node["snapshots"].metadata["dims"]) == ["snapshot", "row", "col"]
+    sf = node["snapshot_frames"].read()
+    np.testing.assert_array_equal(sf["seq_num"].to_numpy(), snap_seq)
+    np.testing.assert_array_equal(sf["time"].to_numpy(), times[[0, 3, 5]])
 
-        out = tmp_path / "report"
-        page = write_report(node, out).read_text()
+    out = tmp_path / "report"
+    page = write_report(node, out).read_text()
     assert 'id="no-snapshots"' not in page
     fig = re.search(r'<figure id="snapshots" data-seq="([^"]*)" data-stored="(\d+)">'
                     r'<img src="([^"]+)"', page)

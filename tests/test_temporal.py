@@ -12,6 +12,7 @@ Q = np.linspace(15.0, 19.0, 300)
 SPEC = ModelSpec((PeakSpec("a", "pseudo_voigt", center=17.0, fwhm=0.5, center_min=16.0, center_max=18.0),),
                  BackgroundSpec("polynomial", 1))
 T, STEP_AT = 120, 60
+pytestmark = pytest.mark.usefixtures("one_torch_thread")     # small per-frame fits: one thread is faster
 
 
 def _pv(q, c, w, a, eta):
