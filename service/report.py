@@ -13,6 +13,8 @@
     out_dir/figures/chi2.png         reduced chi² of the final fits per frame
     out_dir/figures/snapshots.png    corrected 2D frames (up to 8, a row per 4, log colour, masked
                                      grey) with their frame numbers; only if the run holds `snapshots`
+    out_dir/figures/inversion.png    structural parameters (±1σ) and reduced χ² per frame coloured
+                                     by the fit-quality verdict; only if the run holds `inversion`
 
 It only reads the node (pure with respect to Tiled); figures are matplotlib (Agg).
 Units: q in the run's unit (1/nm by default), times in s since the first frame.
@@ -100,6 +102,7 @@ def read_run(node) -> dict:
     frames = _read_table(node, "frames")
     peaks = _read_table(node, "peaks")
     cps = _read_table(node, "change_points")
+    inversion = _read_table(node, "inversion") if "inversion" in node else None
     snapshots, snapshot_seq = None, None
     if "snapshots" in node:                           # optional (k, h, w) corrected 2D frames
         snapshots = np.asarray(node["snapshots"].read(), float)
@@ -120,7 +123,9 @@ def read_run(node) -> dict:
             "metadata": md, "q": q, "unit": unit, "profiles": profiles[order], "sigma": sigma[order],
             "seq_num": seq[order], "time": t[order], "final": final, "provisional": prov,
             "change_points": cps.sort_values(["seq_num", "peak"]) if len(cps) else cps,
-            "snapshots": snapshots, "snapshot_seq": snapshot_seq}
+            "snapshots": snapshots, "snapshot_seq": snapshot_seq,
+            "inversion": (inversion.sort_values("seq_num", kind="stable").drop_duplicates("seq_num", keep="last")
+                          .reset_index(drop=True) if inversion is not None and len(inversion) else None)}
 
 
 # --- summary numbers -------------------------------------------------------------------------
@@ -257,6 +262,54 @@ def fig_chi2(run: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+VERDICT_COLORS = {"good": "#2e7d32", "poor": "#f9a825", "bad": "#c62828"}
+PARAMETER_UNITS = {"radius": "nm", "rg": "nm"}       # lengths of workers.inversion's models; the rest as stored
+
+
+def inversion_parameters(inv) -> list[str]:
+    """The fitted parameter names of an inversion table: the columns with an ``_err`` twin."""
+    return [c for c in inv.columns if f"{c}_err" in inv.columns]
+
+
+def fig_inversion(run: dict, path: Path) -> Path | None:
+    """Each structural parameter against frame (±1σ band; parameters at a bound as open
+    circles), then the reduced χ² per frame coloured by its verdict (good, poor, bad)."""
+    inv = run["inversion"]
+    if inv is None:
+        return None
+    plt = _pyplot()
+    names = inversion_parameters(inv)
+    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(7, 1.6 * len(names) + 2.2), sharex=True, squeeze=False)
+    x = inv["seq_num"].to_numpy(float)
+    for ax, name in zip(axes[:, 0], names):
+        v, e = inv[name].to_numpy(float), inv[f"{name}_err"].to_numpy(float)
+        ax.plot(x, v, ".-", color="C0", ms=3, lw=0.8)
+        ax.fill_between(x, v - e, v + e, color="C0", alpha=0.3, lw=0)
+        if f"{name}_at_bound" in inv:
+            b = inv[f"{name}_at_bound"].to_numpy(bool)
+            ax.plot(x[b], v[b], "o", mfc="none", mec="C3", ms=5, label="at a bound")
+            if b.any():
+                ax.legend(fontsize=7, loc="best")
+        ax.set_ylabel(f"{name} ({PARAMETER_UNITS[name]})" if name in PARAMETER_UNITS else name, fontsize=8)
+    ax = axes[-1, 0]
+    chi2 = inv["chi2"].to_numpy(float)
+    verdict = inv["fit_quality"].astype(str).to_numpy()
+    for k, color in VERDICT_COLORS.items():
+        m = verdict == k
+        if m.any():
+            ax.plot(x[m], chi2[m], "o", ms=3.5, color=color, label=f"{k} ({int(m.sum())})")
+    ax.axhline(1.0, color="k", lw=0.7, ls=":")
+    pos = chi2[np.isfinite(chi2) & (chi2 > 0)]
+    if pos.size and pos.max() / pos.min() > 30:
+        ax.set_yscale("log")
+    ax.set_ylabel("reduced χ²", fontsize=8)
+    ax.set_xlabel("frame (seq_num)")
+    ax.legend(fontsize=7, loc="best", title="fit quality", title_fontsize=7)
+    axes[0, 0].set_title(f"structural inversion: {', '.join(sorted(set(inv['model'].astype(str))))}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def select_snapshots(n: int, k: int = 8) -> np.ndarray:
     """Indices of at most `k` of `n` snapshots, evenly spaced, first and last included."""
     return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int)) if n else np.zeros(0, int)
@@ -313,6 +366,7 @@ def write_report(node, out_dir) -> Path:
         "heatmap": fig_heatmap(run, figdir / "heatmap.png"),
         "profiles": fig_profiles(run, figdir / "profiles.png"),
         "chi2": fig_chi2(run, figdir / "chi2.png"),
+        "inversion": fig_inversion(run, figdir / "inversion.png"),
     }
     trajectories = {s["peak"]: fig_trajectory(run, s["peak"], figdir / f"trajectory-{_safe_name(s['peak'])}.png")
                     for s in summary}
@@ -448,6 +502,8 @@ all numbers below are read from the stored run (final, regularized fits unless s
         parts.append(f'<figure><img src="{rel(figs["chi2"])}" alt="chi2"><figcaption>Reduced χ² of the final '
                      "fits per frame; about 1 when the model describes the data within its errors.</figcaption></figure>")
 
+    parts.append(_inversion_html(run["inversion"], figs["inversion"], rel))
+
     # geometry, configuration, software
     parts.append("<h2>Geometry</h2>")
     parts.append(_geometry_html(start.get("geometry"), (md.get("configuration") or {}).get("geometry")))
@@ -458,6 +514,56 @@ all numbers below are read from the stored run (final, regularized fits unless s
     parts.append(_kv_table(sorted((md.get("software") or {}).items()), "software"))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _inversion_html(inv, fig: Path | None, rel) -> str:
+    """The structural inversion: its verdict first (a warning when the model fails on most
+    frames), the run summary (``workers.inversion.quality.inversion_summary``), the figure."""
+    if inv is None:
+        return ""
+    from workers.inversion.quality import inversion_summary
+    e = html.escape
+    summ = inversion_summary({c: inv[c].to_numpy() for c in inv.columns})
+    n, bad = summ["frames"], summ["bad"]
+    parts = ["<h2>Structural inversion</h2>"]
+    if bad:
+        cls = "warn" if bad > n / 2 else "note"
+        parts.append(f'<p id="inversion-verdict" class="{cls}" data-bad="{bad}" data-frames="{n}">The model '
+                     f"<b>{e(summ['model'])}</b> cannot describe {bad} of {n} frames (fit quality <i>bad</i>: "
+                     "reduced χ² above the threshold, 4 by default): for those frames its parameters are not "
+                     "measurements of the sample. The profile has structure the model lacks (a low-q upturn, "
+                     "another population, a structure factor); try another model (<code>inversion.model</code>: "
+                     "sphere_hs, powerlaw_spheres, unified_level).</p>")
+    else:
+        parts.append(f'<p id="inversion-verdict" class="ok" data-bad="0" data-frames="{n}">The model '
+                     f"<b>{e(summ['model'])}</b> describes all {n} frames within the misfit threshold.</p>")
+    at_bound = ", ".join(f"{k} {v:.0%}" for k, v in summ["at_bound_fraction"].items() if v) or "none"
+    rows = [("frames", n), ("model", summ["model"]), ("good / poor / bad", f"{summ['good']} / {summ['poor']} / {bad}"),
+            ("median reduced χ²", f"{summ['median_chi2']:.3g}"), ("converged", f"{summ['converged_fraction']:.0%}"),
+            ("parameters at a bound (share of frames)", at_bound),
+            ("LM started from", ", ".join(f"{k} {v}" for k, v in summ["warm_start"].items()))]
+    rows += [(f"{name}: median (median σ)", f"{_median(inv[name]):.4g} ({_median(inv[f'{name}_err']):.2g})")
+             for name in inversion_parameters(inv)]
+    parts.append(_kv_table(rows, "inversion-summary"))
+    parts.append('<p class="muted">Per frame, the verdict comes from the reduced χ² of the model against the '
+                 "profile with its errors: <i>good</i> when the χ² p-value is at least 10⁻³ (the model describes "
+                 "the data within their errors), <i>bad</i> when the reduced χ² exceeds 4 (a misfit about 1.7× "
+                 "the noise: the model cannot describe the sample), <i>poor</i> in between (a slightly wrong "
+                 "model, or errors underestimated up to 2×). Thresholds: <code>inversion.good_p_value</code>, "
+                 "<code>inversion.bad_chi2</code>. σ are the LM standard errors; NaN for a parameter at a bound "
+                 "(its error is one-sided).</p>")
+    if fig is not None:
+        parts.append(f'<figure><img src="{rel(fig)}" alt="inversion"><figcaption>Structural parameters per frame '
+                     "(±1σ; open red circles: at a bound) and the reduced χ² coloured by the verdict.</figcaption>"
+                     "</figure>")
+    return "".join(parts)
+
+
+def _median(column) -> float:
+    """Median of the finite values; NaN when there are none (a parameter always at a bound)."""
+    v = column.to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else math.nan
 
 
 def _geometry_html(poni: dict | None, config_geometry: dict | None) -> str:
@@ -548,4 +654,6 @@ table.grid td,table.grid th{border:1px solid #ddd;padding:3px 7px;text-align:rig
 table.kv th{text-align:left;padding:2px 12px 2px 0;font-weight:600;color:#444;vertical-align:top}
 table.kv td{padding:2px 0}figure{margin:0.8em 0;page-break-inside:avoid}
 figure img{max-width:100%}figure.traj{display:inline-block;width:49%;vertical-align:top;margin:0}
-figcaption{font-size:0.85em;color:#555}pre{background:#f6f6f6;padding:0.6em;font-size:0.8em;white-space:pre-wrap}"""
+figcaption{font-size:0.85em;color:#555}pre{background:#f6f6f6;padding:0.6em;font-size:0.8em;white-space:pre-wrap}
+p.warn,p.note,p.ok{padding:0.5em 0.8em;border-left:4px solid}p.warn{background:#fdecea;border-color:#c62828}
+p.note{background:#fff8e1;border-color:#f9a825}p.ok{background:#e8f5e9;border-color:#2e7d32}"""

@@ -315,6 +315,12 @@ class PublishHub:
     def _state_stopped(self, uid: str, final: RunFinal, status: str, reason: str) -> None:
         self._state_rows(uid, final.peaks, final.phases, final.transitions, final.reseeds)
         self.store.stop_run(uid, status, reason)
+        record = self.store.get(uid)
+        inv = record.inversion_tally.summary() if record is not None else {}
+        if inv.get("bad"):
+            log.warning("run %s: the inversion model %s cannot describe %d of %d frames (fit_quality bad: "
+                        "reduced chi2 above inversion.bad_chi2); their parameters are not measurements of "
+                        "the sample. Other models: inversion.model", uid[:8], inv["model"], inv["bad"], inv["frames"])
 
 
 def _has_rows(rows: dict | None) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.columns import PEAK_COLUMNS, PEAK_DTYPES, PHASE_COLUMNS, PHASE_DTYPES
+from workers.inversion.quality import InversionTally
 
 from ..jsonsafe import jsonable
 from .rowtable import RowQuery, RowTable, Selection
@@ -96,6 +97,7 @@ class RunRecord:
         self.peaks = RowTable(PEAK_DTYPES, self.held_rows)         # PEAK_COLUMNS, one row per frame and peak
         self.phases = RowTable(PHASE_DTYPES, self.held_rows)       # PHASE_COLUMNS, one row per frame
         self.inversion = RowTable(None, self.held_rows)            # columns of the first rows
+        self.inversion_tally = InversionTally()                    # verdict counts over every row
         self.scalars = ScalarFrames(self.held_rows)                # seq_num -> the event's scalar fields
 
     def summary(self) -> dict:
@@ -105,7 +107,8 @@ class RunRecord:
                 "frames_received": self.frames_received, "frames_fitted": self.frames_fitted,
                 "frames_final": self.frames_final, "frames_failed": dict(self.failed), "reseeds": self.reseeds,
                 "peak_rows": self.peaks.n, "peak_rows_held": self.peaks.held, "source": "memory",
-                "unit": self.unit, **self.info}
+                "unit": self.unit, **self.info,
+                **({"inversion": self.inversion_tally.summary()} if self.inversion_tally.frames else {})}
 
 
 @dataclass
@@ -234,6 +237,7 @@ class RunStore:
             if run is None or not len(rows["seq_num"]):
                 return
             run.inversion.append(rows)
+            run.inversion_tally.add(rows)
 
     def select(self, uid: str, table: str, q: RowQuery, until: int | None = None) -> Held | None:
         """The held rows of ``table`` (one of `TABLES`) of run ``uid`` that ``q`` asks for (below

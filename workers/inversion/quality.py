@@ -44,23 +44,56 @@ def _cat(rows) -> dict[str, np.ndarray]:
     return {k: np.concatenate([np.asarray(r[k]) for r in rows]) for k in rows[0]} if rows else {}
 
 
+class InversionTally:
+    """A run's inversion at a glance, counted batch by batch (bounded memory for any run length):
+    frames, model(s), verdict counts, ``adequate_fraction`` (verdict not bad),
+    ``converged_fraction``, ``at_bound_fraction`` per parameter and the LM starts used
+    (``warm_start`` counts). ``add`` takes ``inversion_rows``' columns."""
+
+    def __init__(self):
+        self.frames = 0
+        self.models: set[str] = set()
+        self.verdicts = dict.fromkeys(QUALITY, 0)
+        self.converged = 0
+        self.at_bound: dict[str, int] = {}
+        self.warm_start: dict[str, int] = {}
+
+    def add(self, rows: dict) -> None:
+        n = len(rows.get("seq_num", ()))
+        if n == 0:
+            return
+        self.frames += n
+        self.models.update(np.asarray(rows["model"]).astype(str).tolist())
+        q = np.asarray(rows["fit_quality"]).astype(str)
+        for k in QUALITY:
+            self.verdicts[k] += int((q == k).sum())
+        self.converged += int(np.asarray(rows["converged"]).astype(bool).sum())
+        for c in rows:
+            if c.endswith("_at_bound"):
+                name = c[:-len("_at_bound")]
+                self.at_bound[name] = self.at_bound.get(name, 0) + int(np.asarray(rows[c]).astype(bool).sum())
+        for s in np.asarray(rows["warm_start"]).astype(str).tolist():
+            self.warm_start[s] = self.warm_start.get(s, 0) + 1
+
+    def summary(self) -> dict:
+        """JSON-ready (ints, floats, strings); {"frames": 0} before the first row."""
+        n = self.frames
+        if n == 0:
+            return {"frames": 0}
+        return {"frames": n, "model": ",".join(sorted(self.models)), **self.verdicts,
+                "adequate_fraction": (n - self.verdicts["bad"]) / n, "converged_fraction": self.converged / n,
+                "at_bound_fraction": {k: v / n for k, v in self.at_bound.items()},
+                "warm_start": dict(sorted(self.warm_start.items()))}
+
+
 def inversion_summary(rows) -> dict:
-    """A run's inversion at a glance, from its rows (``inversion_rows``' columns, one dict or a
-    list of batches): frames, model, verdict counts, ``adequate_fraction`` (verdict not bad),
-    ``median_chi2`` (reduced), ``converged_fraction``, ``at_bound_fraction`` per parameter and
-    the LM starts used (``warm_start`` counts). JSON-ready (floats, ints, strings)."""
+    """``InversionTally.summary`` of all ``rows`` (one dict of columns or a list of batches) and
+    ``median_chi2`` (reduced) over them."""
     t = _cat(rows)
-    n = len(t.get("seq_num", ()))
-    if n == 0:
-        return {"frames": 0}
-    q = t["fit_quality"].astype(str)
-    chi2 = t["chi2"].astype(float)
-    out = {"frames": n, "model": ",".join(sorted(set(t["model"].astype(str)))),
-           **{k: int((q == k).sum()) for k in QUALITY},
-           "adequate_fraction": float((q != "bad").mean()),
-           "median_chi2": float(np.nanmedian(chi2)) if np.isfinite(chi2).any() else float("nan"),
-           "converged_fraction": float(t["converged"].astype(bool).mean()),
-           "at_bound_fraction": {c[:-len("_at_bound")]: float(t[c].astype(bool).mean())
-                                 for c in t if c.endswith("_at_bound")},
-           "warm_start": {s: int((t["warm_start"].astype(str) == s).sum()) for s in sorted(set(t["warm_start"].astype(str)))}}
+    tally = InversionTally()
+    tally.add(t)
+    out = tally.summary()
+    if out["frames"]:
+        chi2 = t["chi2"].astype(float)
+        out["median_chi2"] = float(np.nanmedian(chi2)) if np.isfinite(chi2).any() else float("nan")
     return out
