@@ -10,6 +10,29 @@ import time
 import pytest
 
 
+class RecordingSink:
+    """The router's sink (a dispatcher's part of ``service.ingest.Sink``) for ingest tests: records
+    the runs started, the frames submitted and the stops (uid, stop document).
+    ``takes_file_refs``: frames in files come as FrameRefs (as the Ray engine takes them)."""
+
+    def __init__(self, takes_file_refs: bool = False):
+        self.takes_file_refs = takes_file_refs
+        self.started, self.frames, self.stops = [], [], []
+
+    def start_run(self, uid, start):
+        self.started.append(uid)
+
+    def submit(self, frame):
+        self.frames.append(frame)
+
+    def stop_run(self, uid, stop):
+        self.stops.append((uid, stop))
+
+    @property
+    def stopped(self) -> list[str]:
+        return [uid for uid, _ in self.stops]
+
+
 def wait_for(predicate, timeout: float, what: str):
     """The first truthy value of ``predicate()`` (exceptions count as not yet), polled every 0.1 s."""
     deadline = time.monotonic() + timeout

@@ -27,6 +27,8 @@ from service.errors import RejectedInput
 from service.ingest import DocumentRouter
 from service.metrics import Metrics
 
+from helpers import RecordingSink
+
 hdf5plugin = pytest.importorskip("hdf5plugin")
 tifffile = pytest.importorskip("tifffile")
 
@@ -34,27 +36,12 @@ AD_TIFF_TEMPLATE = "%s%s_%6.6d.tiff"          # ophyd FileStoreTIFF's stage_sigs
 SHAPE = (24, 17)
 
 
-class Collect:
-    """The sink: records what the router hands on."""
-    def __init__(self):
-        self.frames, self.stopped = [], []
-
-    def start_run(self, uid, start):
-        pass
-
-    def submit(self, frame):
-        self.frames.append(frame)
-
-    def stop_run(self, uid, stop):
-        self.stopped.append(uid)
-
-
 def rejected(metrics: Metrics, reason: str) -> float:
     return metrics.registry.get_sample_value("scatterflow_rejected_total", {"reason": reason}) or 0
 
 
 def router_for(root: Path, **config) -> tuple[DocumentRouter, Collect, Metrics]:
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     cfg = IngestConfig(**{"allowed_roots": [str(root)], "file_retries": 2, "file_retry_delay_s": 0.01, **config})
     return DocumentRouter(sink, metrics, cfg), sink, metrics
 

@@ -15,22 +15,7 @@ from service.ingest import DocumentRouter
 from service.metrics import Metrics
 from service.resolve import FrameResolver
 
-
-class RefSink:
-    """A sink that takes FrameRefs (as the Ray engine's dispatcher does)."""
-    takes_file_refs = True
-
-    def __init__(self):
-        self.frames, self.stopped = [], []
-
-    def start_run(self, uid, start):
-        pass
-
-    def submit(self, frame):
-        self.frames.append(frame)
-
-    def stop_run(self, uid, stop):
-        self.stopped.append(uid)
+from helpers import RecordingSink
 
 
 def test_ophyd_async_detector_frames_located_then_read_on_the_worker(tmp_path):
@@ -44,7 +29,7 @@ def test_ophyd_async_detector_frames_located_then_read_on_the_worker(tmp_path):
     RE = RunEngine(call_returns_result=True)
     with init_devices():
         det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blob"), tmp_path))
-    sink = RefSink()
+    sink = RecordingSink(takes_file_refs=True)
     router = DocumentRouter(sink, Metrics(), IngestConfig(allowed_roots=[str(tmp_path)]))
     RE.subscribe(lambda name, doc: router.route(name, doc))
     RE(bp.count([det], num=5))

@@ -15,26 +15,13 @@ from service.decode import DocumentDecoder
 from service.ingest import DocumentRouter, choose_frame_field
 from service.metrics import Metrics
 
+from helpers import RecordingSink
+
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 
 
 def frame_message(name, doc, prefix=b""):
     return prefix + b" " + name.encode() + b" " + pack(doc)
-
-
-class Collect:
-    """The sink: records what the router emits."""
-    def __init__(self):
-        self.started, self.frames, self.stopped = [], [], []
-
-    def start_run(self, uid, start):
-        self.started.append(uid)
-
-    def submit(self, frame):
-        self.frames.append(frame)
-
-    def stop_run(self, uid, stop):
-        self.stopped.append((uid, stop["exit_status"]))
 
 
 def make_run(shape=(8, 6), n=3, dtype=np.int32):
@@ -105,7 +92,7 @@ def test_message_size_limit():
 
 
 def test_router_emits_frames_and_counts_bad_documents():
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     router = DocumentRouter(sink, metrics, IngestConfig())
     start, desc, events, stop = make_run(n=4)
     good_run = [("start", start), ("descriptor", desc), *[("event", e) for e in events], ("stop", stop)]
@@ -122,7 +109,7 @@ def test_router_emits_frames_and_counts_bad_documents():
     assert [f.seq_num for f in sink.frames if f.run_uid == start["uid"]] == [1, 2, 3, 4]
     assert [f.seq_num for f in sink.frames if f.run_uid == bstart["uid"]] == [4]
     assert sink.frames[0].scalars == {"temp": 20.0}
-    assert {u for u, _ in sink.stopped} == {start["uid"], bstart["uid"]}
+    assert set(sink.stopped) == {start["uid"], bstart["uid"]}
     assert rejected(metrics, "event_before_descriptor") == 1
     assert rejected(metrics, "nonfinite_frame") == 1
     assert rejected(metrics, "wrong_shape") == 1
@@ -131,7 +118,7 @@ def test_router_emits_frames_and_counts_bad_documents():
 
 
 def test_seq_num_gaps_counted_as_lost_upstream():
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     router = DocumentRouter(sink, metrics)
     start, desc, events, stop = make_run(n=6)
     for name, doc in [("start", start), ("descriptor", desc), ("event", events[0]), ("event", events[4])]:
@@ -141,7 +128,7 @@ def test_seq_num_gaps_counted_as_lost_upstream():
 
 def test_event_page_unpacked():
     from event_model import pack_event_page
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     router = DocumentRouter(sink, metrics)
     start, desc, events, stop = make_run(n=3)
     router.route("start", start)
@@ -169,7 +156,7 @@ def test_router_takes_frames_from_ophyd_async_hdf5_files(tmp_path):
     RE = RunEngine(call_returns_result=True)
     with init_devices():
         det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blob"), tmp_path))
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     router = DocumentRouter(sink, metrics, IngestConfig(allowed_roots=[str(tmp_path)]))
     RE.subscribe(lambda name, doc: router.route(name, doc))
     RE(bp.count([det], num=4))
@@ -198,7 +185,7 @@ def test_router_fills_ophyd_v1_resource_datum(tmp_path):
 
     img = SynSignalWithRegistry(func=acquire, name="img", save_path=str(tmp_path))
     made.clear()                                   # SynSignal computes an initial value at construction
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     router = DocumentRouter(sink, metrics, IngestConfig(allowed_roots=[str(tmp_path)]))
     RE = RunEngine()
     RE.subscribe(lambda name, doc: router.route(name, doc))
@@ -210,7 +197,7 @@ def test_router_fills_ophyd_v1_resource_datum(tmp_path):
 
 
 def test_reduced_profiles_are_frames_of_kind_profile():
-    sink, metrics = Collect(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     router = DocumentRouter(sink, metrics)
     bundle = compose_run()
     q = np.linspace(1, 5, 50)
@@ -238,7 +225,7 @@ def test_hdf5_frames_take_their_events_time_and_scalars(tmp_path):
     from service.sim import make_beamline, operando_cycle
 
     det, light = make_beamline(frame_interval=1.0, seed=2, hdf5_directory=tmp_path)
-    sink = Collect()
+    sink = RecordingSink()
     router = DocumentRouter(sink, Metrics(), IngestConfig(allowed_roots=[str(tmp_path)]))
     events = []
     RE = RunEngine({}, context_managers=[])

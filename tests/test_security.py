@@ -212,7 +212,8 @@ def test_ingest_through_a_curve_proxy_only_with_its_keys(free_port, tmp_path):
     from service.config import IngestConfig
     from service.ingest import DocumentRouter, ZmqSubscriber
 
-    from test_ingest import Collect, pack
+    from helpers import RecordingSink
+    from test_ingest import pack
 
     server_dir, clients_dir = tmp_path / "server", tmp_path / "clients"
     server_dir.mkdir(), clients_dir.mkdir()
@@ -225,7 +226,7 @@ def test_ingest_through_a_curve_proxy_only_with_its_keys(free_port, tmp_path):
     threading.Thread(target=proxy.start, daemon=True).start()
 
     def subscriber(**curve):
-        sink = Collect()
+        sink = RecordingSink()
         config = IngestConfig(address=f"tcp://127.0.0.1:{out_port}", **curve)
         sub = ZmqSubscriber(config, DocumentRouter(sink, Metrics(), config), Metrics())
         sub.start()
@@ -252,7 +253,7 @@ def test_ingest_through_a_curve_proxy_only_with_its_keys(free_port, tmp_path):
     finally:
         keyed_sub.stop(), plain_sub.stop()
         publisher.close()
-    assert keyed.started == [uid] and keyed.stopped == [(uid, "success")]
+    assert keyed.started == [uid] and [(u, s["exit_status"]) for u, s in keyed.stops] == [(uid, "success")]
     assert plain.started == [] and plain_sub.received == warmups == 0
     with pytest.raises(ValueError, match="go together"):
         IngestConfig(curve_secret_key=str(client_secret))
