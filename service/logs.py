@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 #: logger -> lowest level shown unless --verbose. pyFAI and numexpr log set-up details at INFO on
-#: every command; silx warns on every import that pyOpenCL is missing (torch does the GPU work here).
+#: every command; silx warns on every import that pyOpenCL is missing (torch does the GPU work here);
+#: bluesky's RunEngine (demo, bench) logs each plan's start and state changes, with object addresses.
 QUIET = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "tiled": logging.WARNING,
          "uvicorn.access": logging.WARNING, "alembic": logging.WARNING, "numexpr": logging.WARNING,
-         "pyFAI": logging.WARNING, "fabio": logging.WARNING, "silx": logging.ERROR}
+         "pyFAI": logging.WARNING, "fabio": logging.WARNING, "silx": logging.ERROR, "bluesky": logging.WARNING}
 
 
 def configure(verbose: bool = False, fmt: str = "%(asctime)s %(name)s %(levelname)s %(message)s") -> None:

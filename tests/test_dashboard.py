@@ -1,6 +1,7 @@
 """The live dashboard: its JSON/PNG/SSE routes in-process, and the page itself in headless
 Chromium against the real service (0MQ proxy, ingest, worker process, hub) fed by a bluesky
-RunEngine driving the simulated beamline.
+RunEngine driving the simulated beamline, logged in through the page's API key form; the
+inversion panel against the app served over HTTP.
 
 The browser test needs Debian's `chromium` and `chromium-driver` (apt) and the `selenium`
 package; it is skipped, saying which is missing, when they are not there.
@@ -32,6 +33,7 @@ CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-br
 CHROMEDRIVER = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver")
                      if p and os.path.exists(p)), None)
 SCREENSHOT_COPY = Path("/tmp/sf/dashboard.png")
+KEY = "dashboard-test-key"
 
 
 def peak_rows(seq, final, peak="a", center=None):
@@ -170,12 +172,17 @@ def test_event_stream_incremental_and_resumable(app_parts):
 
 
 def test_api_key_reaches_dashboard_routes():
+    """The page is public (it asks for the key); its data need the key, in a header or the
+    session cookie, never in the URL."""
     store = RunStore()
     client = TestClient(build_app(store, Metrics(), dict, api_key="k3y", stream_max_s=0.1))
-    for path in ("/", "/api/v1/events", "/api/v1/metrics/summary"):
+    assert client.get("/").status_code == 200
+    for path in ("/api/v1/events", "/api/v1/metrics/summary", "/api/v1/session"):
         assert client.get(path).status_code == 401
-    assert client.get("/", params={"api_key": "k3y"}).status_code == 200
+        assert client.get(path, params={"api_key": "k3y"}).status_code == 401
     assert client.get("/api/v1/metrics/summary", headers={"x-api-key": "k3y"}).status_code == 200
+    assert client.post("/api/v1/session", json={"api_key": "k3y"}).status_code == 200      # cookie kept
+    assert client.get("/api/v1/metrics/summary").status_code == 200
 
 
 def test_bad_stream_options():
@@ -199,6 +206,35 @@ def _browser(tmp_path):
                  "--disable-dev-shm-usage", "--window-size=1400,1500", f"--user-data-dir={tmp_path / 'chrome'}"):
         opts.add_argument(flag)
     return webdriver.Chrome(options=opts, service=ChromeService(executable_path=CHROMEDRIVER))
+
+
+def log_in(driver, key: str) -> None:
+    """Through the page's key form, as a person would: a wrong key first (refused, said so), then
+    `key`; waits until the event stream is connected. The key is in no URL the page loads."""
+    form = _wait(lambda: driver.find_element("id", "login-panel").is_displayed(), 20, "no key form on a 401")
+    assert form and not driver.execute_script("return window.scatterflow.counts().connected")
+    field = driver.find_element("id", "login-key")
+    field.send_keys("not-the-key")
+    driver.find_element("css selector", "#login-form button").click()
+    _wait(lambda: "wrong API key" in driver.find_element("id", "login-error").text, 10, "wrong key not refused")
+    assert not driver.get_cookies()
+    field.clear()
+    field.send_keys(key)
+    driver.find_element("css selector", "#login-form button").click()
+    _wait(lambda: driver.execute_script("return window.scatterflow.counts().connected"),
+          20, "dashboard did not connect its event stream after logging in")
+    assert not driver.find_element("id", "login-panel").is_displayed()
+    (cookie,) = driver.get_cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and key not in cookie["value"]
+    urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and not [u for u in urls if "api_key" in u or key in u]
+
+
+def assert_no_browser_errors(driver) -> None:
+    """No severe console message but the 401s of the log-in (the page asks for the key on them)."""
+    logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
+            and not ("api/v1/session" in e["message"] and "401" in e["message"])]
+    assert not logs, logs
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -251,7 +287,7 @@ def test_dashboard_in_chromium_with_live_service(tmp_path, free_port, monkeypatc
         "geometry": {"poni": poni, "mask": str(tmp_path / "mask.npy")},
         "reduction": {"npt": npt},
         "fit": {"regularizer": {"window": 4}},
-        "api": {"port": free_port()},
+        "api": {"port": free_port(), "api_key": KEY},
         "results": {"address": None},
     })
     service = NoTiledService(settings).start()
@@ -259,8 +295,7 @@ def test_dashboard_in_chromium_with_live_service(tmp_path, free_port, monkeypatc
     try:
         url = f"http://127.0.0.1:{service.api_port}/"
         driver.get(url)                                          # the page is up before the run
-        _wait(lambda: driver.execute_script("return window.scatterflow && window.scatterflow.counts().connected"),
-              20, "dashboard did not connect its event stream")
+        log_in(driver, KEY)
         time.sleep(1.0)                                          # 0MQ slow joiner
 
         RE = RunEngine({}, context_managers=[])                  # not the main thread: no SIGINT handler
@@ -342,8 +377,57 @@ def test_dashboard_in_chromium_with_live_service(tmp_path, free_port, monkeypatc
             shutil.copy(shots[-1], SCREENSHOT_COPY)
         except OSError:
             pass
-        logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
-        assert not logs, logs
+        assert_no_browser_errors(driver)
+        # logging out closes the stream and asks for the key again
+        driver.find_element("id", "logout").click()
+        _wait(lambda: driver.find_element("id", "login-panel").is_displayed(), 10, "log-out did not show the form")
+        assert not counts()["connected"] and not driver.get_cookies()
     finally:
         driver.quit()
         service.close()
+
+
+def test_inversion_panel_in_chromium(tmp_path):
+    """The inversion panel against the app over real HTTP: hidden while the run has no inversion
+    rows; then each parameter of the model per frame with its band, the verdict strip with its
+    counts and the model's name; new rows fetched from where the last poll ended (since=)."""
+    from live_app import serve
+    from test_api_docs import inversion_columns
+
+    driver = _browser(tmp_path)
+    store = RunStore()
+    store.start_run("u1", {"uid": "u1", "plan_name": "growth", "time": 100.0})
+    app = build_app(store, Metrics(), dict, stream_interval_s=0.1, stream_max_s=5)
+    counts = lambda: driver.execute_script("return window.scatterflow.counts()")   # noqa: E731
+    try:
+        with serve(app) as base:
+            driver.get(base + "/")
+            _wait(lambda: counts()["connected"] and counts()["uid"] == "u1", 20, "dashboard did not connect")
+            _wait(lambda: driver.execute_script("return window.scatterflow.state.inversion.last > 0"), 10,
+                  "inversion never polled")
+            assert not driver.find_element("id", "inversion-panel").is_displayed()
+
+            chi2 = [1.0] * 6 + [1.6, 1.7] + [12.0, 15.0]            # 6 good, 2 poor, 2 bad
+            store.add_inversion("u1", inversion_columns(range(1, 11), np.linspace(5, 7, 10), chi2))
+            _wait(lambda: counts()["inversionRows"] == 10, 15, "inversion rows not on the page")
+            assert driver.find_element("id", "inversion-panel").is_displayed()
+            assert counts()["inversionParams"] == 5                  # radius, pd, volfraction, i0, background
+            assert "sphere_hs" in driver.find_element("id", "inversion-model").text
+            assert driver.find_element("id", "inversion-counts").text.split() == ["good", "6", "poor", "2", "bad", "2"]
+            assert "reduced χ² > 4" in driver.find_element("id", "inversion-panel").text
+            radius = driver.execute_script(
+                "return window.scatterflow.state.inversion.charts.get('radius').data")
+            np.testing.assert_allclose(radius[1], np.linspace(5, 7, 10))
+            np.testing.assert_allclose(np.subtract(radius[3], radius[2]), 2 * 0.02 * np.linspace(5, 7, 10))
+
+            store.add_inversion("u1", inversion_columns([11, 12], [7.2, 7.4], [1.0, 30.0]))
+            _wait(lambda: counts()["inversionRows"] == 12, 15, "new inversion rows not on the page")
+            inv = driver.execute_script("const i = window.scatterflow.state.inversion; "
+                                        "return {since: i.since, seqs: i.rows.map(r => r.seq_num)}")
+            assert inv == {"since": 12, "seqs": list(range(1, 13))}  # each frame once: polled from since
+            assert driver.find_element("id", "inversion-counts").text.split()[-1] == "3"
+            driver.save_screenshot(str(tmp_path / "inversion.png"))
+            assert_no_browser_errors(driver)
+            driver.get("about:blank")                                # closes the event stream
+    finally:
+        driver.quit()

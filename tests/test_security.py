@@ -1,5 +1,6 @@
-"""Security: the REST API is read-only and behind its key, exposure without a key is a one-line
-configuration error, and keys never reach logs, status, run metadata or the spool."""
+"""Security: the REST API is read-only and behind its key (a header, or the dashboard's session
+cookie; never a query parameter), exposure without a key is a one-line configuration error, and
+keys never reach logs, status, run metadata or the spool."""
 import logging
 import secrets
 import time
@@ -18,7 +19,11 @@ from service.errors import ConfigError
 from service.metrics import Metrics
 from service.publish.state import PEAK_COLUMNS, RunStore
 
+from live_app import serve
+
 KEY = "sf" + secrets.token_hex(16)
+PUBLIC = {"/", "/docs", "/redoc"}          # the dashboard's page and the API docs: no data
+SESSION = "/api/v1/session"                # POST logs in, DELETE logs out: they set and clear a cookie
 
 
 def populated_app(api_key):
@@ -38,8 +43,9 @@ def populated_app(api_key):
 
 
 def concrete_paths(app):
-    """Every API route with its path parameters filled in (uid -> the stored run)."""
-    return [r.path.replace("{uid}", "u1") for r in app.routes if isinstance(r, APIRoute)]
+    """Every GET route behind the key, with its path parameters filled in (uid -> the stored run)."""
+    return [r.path.replace("{uid}", "u1") for r in app.routes
+            if isinstance(r, APIRoute) and "GET" in r.methods and r.path not in PUBLIC]
 
 
 def test_every_route_is_read_only():
@@ -47,43 +53,103 @@ def test_every_route_is_read_only():
     routes = [r for r in app.routes if isinstance(r, APIRoute)]
     assert len(routes) >= 10
     for r in routes:
-        assert r.methods <= {"GET", "HEAD"}, (r.path, r.methods)
+        assert r.methods <= ({"GET", "POST", "DELETE"} if r.path == SESSION else {"GET", "HEAD"}), (r.path, r.methods)
     auth = {"X-API-Key": KEY}
-    for path in [*concrete_paths(app), "/static/dashboard.js"]:
+    for path in [*concrete_paths(app), *PUBLIC, "/static/dashboard.js", "/static/docs/swagger-ui.css"]:
         for method in ("POST", "PUT", "PATCH", "DELETE"):
+            if path == SESSION and method in ("POST", "DELETE"):
+                continue
             assert client.request(method, path, headers=auth).status_code == 405, (method, path)
 
 
 @pytest.mark.parametrize("header", [{}, {"X-API-Key": "wrong"}, {"Authorization": f"Bearer {KEY}x"},
-                                    {"Authorization": f"Basic {KEY}"}, {"X-API-Key": KEY[:-1]}])
+                                    {"Authorization": f"Basic {KEY}"}, {"X-API-Key": KEY[:-1]},
+                                    {"Cookie": f"scatterflow_session={KEY}"}])     # the cookie holds no key
 def test_every_route_refuses_a_missing_or_wrong_key(header):
     app, client = populated_app(SecretStr(KEY))        # as the configuration hands it over
     for path in concrete_paths(app):
         r = client.get(path, headers=header)
         assert r.status_code == 401, (path, header, r.status_code)
         assert KEY not in r.text
+        assert client.get(path, params={"api_key": KEY}).status_code == 401, path     # never in a URL
 
 
-@pytest.mark.parametrize("how", ["x-api-key", "bearer", "query"])
+CORE = {"/api/v1/health", "/api/v1/status", "/api/v1/runs", "/api/v1/runs/u1", "/api/v1/runs/u1/peaks",
+        "/api/v1/runs/u1/profiles", "/api/v1/runs/u1/latest", "/api/v1/runs/u1/frame.png",
+        "/api/v1/metrics/summary", "/api/v1/events", "/metrics", SESSION}
+
+
+def answer_all(client, paths, **kw):
+    """Every path answers 200 (routes added later may answer 404 when the stored run lacks their data)."""
+    assert CORE <= set(paths)
+    for path in paths:
+        r = client.get(path, **kw)
+        assert r.status_code == 200 if path in CORE else r.status_code in (200, 404), (path, kw, r.status_code)
+
+
+@pytest.mark.parametrize("how", ["x-api-key", "bearer"])
 def test_every_route_answers_with_the_key(how):
     app, client = populated_app(KEY)
-    headers = {"x-api-key": {"X-API-Key": KEY}, "bearer": {"Authorization": f"Bearer {KEY}"}, "query": {}}[how]
-    params = {"api_key": KEY} if how == "query" else {}
-    core = {"/api/v1/health", "/api/v1/status", "/api/v1/runs", "/api/v1/runs/u1", "/api/v1/runs/u1/peaks",
-            "/api/v1/runs/u1/profiles", "/api/v1/runs/u1/latest", "/api/v1/runs/u1/frame.png",
-            "/api/v1/metrics/summary", "/api/v1/events", "/metrics", "/"}
-    paths = concrete_paths(app)
-    assert core <= set(paths)
-    for path in paths:          # routes added later may answer 404 when the stored run lacks their data
-        r = client.get(path, headers=headers, params=params)
-        assert r.status_code == 200 if path in core else r.status_code in (200, 404), (path, how, r.status_code)
-    assert client.get("/static/dashboard.js").status_code == 200      # the dashboard's code is public
+    answer_all(client, concrete_paths(app),
+               headers={"x-api-key": {"X-API-Key": KEY}, "bearer": {"Authorization": f"Bearer {KEY}"}}[how])
+    for path in [*PUBLIC, "/static/dashboard.js", "/static/docs/swagger-ui-bundle.js"]:
+        assert client.get(path).status_code == 200, path     # the dashboard's page and code, the docs: public
+
+
+def test_session_cookie_over_http():
+    """Over real HTTP: the dashboard trades the key for a cookie (POST /api/v1/session) that alone
+    opens every route, the event stream and the frame PNG included; a wrong key gets 401 and no
+    cookie; the cookie is HttpOnly and SameSite=Strict, Secure when the request came over https
+    (here through a TLS-terminating proxy on loopback: X-Forwarded-Proto), and holds no key; DELETE
+    ends the session."""
+    app, _ = populated_app(KEY)
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10) as client:
+        assert client.get("/api/v1/runs").status_code == 401
+        assert client.get(SESSION).status_code == 401
+        for bad in ({"api_key": "wrong"}, {"api_key": ""}, {"api_key": KEY[:-1]}):
+            r = client.post(SESSION, json=bad)
+            assert r.status_code == 401 and "set-cookie" not in r.headers and not client.cookies, bad
+            assert r.json() == {"detail": "wrong API key"}
+        assert client.post(SESSION, json={"key": KEY}).status_code == 422             # names the missing field
+        assert client.post(SESSION, content=b"not json").status_code == 422
+        assert not client.cookies
+
+        r = client.post(SESSION, json={"api_key": KEY})
+        assert r.status_code == 200 and r.json() == {"authenticated": True, "key_required": True}
+        cookie = r.headers["set-cookie"]
+        attrs = {a.strip().partition("=")[0].lower(): a.strip().partition("=")[2] for a in cookie.split(";")}
+        assert attrs["samesite"].lower() == "strict" and "httponly" in attrs and "secure" not in attrs
+        assert attrs["path"] == "/" and KEY not in cookie and "max-age" not in attrs     # until the browser closes
+        answer_all(client, concrete_paths(app))                                          # the cookie alone
+        with client.stream("GET", "/api/v1/events") as events:
+            assert events.status_code == 200 and events.headers["content-type"].startswith("text/event-stream")
+        assert client.get("/api/v1/runs/u1/frame.png").headers["content-type"] == "image/png"
+
+        over_https = httpx.post(f"{base}{SESSION}", json={"api_key": KEY}, headers={"X-Forwarded-Proto": "https"})
+        assert "secure" in over_https.headers["set-cookie"].lower()
+
+        r = client.delete(SESSION)
+        assert r.status_code == 200 and r.json() == {"authenticated": False, "key_required": True}
+        assert 'scatterflow_session=""' in r.headers["set-cookie"] and "max-age=0" in r.headers["set-cookie"].lower()
+        assert not client.cookies and client.get("/api/v1/runs").status_code == 401
+        assert httpx.get(f"{base}/api/v1/runs", params={"api_key": KEY}).status_code == 401   # never in a URL
+
+
+def test_dashboard_never_puts_the_key_in_a_url():
+    """The page and its code hold no ``api_key=`` (the key travels in the log-in POST's body only)."""
+    _, client = populated_app(KEY)
+    for path in ("/", "/static/dashboard.js"):
+        r = client.get(path)
+        assert r.status_code == 200 and "api_key=" not in r.text, path
 
 
 def test_no_key_configured_means_open_on_loopback():
     app, client = populated_app(None)
     assert client.get("/api/v1/health").status_code == 200
     assert client.get("/metrics").status_code == 200
+    assert client.get(SESSION).json() == {"authenticated": True, "key_required": False}
+    r = client.post(SESSION, json={"api_key": "anything"})            # nothing to check, no cookie
+    assert r.json() == {"authenticated": True, "key_required": False} and "set-cookie" not in r.headers
     _, client = populated_app(SecretStr(""))           # an empty key is no key
     assert client.get("/api/v1/runs").status_code == 200
 

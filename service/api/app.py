@@ -5,13 +5,16 @@
 (dependencies.py). The app serves the routes of the resource routers as its own:
 `include_router` (FastAPI >= 0.137) would list each router as one node in ``app.routes``.
 
-Every route is read-only (GET; other methods answer 405). When an API key is set, every route
-but ``/static`` (the dashboard's code) needs it, given as header ``X-API-Key: KEY``,
-``Authorization: Bearer KEY`` (what Prometheus' scrape ``authorization`` sends) or query
-``api_key=KEY`` (the dashboard passes the key of its own URL on, as EventSource cannot set
-headers); else 401. ``/metrics`` is behind the key too: its counters reveal run activity, and
-Prometheus sends bearer tokens natively. So is ``/api/v1/health``: the container healthchecks
-read the key from their secret file, and nothing answers an unauthenticated caller.
+Every route is read-only (GET; other methods answer 405) but ``/api/v1/session``, which sets
+and clears the dashboard's session cookie. When an API key is set, every route but the
+dashboard's page and code (``/``, ``/static``), the API docs (``/docs``, ``/redoc``,
+``/openapi.json``) and the session's log-in and log-out needs it, given as header
+``X-API-Key: KEY``, ``Authorization: Bearer KEY`` (what Prometheus' scrape ``authorization``
+sends) or the session cookie (session.py: the browser's EventSource and images cannot set
+headers); else 401. Never as a query parameter: URLs land in access logs and browser history.
+``/metrics`` is behind the key too: its counters reveal run activity, and Prometheus sends bearer
+tokens natively. So is ``/api/v1/health``: the container healthchecks read the key from their
+secret file, and nothing answers an unauthenticated caller.
 """
 from __future__ import annotations
 
@@ -26,14 +29,15 @@ from pydantic import SecretStr
 from ..config import secret
 from ..metrics import Metrics
 from ..publish.state import RunStore
-from . import dashboard, events, health, images, results, runs
+from . import dashboard, docs, events, health, images, results, runs, session
 from .dependencies import ApiContext
 from .schemas import Health
 
 if TYPE_CHECKING:
     from ..publish.archive_reader import ArchiveReader
 
-ROUTERS = (health.router, runs.router, results.router, images.router, events.router, dashboard.router)
+ROUTERS = (health.router, session.router, runs.router, results.router, images.router, events.router,
+           dashboard.router, docs.router)
 
 
 def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
@@ -60,10 +64,12 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
         raise ValueError(f"stream_max_s must be > 0, got {stream_max_s!r}")
     app = FastAPI(title="scatterflow", version="0.1.0",
                   description="Live reduction and peak fitting of operando X-ray scattering runs.",
+                  docs_url=None, redoc_url=None,          # docs.py serves them, with local assets
                   routes=[route for router in ROUTERS for route in router.routes])
     app.state.context = ApiContext(store=store, metrics=metrics, status=status, health=health,
                                    api_key=secret(api_key),
                                    started=time.time(), stream_interval_s=stream_interval_s,
                                    stream_max_s=stream_max_s, archive=archive)
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")   # before /static
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app

@@ -3,6 +3,7 @@ unique prefix of one, in memory or in Tiled) and the query parameters parsed at 
 values answer 422)."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from fastapi import Depends, HTTPException, Query, Request
 from ..metrics import Metrics
 from ..publish.rowtable import RowQuery
 from ..publish.state import RunRecord, RunStore
-from .schemas import Health
+from .schemas import ErrorDetail, Health
 
 if TYPE_CHECKING:                  # imported by whoever builds one (it pulls in tiled's client)
     from ..publish.archive_reader import ArchiveReader
@@ -43,20 +44,46 @@ def get_context(request: Request) -> ApiContext:
 Context = Annotated[ApiContext, Depends(get_context)]
 
 
+#: The dashboard's session cookie (service/api/session.py): HttpOnly, SameSite=Strict.
+SESSION_COOKIE = "scatterflow_session"
+
+#: What routes behind the key answer without it, for /openapi.json.
+AUTH_RESPONSES = {401: {"model": ErrorDetail, "description": "missing or wrong API key (X-API-Key, Authorization: "
+                                                             "Bearer, or the dashboard's session cookie)"}}
+#: What routes naming a run answer when it cannot be found, for /openapi.json.
+RUN_RESPONSES = {404: {"model": ErrorDetail, "description": "no such run (or it lacks these data)"},
+                 409: {"model": ErrorDetail, "description": "the uid prefix matches several runs"},
+                 503: {"model": ErrorDetail, "description": "Tiled does not answer and memory lacks the run"}}
+
+
 def check_api_key(request: Request, ctx: Context) -> None:
-    """401 unless the request carries the API key (when one is set)."""
+    """401 unless the request carries the API key (when one is set): header ``X-API-Key: KEY``,
+    ``Authorization: Bearer KEY``, or the session cookie ``POST /api/v1/session`` set. Never a
+    query parameter: URLs end up in access logs and browser history."""
     if ctx.api_key is None:
         return
-    if not hmac.compare_digest(given_key(request).encode(), ctx.api_key.encode()):
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if not (keys_match(given_key(request), ctx.api_key) or keys_match(cookie, session_token(ctx.api_key))):
         raise HTTPException(status_code=401, detail="missing or wrong API key",
                             headers={"WWW-Authenticate": "Bearer"})
 
 
 def given_key(request: Request) -> str:
-    """The API key a request carries: X-API-Key, Authorization: Bearer, or query api_key ("" if none)."""
+    """The API key a request's headers carry: X-API-Key or Authorization: Bearer ("" if none)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     bearer = token.strip() if scheme.lower() == "bearer" else ""
-    return request.headers.get("x-api-key") or bearer or request.query_params.get("api_key") or ""
+    return request.headers.get("x-api-key") or bearer
+
+
+def keys_match(given: str, expected: str) -> bool:
+    """`given` equals `expected`, compared in constant time."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def session_token(api_key: str) -> str:
+    """The session cookie's value for `api_key`: an HMAC of it, so that the browser never stores
+    the key itself, and a new key ends every session."""
+    return hmac.new(api_key.encode(), b"scatterflow dashboard session", hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from fastapi.responses import StreamingResponse
 
 from ..jsonsafe import jsonable
 from ..publish.state import RunStore
-from .dependencies import ApiContext, Context, check_api_key
+from .dependencies import AUTH_RESPONSES, ApiContext, Context, check_api_key
 from .health import metrics_summary
 from .results import latest_profile
 
-router = APIRouter(dependencies=[Depends(check_api_key)])
+router = APIRouter(dependencies=[Depends(check_api_key)], responses=AUTH_RESPONSES)
 
 START_KEYS = ("uid", "time", "plan_name", "scan_id", "sample", "modality", "light_schedule_s", "frame_interval")
 
@@ -45,9 +45,15 @@ def stream_request(request: Request,
     return StreamRequest(run=run, resume_uid=resume_uid, resume_since=resume_since)
 
 
-@router.get("/api/v1/events")
+@router.get("/api/v1/events", summary="Live updates for the dashboard (server-sent events)",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "a stream of server-sent events"}})
 async def events(ctx: Context, req: Annotated[StreamRequest, Depends(stream_request)]) -> StreamingResponse:
-    """Server-sent events for the dashboard, sent when something changed:
+    """Server-sent events (text/event-stream) for the dashboard about the run ``run`` names
+    ("latest": the newest run, followed as new runs start; or a uid), polled every
+    ``stream_interval_s`` and sent when something changed; peak rows from row ``since`` on (a
+    reconnecting browser's ``Last-Event-ID`` takes precedence). Events, each ``data`` one JSON
+    object:
 
     - ``runs``: ``{"runs": [summary, ...]}`` (as /api/v1/runs)
     - ``run``: ``{"uid", "reset", "summary", "start"}`` when the followed run changes;

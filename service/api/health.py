@@ -7,39 +7,50 @@ balancer sees the truth; neither it nor ``/api/v1/status`` waits on a lock of th
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..metrics import Metrics, by_label, histogram_quantile, total
-from .dependencies import Context, check_api_key
-from .schemas import Health, LatencySummary, MetricsSummary
+from .dependencies import AUTH_RESPONSES, Context, check_api_key
+from .schemas import Health, LatencySummary, MetricsSummary, Status
 
-router = APIRouter(dependencies=[Depends(check_api_key)])
+router = APIRouter(dependencies=[Depends(check_api_key)], responses=AUTH_RESPONSES)
 
 
-@router.get("/api/v1/health", response_model=Health, responses={503: {"model": Health}})
+@router.get("/api/v1/health", summary="Service health (200 ok, 503 degraded or stuck)",
+            response_model=Health, responses={503: {"model": Health}})
 def health(ctx: Context) -> JSONResponse:
     """200 and status "ok", or 503 and status "degraded" or "stuck" with the problems."""
     report = ctx.health() if ctx.health is not None else Health(status="ok", uptime_s=time.time() - ctx.started)
     return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.status == "ok" else 503)
 
 
-@router.get("/api/v1/status", response_model=dict[str, Any])
+@router.get("/api/v1/status", summary="Service status: workers, queues, counts",
+            response_model=Status, response_model_exclude_unset=True)
 def get_status(ctx: Context) -> dict:
-    """Queues, rates, workers and devices, as the service reports them (service/server.py)."""
+    """Version, uptime (s), devices and workers, queue depths, frame counts since the service
+    started, active runs, the Tiled and ingest addresses and the last calibration, as the service
+    reports them (service/server.py)."""
     return ctx.status()
 
 
-@router.get("/api/v1/metrics/summary", response_model=MetricsSummary)
+@router.get("/api/v1/metrics/summary", summary="Metrics as JSON: counters, gauges, latency quantiles",
+            response_model=MetricsSummary)
 def metrics_json(ctx: Context) -> MetricsSummary:
+    """The Prometheus metrics of ``/metrics`` as JSON: counters since the service started (frames
+    received, fitted, final, dropped; failed, rejected and lost upstream by reason; re-seeds,
+    change points, Tiled requests and failures), gauges (queue depth by queue, active runs), and
+    per stage (provisional, final, ...) the latency from a frame's arrival to its result: count,
+    mean and p50/p95/p99 in s, interpolated within the histogram's buckets."""
     return metrics_summary(ctx.metrics)
 
 
-@router.get("/metrics")
+@router.get("/metrics", summary="Metrics for Prometheus (text)", response_class=PlainTextResponse)
 def prometheus(ctx: Context) -> Response:
+    """The service's metrics in Prometheus' text exposition format (``scatterflow_*``), for a
+    scrape with ``authorization: {credentials: KEY}``."""
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,18 +8,24 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import Response
 
 from ..render import render_frame_png, render_qmap_png
-from .dependencies import ApiContext, ColourScale, Context, Run, check_api_key
+from .dependencies import AUTH_RESPONSES, RUN_RESPONSES, ApiContext, ColourScale, Context, Run, check_api_key
 from .schemas import QMap
 
-router = APIRouter(dependencies=[Depends(check_api_key)])
+router = APIRouter(dependencies=[Depends(check_api_key)], responses={**AUTH_RESPONSES, **RUN_RESPONSES})
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG; its frame's seq_num in the X-Seq-Num header"},
+       422: {"description": "bad query parameters, or the stored data is not an image"}}
 
 
-@router.get("/api/v1/runs/{uid}/frame.png")
+@router.get("/api/v1/runs/{uid}/frame.png", summary="Latest raw detector frame (PNG)",
+            response_class=Response, responses=PNG)
 def frame_png(run: Run, ctx: Context,
               size: int = Query(320, ge=16, le=2048, description="longest side, pixels"),
               scale: ColourScale = "log") -> Response:
-    """The latest raw frame, block-averaged to at most `size` pixels a side; masked pixels
-    (negative: module gaps) grey."""
+    """The run's latest raw detector frame as a PNG (viridis): counts block-averaged so that the
+    longest side has at most ``size`` pixels, on a ``log`` (log10(1 + counts), default) or
+    ``linear`` colour scale over the 1st-99.8th percentile of the frame; masked pixels (negative:
+    module gaps) grey. Its seq_num in ``X-Seq-Num``; 404 before the first frame. Any other query
+    parameter (the dashboard's ``seq``) is ignored: it only makes each frame's URL new."""
     got = ctx.store.latest_frame(run.uid)
     if got is None:
         raise HTTPException(status_code=404, detail=f"run {run.uid!r} has no frame yet")
@@ -27,7 +33,8 @@ def frame_png(run: Run, ctx: Context,
     return _png(lambda: render_frame_png(frame, size=size, log=scale == "log"), seq)
 
 
-@router.get("/api/v1/runs/{uid}/qmap", response_model=QMap)
+@router.get("/api/v1/runs/{uid}/qmap", summary="Latest (q_xy, q_z) map of a grazing-incidence run (JSON)",
+            response_model=QMap)
 def qmap(run: Run, ctx: Context) -> QMap:
     """The latest q-map: {uid, seq_num, unit, dims ["q_z", "q_xy"], q_xy, q_z, intensity (Nz x Nxy)}."""
     seq, q_xy, q_z, image = _latest_qmap(ctx, run.uid)
@@ -35,7 +42,8 @@ def qmap(run: Run, ctx: Context) -> QMap:
                 q_xy=np.asarray(q_xy).tolist(), q_z=np.asarray(q_z).tolist(), intensity=np.asarray(image).tolist())
 
 
-@router.get("/api/v1/runs/{uid}/qmap.png")
+@router.get("/api/v1/runs/{uid}/qmap.png", summary="Latest (q_xy, q_z) map of a grazing-incidence run (PNG)",
+            response_class=Response, responses=PNG)
 def qmap_png(run: Run, ctx: Context, size: int = Query(480, ge=100, le=2048, description="width, pixels"),
              scale: ColourScale = "log") -> Response:
     """The latest q-map drawn with axes in 1/nm; missing wedge and empty bins grey."""

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from ..jsonsafe import jsonable
 from ..publish.state import RunStore
-from .dependencies import AnyRun, Context, Rows, Run, check_api_key
+from .dependencies import AUTH_RESPONSES, RUN_RESPONSES, AnyRun, Context, Rows, Run, check_api_key
 from .schemas import (
     Extras,
     InversionTable,
@@ -21,10 +21,10 @@ from .schemas import (
 )
 from .tables import table_page, table_response
 
-router = APIRouter(dependencies=[Depends(check_api_key)])
+router = APIRouter(dependencies=[Depends(check_api_key)], responses={**AUTH_RESPONSES, **RUN_RESPONSES})
 
 
-@router.get("/api/v1/runs/{uid}/peaks", response_model=PeakTable)
+@router.get("/api/v1/runs/{uid}/peaks", summary="Fitted peaks per frame (columnar, paged)", response_model=PeakTable)
 def peaks(ref: AnyRun, ctx: Context, q: Rows) -> Response:
     """Fitted peaks, one row per frame and peak (columnar; NaN as null).
 
@@ -42,7 +42,8 @@ def peaks(ref: AnyRun, ctx: Context, q: Rows) -> Response:
     return table_response(*table_page(ctx, ref, "peaks", q))
 
 
-@router.get("/api/v1/runs/{uid}/phases", response_model=PhaseTable)
+@router.get("/api/v1/runs/{uid}/phases", summary="Phase labels per frame and transitions (columnar, paged)",
+            response_model=PhaseTable)
 def phases(ref: AnyRun, ctx: Context, q: Rows) -> Response:
     """Phase label, probability and crystallinity index per frame (columnar, paged as peaks),
     and the confirmed transitions: {from, to, seq_num, time, time_sigma, frame_sigma, change_point}."""
@@ -50,11 +51,16 @@ def phases(ref: AnyRun, ctx: Context, q: Rows) -> Response:
     return table_response(page, missing, transitions=_transitions(ctx, ref))
 
 
-@router.get("/api/v1/runs/{uid}/inversion", response_model=InversionTable)
+@router.get("/api/v1/runs/{uid}/inversion", summary="Structural parameters per frame with fit verdicts (columnar, paged)",
+            response_model=InversionTable)
 def inversion(ref: AnyRun, ctx: Context, q: Rows) -> Response:
-    """Structural parameters per frame (inversion.enabled): radius (nm), pd, volfraction, i0,
-    background, each with _err (LM standard error) and _encoder (the encoder's value), chi2.
-    Paged as peaks, without ``final`` (every row is final)."""
+    """Structural parameters per frame (inversion.enabled), one row per frame: seq_num, time,
+    model; per parameter of the model (sphere_hs: radius nm, pd, volfraction, i0, background)
+    <name>, <name>_err (LM standard error), <name>_encoder (the LM's start), <name>_at_bound; chi2
+    (reduced), p_value, fit_quality ("good": chi2 p-value >= inversion.good_p_value, default 1e-3;
+    "bad": reduced chi2 > inversion.bad_chi2, default 4, the model cannot describe the frame;
+    else "poor"), converged, warm_start. Paged as peaks, without ``final`` (every row is final);
+    empty columns for a run without inversion."""
     return table_response(*table_page(ctx, ref, "inversion", q))
 
 
@@ -70,23 +76,31 @@ def _transitions(ctx: Context, ref: AnyRun) -> list:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
 
 
-@router.get("/api/v1/runs/{uid}/profiles", response_model=Profiles)
-def profiles(run: Run, since_seq: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=5000)) -> Profiles:
-    """The reduced profiles held (the newest frames) from frame `since_seq` on, at most `limit`."""
+@router.get("/api/v1/runs/{uid}/profiles", summary="Reduced profiles held in memory", response_model=Profiles)
+def profiles(run: Run, since_seq: int = Query(0, ge=0, description="first seq_num (frame) to return"),
+             limit: int = Query(100, ge=1, le=5000, description="profiles at most")) -> Profiles:
+    """The reduced profiles held in memory (the newest frames of the run) from frame
+    ``since_seq`` on, at most ``limit``: intensity and sigma (frames, bins) on the run's radial
+    bins (``unit``), their seq_num and time (s since the epoch); NaN as null."""
     items = [p for p in list(run.profiles) if p[0] >= since_seq][:limit]
     return Profiles(unit=run.unit, radial=_values(run.radial), seq_num=[p[0] for p in items],
                     time=[p[1] for p in items], intensity=[_values(p[2]) for p in items],
                     sigma=[_values(p[3]) for p in items])
 
 
-@router.get("/api/v1/runs/{uid}/latest", response_model=LatestProfile | None)
+@router.get("/api/v1/runs/{uid}/latest", summary="Newest reduced profile and its frame's peaks",
+            response_model=LatestProfile | None)
 def latest(run: Run, ctx: Context) -> LatestProfile | None:
-    """The latest profile (radial, intensity, sigma; NaN as null) and that frame's peak rows;
-    null before the first profile."""
+    """The run's newest reduced profile: its seq_num and time (s since the epoch), the radial
+    bin centres in ``unit`` (e.g. q_nm^-1), intensity and sigma per bin (NaN as null), and that
+    frame's peak rows (columns as /peaks, provisional and final). null before the first profile;
+    404 for a run no longer held in memory. No query parameters; the dashboard gets the same
+    body from /api/v1/events (``profile``)."""
     return latest_profile(ctx.store, run.uid)
 
 
-@router.get("/api/v1/runs/{uid}/extras", response_model=Extras)
+@router.get("/api/v1/runs/{uid}/extras", summary="A modality's extra profiles and scalar series",
+            response_model=Extras)
 def extras(run: Run, ctx: Context) -> Extras:
     """{"profiles": {name: latest {seq_num, radial, unit, intensity, sigma}}, "scalars":
     {name: {seq_num: [...], value: [...]}}, "qmap": {seq_num} or null}; NaN as null."""

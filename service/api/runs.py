@@ -9,13 +9,13 @@ from typing import Literal
 from fastapi import APIRouter, Depends, HTTPException, Query
 
 from ..jsonsafe import jsonable
-from .dependencies import AnyRun, Context, check_api_key
+from .dependencies import AUTH_RESPONSES, RUN_RESPONSES, AnyRun, Context, check_api_key
 from .schemas import RunDetail, RunList
 
-router = APIRouter(dependencies=[Depends(check_api_key)])
+router = APIRouter(dependencies=[Depends(check_api_key)], responses=AUTH_RESPONSES)
 
 
-@router.get("/api/v1/runs", response_model=RunList, response_model_exclude_unset=True)
+@router.get("/api/v1/runs", summary="Run summaries", response_model=RunList, response_model_exclude_unset=True)
 def runs(ctx: Context,
          source: Literal["memory", "catalog"] = Query("memory", description="memory: the runs held (live and "
                                                       "recent, with counts); catalog: every run in Tiled's "
@@ -34,8 +34,12 @@ def runs(ctx: Context,
         raise HTTPException(status_code=503, detail=str(exc)) from exc
 
 
-@router.get("/api/v1/runs/{uid}", response_model=RunDetail, response_model_exclude_unset=True)
+@router.get("/api/v1/runs/{uid}", summary="One run: summary and start document",
+            response_model=RunDetail, response_model_exclude_unset=True,
+            responses=RUN_RESPONSES)
 def run(ref: AnyRun, ctx: Context) -> RunDetail:
+    """One run's summary (counts, status, the inversion's verdict counts) and its start document,
+    from memory or, for a run no longer held, from Tiled; ``uid`` may be a unique prefix."""
     if ref.record is not None:
         return RunDetail(**ref.record.summary(), start=jsonable(ref.record.start))
     from ..publish.archive_reader import ArchiveUnavailable

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from workers.columns import PEAK_COLUMNS, PHASE_COLUMNS
 
@@ -43,6 +43,20 @@ class Health(BaseModel):
                                                               "without Tiled")
 
 
+class InversionSummary(BaseModel):
+    """A run's per-frame inversion at a glance (workers/inversion/quality.py `InversionTally`)."""
+    frames: int = Field(description="frames inverted")
+    model: str | None = Field(None, description="the structural model(s), comma-separated")
+    good: int | None = Field(None, description="frames the model describes within their errors (chi2 p-value >= "
+                                               "inversion.good_p_value)")
+    poor: int | None = Field(None, description="frames with a significant misfit of the order of the noise")
+    bad: int | None = Field(None, description="frames the model cannot describe (reduced chi2 > inversion.bad_chi2)")
+    adequate_fraction: float | None = Field(None, description="fraction of frames not bad")
+    converged_fraction: float | None = None
+    at_bound_fraction: dict[str, float] | None = Field(None, description="per parameter: fraction of frames on a bound")
+    warm_start: dict[str, int] | None = Field(None, description='frames per LM start ("encoder" | "grid")')
+
+
 class RunSummary(BaseModel):
     """One analysis run as the run store holds it (``source`` "memory"), or as Tiled's
     ``scatterflow/<uid>`` has it (``source`` "catalog": what Tiled does not record is null, and a
@@ -69,6 +83,7 @@ class RunSummary(BaseModel):
     modality: str | None = Field(None, description="only for runs analysed with a setup")
     source_run: str | None = Field(None, description="only for one detector of a multi-detector run")
     detector: str | None = Field(None, description="only for one detector of a multi-detector run")
+    inversion: InversionSummary | None = Field(None, description="only for runs with inversion rows (inversion.enabled)")
 
 
 class RunList(BaseModel):
@@ -121,8 +136,12 @@ class PhaseTable(TablePage):
 
 class InversionTable(TablePage):
     columns: dict[str, list[Any]] = Field(
-        description="equal-length lists, one row per frame: seq_num, radius (nm), pd, volfraction, i0, "
-                    "background, each with _err and _encoder, chi2; empty before the first row")
+        description="equal-length lists, one row per frame (workers/inversion/refine.py `inversion_rows`): "
+                    "seq_num, time (s since the epoch), model; per parameter of the model (sphere_hs: radius "
+                    "nm, pd, volfraction, i0, background) <name>, <name>_err (LM standard error; null without "
+                    "refinement and on a bound), <name>_encoder (the LM's start), <name>_at_bound; chi2 "
+                    "(reduced), p_value, fit_quality (good | poor | bad), converged, warm_start (encoder | "
+                    "grid); empty before the first row")
 
 
 class Profiles(BaseModel):
@@ -184,6 +203,47 @@ class LatencySummary(BaseModel):
     p50_s: float | None = Field(description="interpolated within histogram buckets")
     p95_s: float | None
     p99_s: float | None
+
+
+class Status(BaseModel):
+    """``/api/v1/status``: what the service reports (service/server.py `Service.status`); an app
+    built without a service reports what its ``status`` callable returns."""
+    model_config = ConfigDict(extra="allow")
+
+    version: str | None = None
+    uptime_s: float | None = Field(None, description="s since the service started")
+    devices: list[str] | None = Field(None, description="each worker's torch device")
+    workers: int | None = None
+    worker_restarts: int | None = None
+    engine: str | None = Field(None, description='"local" or "ray"')
+    worker_pool: list[dict[str, Any]] | None = Field(None, description="per worker: index, node, device, alive, "
+                                                                       "ready, runs, frames, fps (frames/s)")
+    queues: dict[str, int] | None = Field(None, description="items waiting, by queue")
+    frames_received: float | None = None
+    frames_fitted: float | None = None
+    frames_final: float | None = None
+    frames_failed: float | None = None
+    rejected: float | None = Field(None, description="messages refused at ingest")
+    runs_active: int | None = None
+    tiled_uri: str | None = None
+    ingest_address: str | None = None
+    calibration: dict[str, Any] | None = Field(None, description="the geometry of the last calibrant run, if any")
+
+
+class Session(BaseModel):
+    """The dashboard's session (``/api/v1/session``)."""
+    authenticated: bool = Field(description="requests from this browser carry the API key (its cookie)")
+    key_required: bool = Field(description="the service asks for an API key (false: open, on loopback)")
+
+
+class Login(BaseModel):
+    """``POST /api/v1/session``: the API key, traded for a session cookie."""
+    api_key: SecretStr = Field(description="the service's API key (api.api_key)")
+
+
+class ErrorDetail(BaseModel):
+    """An error answer (4xx, 5xx), in words."""
+    detail: str
 
 
 class MetricsSummary(BaseModel):

@@ -1,11 +1,11 @@
 // scatterflow live dashboard: one EventSource on api/v1/events, uPlot charts (vendored).
 // Trajectories: per peak, centre / FWHM / area against frame or time; provisional fits as dots,
 // final fits as a line with a ±1σ band, change points as red vertical lines.
+// The API key never goes into a URL: when the API answers 401 the page asks for it and trades it
+// for a session cookie (POST api/v1/session), which fetches, the EventSource and images then send.
 "use strict";
 (function () {
   const params = new URLSearchParams(location.search);
-  const apiKey = params.get("api_key");
-  const withKey = (url) => apiKey ? url + (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(apiKey) : url;
   const $ = (id) => document.getElementById(id);
 
   const QUANTITIES = [
@@ -25,6 +25,8 @@
     messages: 0,
     runFailed: null,           // frames failed in the run shown (its summary)
     phases: {chart: null, rows: [], transitions: [], loading: false, last: 0},
+    inversion: newInversion(),
+    loggedIn: false, checking: false,   // session: authenticated; a check in flight
   };
   const PHASE_COLORS = {crystalline: "#1f77b4", transition: "#ff7f0e", amorphous: "#2ca02c"};
   const phaseColor = (name) => PHASE_COLORS[name] || COLORS[(Object.keys(PHASE_COLORS).length +
@@ -223,7 +225,7 @@
       loadFrame();
     };
     next.onerror = () => { f.loading = false; setTimeout(loadFrame, 2000); };
-    next.src = withKey(`api/v1/runs/${encodeURIComponent(uid)}/frame.png?seq=${seq}`);
+    next.src = `api/v1/runs/${encodeURIComponent(uid)}/frame.png?seq=${seq}`;
   }
 
   // q-map of grazing-incidence runs: the panel shows once the run has one
@@ -243,7 +245,7 @@
       loadQmap();
     };
     next.onerror = () => { f.loading = false; setTimeout(loadQmap, 3000); };
-    next.src = withKey(`api/v1/runs/${encodeURIComponent(uid)}/qmap.png?seq=${seq}`);
+    next.src = `api/v1/runs/${encodeURIComponent(uid)}/qmap.png?seq=${seq}`;
   }
 
   // ---------------------------------------------------------------------------- health
@@ -309,6 +311,7 @@
     if (S.phases.chart) S.phases.chart.destroy();
     S.phases = {chart: null, rows: [], transitions: [], loading: false, last: 0};
     $("phase-panel").hidden = true;
+    resetInversion();
   }
 
   // ---------------------------------------------------------------------------- phases
@@ -319,7 +322,7 @@
     if (!S.uid || ph.loading || Date.now() - ph.last < 2000) return;
     ph.loading = true; ph.last = Date.now();
     const uid = S.uid;
-    fetch(withKey(`api/v1/runs/${encodeURIComponent(uid)}/phases?final=true`))
+    fetch(`api/v1/runs/${encodeURIComponent(uid)}/phases?final=true`)
       .then((r) => r.ok ? r.json() : null)
       .then((body) => {
         ph.loading = false;
@@ -374,6 +377,110 @@
     }
   }
 
+  // ------------------------------------------------------------------------- inversion
+  // per-frame structural parameters (runs with inversion.enabled), polled with since=: each
+  // parameter against frame with its ±1σ band, and a strip of each frame's fit verdict behind
+  // its reduced χ². The panel stays hidden while the run has no inversion rows.
+  const VERDICT_COLORS = {good: "#2ca02c", poor: "#f0a500", bad: "#d62728"};
+  const PARAM_UNITS = {radius: "nm", rg: "nm"};
+
+  function newInversion() {
+    return {rows: [], since: 0, names: [], strip: null, charts: new Map(), loading: false, last: 0};
+  }
+
+  function dropInversionCharts() {
+    const inv = S.inversion;
+    if (inv.strip) inv.strip.destroy();
+    for (const [, c] of inv.charts) c.destroy();
+    inv.strip = null; inv.charts = new Map();
+    $("inversion-params").innerHTML = "";
+  }
+
+  function resetInversion() {
+    dropInversionCharts();
+    S.inversion = newInversion();
+    $("inversion-panel").hidden = true;
+  }
+
+  function loadInversion() {
+    const inv = S.inversion;
+    if (!S.uid || inv.loading || Date.now() - inv.last < 2000) return;
+    inv.loading = true; inv.last = Date.now();
+    const uid = S.uid;
+    fetch(`api/v1/runs/${encodeURIComponent(uid)}/inversion?since=${inv.since}`)
+      .then((r) => r.ok ? r.json() : null)
+      .then((body) => {
+        inv.loading = false;
+        if (!body || uid !== S.uid || S.inversion !== inv) return;
+        inv.since = body.next_since;
+        if (!body.columns.seq_num || !body.columns.seq_num.length) return;
+        if (!inv.names.length) {      // the model's parameters: the columns with an _err and an _encoder
+          inv.names = Object.keys(body.columns).filter((c) => (c + "_err") in body.columns && (c + "_encoder") in body.columns);
+        }
+        inv.rows.push(...rowsOf(body.columns));
+        inv.rows.sort((a, b) => a.seq_num - b.seq_num);
+        drawInversion();
+      })
+      .catch(() => { inv.loading = false; });
+  }
+
+  function inversionChart(el, label, height, series, {bands = [], plugins = [], y = {}} = {}) {
+    return new uPlot({
+      width: width(el), height, scales: {x: {time: false}, y}, legend: {show: false},
+      axes: [{label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18},
+             {label, size: 60, labelSize: 18}],
+      series: [{label: "x"}, ...series], bands, plugins,
+    }, [[], ...series.map(() => [])], el);
+  }
+
+  function drawInversion() {
+    const inv = S.inversion, rows = inv.rows;
+    $("inversion-panel").hidden = false;
+    const xs = rows.map((r) => xOf(r.seq_num, r.time));
+    const counts = {good: 0, poor: 0, bad: 0};
+    for (const r of rows) if (r.fit_quality in counts) counts[r.fit_quality]++;
+    const last = rows[rows.length - 1];
+    $("inversion-model").textContent = `model ${last.model} · ${rows.length} frames, last ${last.seq_num}`;
+    $("inversion-counts").innerHTML = Object.entries(counts).map(([k, n]) =>
+      `<span class="verdict"><i style="background:${VERDICT_COLORS[k]}"></i>${k} ${n}</span>`).join(" ");
+    if (!inv.strip) {
+      const strip = {hooks: {drawClear: [(u) => {
+        const ctx = u.ctx, {top, height} = u.bbox, x = u.data[0];
+        for (let i = 0; i < x.length; i++) {
+          const a = u.valToPos(i ? (x[i - 1] + x[i]) / 2 : x[i], "x", true);
+          const b = u.valToPos(i < x.length - 1 ? (x[i] + x[i + 1]) / 2 : x[i], "x", true);
+          ctx.fillStyle = (VERDICT_COLORS[S.inversion.rows[i].fit_quality] || "#888888") + "80";
+          ctx.fillRect(a, top, Math.max(b - a, 1), height);
+        }
+      }]}};
+      inv.strip = inversionChart($("inversion-strip"), "χ²_red", 120,
+        [{label: "chi2", stroke: "#222", width: 1.5, points: {show: true, size: 3}}], {plugins: [strip], y: {distr: 3}});
+    }
+    inv.strip.setData([xs, rows.map((r) => r.chi2 > 0 ? r.chi2 : null)]);
+    for (const name of inv.names) {
+      let chart = inv.charts.get(name);
+      if (!chart) {
+        const div = document.createElement("div");
+        div.className = "chart";
+        div.dataset.param = name;
+        $("inversion-params").appendChild(div);
+        const color = COLORS[inv.charts.size % COLORS.length];
+        chart = inversionChart(div, PARAM_UNITS[name] ? `${name} (${PARAM_UNITS[name]})` : name, 150,
+          [{label: name, stroke: color, width: 1.5, points: {show: false}},
+           {label: "-σ", stroke: "transparent", points: {show: false}},
+           {label: "+σ", stroke: "transparent", points: {show: false}}],
+          {bands: [{series: [3, 2], fill: color + "33"}]});
+        inv.charts.set(name, chart);
+        new ResizeObserver(() => {
+          if (chart.width !== width(div)) chart.setSize({width: width(div), height: chart.height});
+        }).observe(div);
+      }
+      const v = rows.map((r) => r[name]), e = rows.map((r) => r[name + "_err"]);
+      const ok = (i) => v[i] !== null && e[i] !== null && Number.isFinite(e[i]);
+      chart.setData([xs, v, v.map((x, i) => ok(i) ? x - e[i] : null), v.map((x, i) => ok(i) ? x + e[i] : null)]);
+    }
+  }
+
   function drawRuns(runs) {
     const sel = $("run-select"), keep = S.wanted;
     sel.innerHTML = '<option value="latest">latest (follow)</option>';
@@ -396,20 +503,70 @@
   // ----------------------------------------------------------------------- the stream
   function connect() {
     if (S.es) S.es.close();
-    const url = withKey(`api/v1/events?run=${encodeURIComponent(S.wanted)}`);
-    const es = new EventSource(url);
+    const es = new EventSource(`api/v1/events?run=${encodeURIComponent(S.wanted)}`);
     S.es = es;
     const on = (name, fn) => es.addEventListener(name, (ev) => { S.messages++; fn(JSON.parse(ev.data)); });
     es.onopen = () => { S.connected = true; $("conn").textContent = "live"; $("conn").className = "badge on"; };
-    es.onerror = () => { S.connected = false; $("conn").textContent = "reconnecting"; $("conn").className = "badge off"; };
+    es.onerror = () => {          // also when the session ended (401): checkSession shows the form
+      S.connected = false; $("conn").textContent = "reconnecting"; $("conn").className = "badge off";
+      checkSession();
+    };
     on("runs", (m) => drawRuns(m.runs));
     on("run", (m) => { if (m.reset || m.uid !== S.uid) resetRun(m.uid, m.start); });
     on("peaks", (m) => { if (m.uid === S.uid) addPeakRows(m.columns); });
     on("profile", (m) => { if (m.uid === S.uid) { drawProfile(m); } });
     on("frame", (m) => { if (m.uid === S.uid) { S.frame.seq = m.seq_num; loadFrame(); } });
     on("qmap", (m) => { if (m.uid === S.uid) { S.qmap.seq = m.seq_num; loadQmap(); } });
-    on("status", (m) => { drawHealth(m); loadPhases(); });
+    on("status", (m) => { drawHealth(m); loadPhases(); loadInversion(); });
   }
+
+  // ---------------------------------------------------------------------- the session
+  // GET api/v1/session answers 401 when the service wants its API key and this browser has no
+  // session cookie: then the key form shows, and its key is POSTed to api/v1/session. Once
+  // authenticated, (re)connects the stream unless it is open or reconnecting by itself.
+  function checkSession() {
+    if (S.checking) return;
+    S.checking = true;
+    fetch("api/v1/session")
+      .then((r) => {
+        if (r.status === 401) { showLogin(S.loggedIn ? "session ended: the API key is needed again" : ""); return; }
+        if (!r.ok) throw new Error(`HTTP ${r.status}`);
+        return r.json().then((s) => {
+          S.loggedIn = true;
+          $("login-panel").hidden = true;
+          $("logout").hidden = !s.key_required;
+          if (!S.es || S.es.readyState === EventSource.CLOSED) connect();
+        });
+      })
+      .catch(() => setTimeout(checkSession, 2000))          // service not (yet) reachable
+      .finally(() => { S.checking = false; });
+  }
+
+  function showLogin(message) {
+    if (S.es) { S.es.close(); S.es = null; }
+    S.loggedIn = false; S.connected = false;
+    $("conn").textContent = "API key needed"; $("conn").className = "badge off";
+    $("logout").hidden = true;
+    $("login-error").textContent = message;
+    $("login-panel").hidden = false;
+    $("login-key").focus();
+  }
+
+  $("login-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    fetch("api/v1/session", {method: "POST", headers: {"Content-Type": "application/json"},
+                             body: JSON.stringify({api_key: $("login-key").value})})
+      .then((r) => {
+        if (!r.ok) { showLogin(r.status === 401 ? "wrong API key" : `log-in failed (HTTP ${r.status})`); return; }
+        $("login-key").value = "";
+        checkSession();
+      })
+      .catch(() => showLogin("the service does not answer"));
+  });
+  $("logout").addEventListener("click", () => {
+    fetch("api/v1/session", {method: "DELETE"}).finally(() => showLogin(""));
+  });
+
 
   $("run-select").addEventListener("change", (ev) => {
     S.wanted = ev.target.value;
@@ -422,6 +579,8 @@
     S.cards = new Map();
     $("trajectories").innerHTML = "";
     S.dirty = true;
+    dropInversionCharts();
+    if (S.inversion.rows.length) drawInversion();
   });
   window.addEventListener("resize", () => {
     for (const [, entry] of S.cards) entry.charts.forEach((c) => c.setSize({width: width(c.root.parentNode), height: c.height}));
@@ -449,8 +608,10 @@
               profileSeq: S.profile ? S.profile.seq_num : null,
               profileBins: S.profileChart ? S.profileChart.data[0].length : 0,
               frameShown: S.frame.shown, qmapShown: S.qmap.shown, connected: S.connected, messages: S.messages,
-              phaseRows: S.phases.rows.length, transitions: S.phases.transitions.length, runFailed: S.runFailed};
+              phaseRows: S.phases.rows.length, transitions: S.phases.transitions.length, runFailed: S.runFailed,
+              inversionRows: S.inversion.rows.length, inversionParams: S.inversion.names.length,
+              loggedIn: S.loggedIn};
     },
   };
-  connect();
+  checkSession();
 })();
