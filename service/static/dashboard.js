@@ -38,6 +38,12 @@
   const ms = (s) => (s === null || s === undefined) ? "–" : (1000 * s).toFixed(0) + " ms";
   const sum = (o) => Object.values(o || {}).reduce((a, b) => a + b, 0);
   const width = (el) => Math.max(260, (el.clientWidth || 400) - 4);
+  // the x axis of every chart: frames are whole numbers (no tick at 2.5), times are seconds
+  const FRAME_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
+  const xAxis = (labelled = true) => ({
+    ...(S.xmode === "time" ? {} : {incrs: FRAME_INCRS}),
+    ...(labelled ? {label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18} : {}),
+  });
 
   function rowsOf(cols) {
     const n = cols.seq_num.length, out = [];
@@ -90,7 +96,7 @@
         scales: {x: {time: false}},
         legend: {show: false},
         cursor: {drag: {x: true, y: false}},
-        axes: [last ? {label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18} : {},
+        axes: [xAxis(last),
                {label, size: 60, labelSize: 18}],
         series: [
           {label: "x"},
@@ -298,7 +304,7 @@
     S.peaks = new Map();
     for (const [, entry] of S.cards) entry.charts.forEach((c) => c.destroy());
     S.cards = new Map();
-    $("trajectories").innerHTML = '<p class="muted" id="no-peaks">no fitted frames yet</p>';
+    $("trajectories").innerHTML = '<p class="muted" id="no-peaks">no fitted frames yet (none come when the run\'s fit has no peaks: fit.peaks [])</p>';
     S.profile = null;
     if (S.profileChart) { S.profileChart.destroy(); S.profileChart = null; }
     $("profile-seq").textContent = "";
@@ -357,7 +363,7 @@
     const el = $("phase-chart");
     ph.chart = new uPlot({
       width: width(el), height: 170, scales: {x: {time: false}}, legend: {show: false},
-      axes: [{label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18},
+      axes: [xAxis(),
              {label: "crystallinity", size: 60, labelSize: 18}],
       series: [{label: "x"}, {label: "crystallinity", stroke: "#222", width: 1.5, points: {show: false}},
                {label: "-σ", stroke: "transparent", points: {show: false}},
@@ -427,7 +433,7 @@
   function inversionChart(el, label, height, series, {bands = [], plugins = [], y = {}} = {}) {
     return new uPlot({
       width: width(el), height, scales: {x: {time: false}, y}, legend: {show: false},
-      axes: [{label: S.xmode === "time" ? "time since run start (s)" : "frame (seq_num)", labelSize: 18},
+      axes: [xAxis(),
              {label, size: 60, labelSize: 18}],
       series: [{label: "x"}, ...series], bands, plugins,
     }, [[], ...series.map(() => [])], el);
