@@ -124,7 +124,9 @@ def _descendants(root: int) -> set[int]:
 
 def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.0, mode: str = "inline",
               workers: int = 1, baseline: bool = True, pool_size: int = 16, workdir: str | None = None,
-              warmup: int = 8, progress=None, engine: str = "local") -> BenchResult:
+              warmup: int = 8, progress=None, engine: str = "local", tiled: bool = True) -> BenchResult:
+    """One measured run (after a warm-up run) through the real service; ``tiled=False`` runs the
+    service without its Tiled archive (for a machine without tiled, e.g. the GPU check)."""
     from ..commands.loopback import free_port
     from ..commands.waiting import wait_finished
     from ..config import load_settings
@@ -152,14 +154,17 @@ def run_bench(*, detector: str = "Eiger1M", frames: int = 300, rate: float = 50.
         with h5py.File(h5_path, "w") as f:
             f.create_dataset("/entry/data/data", data=pool, chunks=(1, *pool.shape[1:]))
     in_port, out_port = free_port(), free_port()
-    proxy = subprocess.Popen([str(Path(sys.executable).parent / "bluesky-0MQ-proxy"), str(in_port), str(out_port)],
+    # bluesky's `bluesky-0MQ-proxy` command, run through this interpreter: its script need not lie
+    # beside it (bluesky installed with `pip install --target`, as on the GPU check's machine)
+    proxy_main = "import sys; from bluesky.commandline.zmq_proxy import main; sys.exit(main())"
+    proxy = subprocess.Popen([sys.executable, "-c", proxy_main, str(in_port), str(out_port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, **reuse_environment()})
     settings = load_settings(None, **{
         "ingest": {"address": f"tcp://127.0.0.1:{out_port}", "allowed_roots": [str(work)]},
         "geometry": {"mask": str(work / "mask.npy")},
         "workers": {"count": workers, "engine": engine, "ray_address": "local", "ray_object_store_mb": 2000},
-        "tiled": {"directory": str(work / "tiled")},
+        "tiled": {"directory": str(work / "tiled"), "enabled": tiled},
         "api": {"port": free_port()},
         "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
     })

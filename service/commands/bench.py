@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=8, help="frames of an unmeasured run first (matrix build, first calls)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the pyFAI + lmfit baseline (it needs lmfit: pip install 'scatterflow[bench]')")
+    p.add_argument("--no-tiled", action="store_true",
+                   help="run the service without its Tiled archive (where tiled is not installed)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     p.add_argument("--workdir", default=None)
     p.set_defaults(func=run)
 
@@ -48,7 +51,9 @@ def run(args) -> int:
 
         r = run_bench(detector=args.detector, frames=args.frames, rate=args.rate, mode=args.mode,
                       workers=args.workers, baseline=not args.no_baseline, workdir=args.workdir,
-                      warmup=args.warmup, progress=update, engine=args.engine)
+                      warmup=args.warmup, progress=update, engine=args.engine, tiled=not args.no_tiled)
+    if args.json:
+        write_json(r, args.json)
     table = Table(title=f"scatterflow bench: {r.detector} ({r.pixels / 1e6:.2f} Mpx), frames {r.mode}, "
                         f"{r.engine} engine")
     table.add_column("figure")
@@ -83,3 +88,23 @@ def run(args) -> int:
         table.add_row(k, v)
     console.print(table)
     return 0
+
+
+def write_json(r, path) -> None:
+    """The run's figures as JSON (for scripts: benchmarks/gpu_check.sh): every BenchResult field,
+    plus frames/s and Gpixel/s; NaN (no latency measured) is written as null."""
+    import dataclasses
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return float(v) if hasattr(v, "dtype") else v     # numpy scalars
+    out = dataclasses.asdict(r) | {"fps": r.fps, "gpixel_per_s": r.fps * r.pixels / 1e9}
+    with open(path, "w") as f:
+        json.dump(clean(out), f, indent=1)
