@@ -33,7 +33,8 @@ Decoupling approximation (BornAgain, PHYSICS.md): I = <|F|^2> + |<F>|^2 (S(q_par
 
 Model: I(pixel) = i0 * Omega(pixel) * I_DA / I_DA-norm + background, where I_DA-norm = <|F(0)|^2>
 (so i0 is the forward intensity of the form factor). Parameters: SPHERE_PARACRYSTAL_PARAMS.
-DWBA is not implemented (the substrate is treated as vacuum, i.e. Born approximation).
+These are the Born approximation (substrate as vacuum); particles on a real substrate (or film)
+in the DWBA: ``workers.inversion.dwba``.
 """
 from __future__ import annotations
 
@@ -123,16 +124,24 @@ class DetectorGrid:
     def shape(self) -> tuple[int, int]:
         return len(self.v), len(self.u)
 
+    def _uvn(self):
+        v, u = torch.meshgrid(torch.tensor(self.v, dtype=torch.float64), torch.tensor(self.u, dtype=torch.float64),
+                              indexing="ij")
+        return u, v, torch.sqrt(1.0 + u * u + v * v)
+
     def q(self, dtype=torch.float64, device=None):
         """q_par, q_z, solid-angle factor, each (H, W); q in 1/nm."""
         k = 2.0 * math.pi / self.wavelength
-        v, u = torch.meshgrid(torch.tensor(self.v, dtype=torch.float64), torch.tensor(self.u, dtype=torch.float64),
-                              indexing="ij")
-        n = torch.sqrt(1.0 + u * u + v * v)
+        u, v, n = self._uvn()
         qx = k / n - k * math.cos(self.alpha_i)
         qy, qz = k * u / n, k * v / n + k * math.sin(self.alpha_i)
         out = (torch.sqrt(qx * qx + qy * qy), qz, n ** -3)
         return tuple(t.to(dtype=dtype, device=device) for t in out)
+
+    def alpha_f(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        """Exit angle per pixel (H, W), rad: sin alpha_f = v / sqrt(1 + u^2 + v^2) (k_f,z / k)."""
+        _, v, n = self._uvn()
+        return torch.asin(v / n).to(dtype=dtype, device=device)
 
 
 def _nodes(radius: torch.Tensor, pd: torch.Tensor):

@@ -1,5 +1,5 @@
-"""The SAXS models the inversion offers, and the run's inversion spec (no torch here: the
-configuration reads the names and default bounds).
+"""The SAXS models the inversion offers, the run's inversion spec, and the GISAXS ``Substrate``
+(no torch here: the configuration reads the names and default bounds).
 
 Every model is I(q) = sum_k a_k g_k(q; shape) + background, with non-negative linear amplitudes
 a_k (``amplitudes``) and nonlinear ``shape`` parameters in [lo, hi] (``log``: searched on a log
@@ -93,3 +93,20 @@ class SaxsInversionSpec(InversionSpec):
         if not 0 < self.good_p_value < 1 or not self.bad_chi2 > 1:
             raise ValueError(f"inversion needs 0 < good_p_value < 1 and bad_chi2 > 1, got "
                              f"{self.good_p_value!r}, {self.bad_chi2!r}")
+
+
+@dataclass(frozen=True)
+class Substrate:
+    """What GISAXS particles sit on (``workers.inversion.dwba``): a substrate of refractive index
+    n = 1 - delta + i beta under vacuum; film_thickness (nm) > 0 adds one film of index
+    1 - film_delta + i film_beta on it. All values finite and >= 0."""
+    delta: float
+    beta: float
+    film_delta: float = 0.0
+    film_beta: float = 0.0
+    film_thickness: float = 0.0
+
+    def __post_init__(self):
+        vals = (self.delta, self.beta, self.film_delta, self.film_beta, self.film_thickness)
+        if not all(math.isfinite(v) and v >= 0 for v in vals):
+            raise ValueError(f"Substrate: delta, beta and the film's values must be finite and >= 0, got {vals}")
