@@ -3,12 +3,17 @@
 The five PONI parameters ``dist, poni1, poni2, rot1, rot2`` (m, rad; ``rot3`` fixed at 0, it
 cannot be refined from powder rings) are found in four steps, all on the unmasked pixels:
 
-1. **Beam centre** (unless a guess is given): a gradient Hough vote (ring-flank gradients are
-   radial, each votes along its line), then a local grid search maximising the sharpness of
-   the radial profile (between-bin variance of the high-passed log image).
-2. **Distance**: the radial profile around the centre (bins of half a pixel) is scored against
-   the calibrant's ring radii ``ρ_k = D tan 2θ_k`` for ``D`` within ±15 % of the guess
-   (``2θ_k = 2 asin(λ / 2 d_k)``, Bragg's law); the best ``D`` wins.
+1. **Beam centre and tilt** (first order): unless a guess is given, a gradient Hough vote
+   (ring-flank gradients are radial, each votes along its line); then the direct-beam centre
+   and the tilt slopes ``u = tilt / D`` that make the radial profile sharpest in the
+   tilt-corrected radius ``ρ' = |Δ| / (1 + u·Δ)``, in which the rings are circles of radius
+   ``D tan 2θ_k`` (:func:`center_tilt_sharpness`).
+2. **Distance**, searched globally: the profile in ``ρ'`` (bins of half a pixel) is
+   cross-correlated with the comb of the calibrant's ring radii ``ρ_k = D tan 2θ_k``
+   (``2θ_k = 2 asin(λ / 2 d_k)``, Bragg's law) for every ``D`` from 0.5 to 2 times the guess,
+   evenly in log D; the best normalised correlation wins (:func:`search_distance`). With the
+   centre and tilts of step 1 this is the start geometry; a guess 25 % off is as good as an
+   exact one.
 3. **Control points**: in the current geometry every ring is cut into azimuthal sectors (about
    12 px of arc each); in each sector the pixels within a window around the ring's expected 2θ
    are binned by ``u = (2θ − 2θ_k) / a_k`` (``a_k`` = rad per radial pixel) and a Gaussian plus a
@@ -38,8 +43,8 @@ from .geometry import Geometry, pixel_positions, rotation_matrix, tth_chi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationResult", "calibrate", "calibrant_tth", "beam_center_hough", "refine_center_sharpness",
-           "refine_geometry", "pixel_to_position", "position_to_pixel"]
+__all__ = ["CalibrationResult", "calibrate", "calibrant_tth", "beam_center_hough", "center_tilt_sharpness",
+           "search_distance", "refine_geometry", "pixel_to_position", "position_to_pixel"]
 
 
 @dataclass
@@ -172,14 +177,21 @@ def beam_center_hough(frame: np.ndarray, valid: np.ndarray, n_edges: int = 4000)
     return b * cb0 + 0.5 * (b - 1), b * cb1 + 0.5 * (b - 1)
 
 
-def refine_center_sharpness(frame: np.ndarray, valid: np.ndarray, guess: tuple[float, float],
-                            radius: float = 12.0) -> tuple[float, float]:
-    """Beam centre (row, col) near ``guess`` maximising the sharpness of the radial profile.
+def center_tilt_sharpness(frame: np.ndarray, valid: np.ndarray, guess: tuple[float, float],
+                          radius: float = 12.0) -> tuple[float, float, float, float]:
+    """Direct-beam centre (row, col) px and tilt slopes (u_row, u_col) 1/px near ``guess``.
 
-    Sharpness = between-ring-bin variance Σ_b n_b P_b² of the high-passed log image f around
-    the candidate (P_b: mean f in radial bin b, one binned pixel wide); grid searches of
-    ±radius px then ±2 steps of the coarse step, on the image binned to at most 384 px a side.
+    A detector tilted by small angles puts the pixel Δ = (Δrow, Δcol) px from the direct beam at
+    D (1 + u·Δ) along the beam (u = tilt / D), so that ring k lies at ρ' = |Δ| / (1 + u·Δ) =
+    D tan 2θ_k: circles around the direct beam in ρ', to first order in the tilt. The four
+    parameters maximise the sharpness of the profile in ρ': the between-bin variance
+    Σ_b n_b P_b² of the high-passed log image (P_b: its mean in bin b of ρ', one binned pixel
+    wide), on the image binned to at most 384 px a side. A grid search over the centre
+    (±radius px, u = 0), then Nelder-Mead over centre and u together (they are correlated: an
+    untilted fit moves the centre towards the outer rings' ellipse centres).
     """
+    from scipy.optimize import minimize
+
     b = max(1, math.ceil(max(frame.shape) / 384))
     valid_b = _bin2(valid.astype(np.float64), b)
     ok = valid_b >= 0.5 * b * b
@@ -190,49 +202,96 @@ def refine_center_sharpness(frame: np.ndarray, valid: np.ndarray, guess: tuple[f
     r = r * b + 0.5 * (b - 1)
     c = c * b + 0.5 * (b - 1)
 
-    def score(c0, c1):
-        idx = (np.hypot(r - c0, c - c1) / b).astype(np.int64)
+    def score(p):
+        dr, dc = r - p[0], c - p[1]
+        scale = 1.0 + p[2] * dr + p[3] * dc
+        if scale.min() < 0.5:                               # no physical tilt does that
+            return -math.inf
+        idx = (np.hypot(dr, dc) / scale / b).astype(np.int64)
         n = np.bincount(idx)
         s = np.bincount(idx, weights=fv, minlength=n.size)
         return float((s * s / np.maximum(n, 1)).sum())
 
-    best = (float(guess[0]), float(guess[1]))
-    for step, half in ((max(1.0, radius / 6), radius), (None, None)):
-        step = step if step is not None else max(0.25, prev_step / 4)
-        half = half if half is not None else 2 * prev_step
-        grid = np.arange(-half, half + 1e-9, step)
-        vals = [(score(best[0] + d0, best[1] + d1), best[0] + d0, best[1] + d1)
-                for d0 in grid for d1 in grid]
-        _, b0, b1 = max(vals)
-        best, prev_step = (b0, b1), step
-    return best
+    grid = np.arange(-radius, radius + 1e-9, max(1.0, radius / 6))
+    _, r0, c0 = max((score((guess[0] + d0, guess[1] + d1, 0.0, 0.0)), guess[0] + d0, guess[1] + d1)
+                    for d0 in grid for d1 in grid)
+    rmax = float(np.hypot(r - r0, c - c0).max())
+    unit = np.array([1.0, 1.0, 1.0 / rmax, 1.0 / rmax])      # u in units of 1/rmax
+    start = np.array([r0, c0, 0.0, 0.0])
+    simplex = np.vstack([np.zeros(4), np.diag([3.0, 3.0, 0.02, 0.02])])
+    res = minimize(lambda x: -score(start + x * unit), np.zeros(4), method="Nelder-Mead",
+                   options=dict(initial_simplex=simplex, xatol=0.05, fatol=1e-9, maxfev=600))
+    p = start + res.x * unit
+    return float(p[0]), float(p[1]), float(p[2]), float(p[3])
 
 
-def _coarse_distance(intensity: np.ndarray, rho: np.ndarray, tth: np.ndarray, guess: float,
-                     pixel: float, span: float = 0.15) -> float:
-    """Distance (m) maximising Σ_k P(D tan 2θ_k), P the high-passed radial profile (ρ in m)."""
+def _radial_profile(intensity: np.ndarray, rho: np.ndarray, pixel: float):
+    """High-passed log radial profile: (bin centres (B,) m, profile z (B,), bins with data (B,)).
+
+    intensity: (P,) counts; rho: (P,) their radius (m, from the direct beam, tilt-corrected);
+    pixel: m. Bins of half a pixel in ρ; per bin b the mean of log1p(counts) over its n_b
+    pixels, minus its 20 px running median, times sqrt(n_b) (noise of a mean falls as
+    1/sqrt(n)), in units of 1.4826 x its median absolute value (noise σ) and clipped to [-3, 6]:
+    a ring counts by where it is, not by how bright it is, so that one strong ring cannot
+    outweigh several weak ones in :func:`search_distance`.
+    """
     from scipy.ndimage import median_filter
 
     bw = 0.5 * pixel
     nb = int(rho.max() / bw) + 2
     idx = (rho / bw).astype(np.int64)
     cnt = np.bincount(idx, minlength=nb)
-    prof = np.bincount(idx, weights=np.log1p(np.clip(intensity, 0, None)), minlength=nb)
     good = cnt >= 3
-    prof = np.where(good, prof / np.maximum(cnt, 1), np.nan)
-    filled = np.interp(np.arange(nb), np.flatnonzero(good), prof[good]) if good.any() else prof
-    hp = filled - median_filter(filled, size=41, mode="nearest")
-    scale = np.median(np.abs(hp[good])) + 1e-12
-    hp = np.where(good, np.clip(hp / scale, -3, None), 0.0)
-    centres = (np.arange(nb) + 0.5) * bw
-    rho_max = centres[good].max()
-    tt = tth[np.isfinite(tth)]
-    step = 0.25 * bw / rho_max
-    cand = guess * np.arange(1 - span, 1 + span + step, step)
-    radii = cand[:, None] * np.tan(tt[None, :])
-    inside = (radii < rho_max) & (tt[None, :] < 0.5 * np.pi)
-    score = np.where(inside, np.interp(radii, centres, hp, left=0, right=0), 0.0).sum(axis=1)
-    return float(cand[np.argmax(score)])
+    if good.sum() < 50:
+        raise ValueError(f"only {int(good.sum())} radial bins (half a pixel wide) hold data around "
+                         "the beam centre; no radial profile to find rings in")
+    mean = np.bincount(idx, weights=np.log1p(np.clip(intensity, 0, None)), minlength=nb) / np.maximum(cnt, 1)
+    filled = np.interp(np.arange(nb), np.flatnonzero(good), mean[good])
+    hp = (filled - median_filter(filled, size=41, mode="nearest")) * np.sqrt(cnt)
+    sigma = 1.4826 * np.median(np.abs(hp[good])) + 1e-12
+    z = np.where(good, np.clip(hp / sigma, -3.0, 6.0), 0.0)
+    return (np.arange(nb) + 0.5) * bw, z, good
+
+
+def search_distance(intensity: np.ndarray, rho: np.ndarray, tth: np.ndarray, guess: float,
+                    pixel: float, span: tuple[float, float] = (0.5, 2.0)) -> float:
+    """Sample-detector distance (m) from the radial profile, searched globally over a range.
+
+    intensity: (P,) counts of the valid pixels; rho: (P,) their distance from the direct beam on
+    the detector (m; tilt-corrected, see :func:`center_tilt_sharpness`); tth: calibrant 2θ (rad,
+    NaN where unreachable); guess: m; pixel: m; span: the distances tried, as factors of ``guess``.
+
+    Rings lie at ρ_k = D tan 2θ_k, so the trial distances D are spaced evenly in log D (steps that
+    move the outermost ring by 1/8 px) and each is scored by the normalised cross-correlation of
+    the profile z (:func:`_radial_profile`) with the comb of its predicted rings,
+    S(D) = Σ_k z(D tan 2θ_k) / sqrt(n(D)), over the n(D) rings that fall where the profile has
+    data; the best D wins. Dividing by sqrt(n) ranks the aliases below the truth: D/2 puts twice
+    the rings on the detector, half of them on nothing; 2D explains only every other observed
+    ring. One ring scores at most 6 (z is clipped there), so S < 6.5 means no two rings match:
+    ValueError.
+    """
+    centres, z, good = _radial_profile(intensity, rho, pixel)
+    bw = centres[1] - centres[0]
+    r_lo, r_hi = centres[good][0], centres[good][-1]
+    d_lo, d_hi = guess * span[0], guess * span[1]
+    tan = np.tan(tth[np.isfinite(tth) & (tth < 0.5 * np.pi)])
+    tan = tan[(d_hi * tan > r_lo) & (d_lo * tan < r_hi)]
+    if tan.size < 2:
+        raise ValueError(f"fewer than two calibrant rings can fall on the detector for distances "
+                         f"{d_lo:.4g}..{d_hi:.4g} m")
+    cand = np.exp(np.arange(math.log(d_lo), math.log(d_hi), 0.25 * bw / r_hi))
+    score = np.empty(cand.size)
+    for i in range(0, cand.size, 2048):                     # bounded memory: 2048 x rings
+        radii = cand[i:i + 2048, None] * tan[None, :]
+        inside = good[np.clip((radii / bw).astype(np.int64), 0, good.size - 1)] & (radii < r_hi)
+        hit = np.where(inside, np.interp(radii, centres, z), 0.0).sum(axis=1)
+        score[i:i + 2048] = hit / np.sqrt(np.maximum(inside.sum(axis=1), 1))
+    best = int(np.argmax(score))
+    if score[best] < 6.5:
+        raise ValueError(f"no calibrant rings found: for no distance in {d_lo:.4g}..{d_hi:.4g} m do two "
+                         f"or more of the calibrant's rings fall on peaks of the radial profile "
+                         f"(best match score {score[best]:.1f}, needs 6.5)")
+    return float(cand[best])
 
 
 # =========================================================================================
@@ -505,25 +564,43 @@ def _ring_plan(params: np.ndarray, tth_all: np.ndarray, pixel: float, tth_lo: fl
                   np.full(len(order), sigma_px), sectors[order])
 
 
+def _start_params(dist: float, centre: tuple[float, float], slope: tuple[float, float], device) -> torch.Tensor:
+    """(6,) PONI parameters: direct beam at ``centre`` (m), tilts from the slopes of
+    :func:`center_tilt_sharpness` (1/m), rot3 = 0. To first order in pyFAI's rotations, a pixel
+    Δ (m) from the PONI lies at dist + rot2 Δ1 − rot1 Δ2 along the beam: rot2 = u1 dist,
+    rot1 = −u2 dist; the PONI is the direct beam minus the beam's offset from it (:func:`_invert`)."""
+    p = torch.tensor([dist, 0.0, 0.0, -slope[1] * dist, slope[0] * dist, 0.0], dtype=torch.float64,
+                     device=device)
+    zero = torch.zeros(1, dtype=torch.float64, device=device)
+    q1, q2 = _invert(p, zero, zero)
+    p[1], p[2] = centre[0] - q1[0], centre[1] - q2[0]
+    return p
+
+
 def calibrate(frame: np.ndarray, *, detector: str, calibrant: str, wavelength: float,
               distance_guess: float, mask: np.ndarray | None = None,
               beam_center_guess: tuple[float, float] | None = None, device="cpu",
-              max_iterations: int = 12) -> CalibrationResult:
+              max_iterations: int = 12, distance_span: tuple[float, float] = (0.5, 2.0)) -> CalibrationResult:
     """Calibrate the PONI geometry from one calibrant frame.
 
     frame: (rows, cols) raw counts; negative / non-finite pixels count as masked. detector:
     pyFAI detector name; calibrant: pyFAI calibrant name (``pyFAI.calibrant.CALIBRANT_FACTORY``);
-    wavelength: m; distance_guess: sample-detector distance in m (within about 10 %);
-    mask: bool (rows, cols), True = masked (added to the detector's gap mask);
-    beam_center_guess: (row, col) array-index units (pixel (i, j) centred at (i, j)), None to
-    find it from the frame (Hough vote + profile sharpness; the beam should hit the
-    detector or fall near it). Returns a :class:`CalibrationResult` (rot3 = 0).
+    wavelength: m; distance_guess: sample-detector distance in m; the distance is searched from
+    ``distance_span[0]`` to ``distance_span[1]`` times it (default 0.5-2: guesses from 50 % short
+    to 100 % long are captured); mask: bool (rows, cols), True = masked (added to the detector's
+    gap mask); beam_center_guess: (row, col) array-index units (pixel (i, j) centred at (i, j)),
+    within about 10 px, or None to find it from the frame (Hough vote; the beam should hit the
+    detector or fall near it). At least two rings must be visible: with one, the distance is
+    ambiguous. Returns a :class:`CalibrationResult` (rot3 = 0).
     """
     t0 = time.perf_counter()
     if not (isinstance(wavelength, (int, float)) and 1e-12 < wavelength < 1e-8):
         raise ValueError(f"wavelength must be in m (1e-12..1e-8), got {wavelength!r}")
     if not (isinstance(distance_guess, (int, float)) and 1e-3 < distance_guess < 100):
         raise ValueError(f"distance_guess must be in m (0.001..100), got {distance_guess!r}")
+    lo, hi = distance_span
+    if not 0 < lo < 1 < hi:
+        raise ValueError(f"distance_span must be factors (lo, hi), 0 < lo < 1 < hi, got {distance_span!r}")
     if max_iterations < 2:
         raise ValueError(f"max_iterations must be >= 2, got {max_iterations!r}")
     frame = np.asarray(frame)
@@ -549,25 +626,27 @@ def calibrate(frame: np.ndarray, *, detector: str, calibrant: str, wavelength: f
     a1, b1, a2, b2 = _affine(geo0)
     pixel = math.sqrt(abs(a1 * a2))
 
-    # 1. beam centre
+    # 1. direct-beam centre and tilt slopes
     if beam_center_guess is None:
         beam_center_guess = beam_center_hough(data, valid)
-    beam_center_guess = refine_center_sharpness(data, valid, beam_center_guess)
-    c1 = a1 * float(beam_center_guess[0]) + b1
-    c2 = a2 * float(beam_center_guess[1]) + b2
+    row0, col0, u_row, u_col = center_tilt_sharpness(data, valid, beam_center_guess)
+    centre = (a1 * row0 + b1, a2 * col0 + b2)               # m
+    slope = (u_row / a1, u_col / a2)                          # 1/m
     r_idx, c_idx = np.nonzero(valid)
     p1 = a1 * r_idx + b1
     p2 = a2 * c_idx + b2
     vals = data[r_idx, c_idx]
-    # 2. distance
-    rho = np.hypot(p1 - c1, p2 - c2)
-    dist = _coarse_distance(vals, rho, tth_all, float(distance_guess), pixel)
-
     dev = torch.device(device)
     pos1 = torch.as_tensor(p1, dtype=torch.float64, device=dev)
     pos2 = torch.as_tensor(p2, dtype=torch.float64, device=dev)
     inten = torch.as_tensor(vals, dtype=torch.float64, device=dev)
-    params = torch.tensor([dist, c1, c2, 0.0, 0.0, 0.0], dtype=torch.float64, device=dev)
+    # 2. distance from the tilt-corrected radial profile
+    d1, d2 = p1 - centre[0], p2 - centre[1]
+    rho = np.hypot(d1, d2) / (1.0 + slope[0] * d1 + slope[1] * d2)
+    dist = search_distance(vals, rho, tth_all, float(distance_guess), pixel, span=(lo, hi))
+    params = _start_params(dist, centre, slope, dev)
+    logger.debug("direct beam (%.2f, %.2f) px, tilt slopes (%.4f, %.4f) 1/m, distance %.5f m",
+                 row0, col0, slope[0], slope[1], dist)
 
     # 3-4. extract and refine, growing the ring set
     used_max = 0.0
@@ -592,7 +671,10 @@ def calibrate(frame: np.ndarray, *, detector: str, calibrant: str, wavelength: f
             raise ValueError("no isolated calibrant ring found on the detector")
         q1, q2, ring, sig = _extract(params, tth_px, chi_px, inten, rings)
         if q1.size < 8:
-            raise ValueError(f"ring finding failed: only {q1.size} control points found")
+            raise ValueError(f"ring finding failed: only {q1.size} control points found on {calibrant} "
+                             f"rings {rings.index.tolist()} in cycle {it}, at distance {float(params[0]):.5g} m "
+                             f"(searched {lo * distance_guess:.4g}..{hi * distance_guess:.4g} m) and beam "
+                             f"centre ({row0:.1f}, {col0:.1f}) px")
         target = torch.as_tensor(tth_all[ring], dtype=torch.float64, device=dev)
         qq1 = torch.as_tensor(q1, dtype=torch.float64, device=dev)
         qq2 = torch.as_tensor(q2, dtype=torch.float64, device=dev)

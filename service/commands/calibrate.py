@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--detector", required=True, help="pyFAI detector name (Pilatus1M, Eiger2_4M, ...)")
     p.add_argument("--wavelength", type=float, required=True, metavar="M", help="wavelength in m")
     p.add_argument("--distance-guess", type=float, required=True, metavar="M",
-                   help="sample-detector distance guess in m (within about 10 %%)")
+                   help="sample-detector distance guess in m (searched from 0.5 to 2 times it)")
     p.add_argument("--mask", default=None, help="mask image (nonzero = masked), added to the detector mask")
     p.add_argument("--beam-center", type=float, nargs=2, default=None, metavar=("ROW", "COL"),
                    help="beam-centre guess in pixels (array indices); default: found from the frame")
