@@ -101,6 +101,7 @@ def main() -> None:
     per_frame = cpu_ms(lambda: fitter._fit_frames(*fitter._prepare(res.radial, res.intensity, res.sigma)), R, B)
     stages.append(("worker: per-frame LM fits (provisional)", per_frame))
     stages.append(("worker: regularized window fits (final) + bookkeeping", fit_total - per_frame))
+    evals = fitter.window_evaluations / (n[0] - fitter.lag)
 
     width = max(len(s) for s, _ in stages)
     print(f"{args.detector}: {pool.shape[1]} x {pool.shape[2]} = {npix / 1e6:.2f} Mpx, batch {B}, "
@@ -110,6 +111,7 @@ def main() -> None:
     service_ms = sum(ms for name, ms in stages if not name.startswith("sender") and "pickle" not in name)
     cores = os.cpu_count() or 1
     print(f"  {'service total (shared-memory hand-off)':<{width}}  {service_ms:8.2f}")
+    print(f"  window fits: {evals:.2f} model evaluations per final frame")
     print(f"  => at most {1e3 * cores / service_ms:.1f} frames/s on {cores} cores if every stage ran in parallel "
           f"with nothing else ({1e3 / service_ms:.1f} frames/s per core)")
 

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from workers.columns import PEAK_COLUMNS
+
 log = logging.getLogger(__name__)
 
 QUANTITIES = (("center", "centre"), ("fwhm", "FWHM"), ("amplitude", "area"))
-PEAK_TABLE_COLUMNS = ("seq_num", "time", "peak", "center", "center_err", "fwhm", "fwhm_err",
-                      "amplitude", "amplitude_err", "eta", "chi2", "converged", "change_point", "final")
 
 
 def write_report_for(tiled_uri: str, api_key: str | None, uid: str, out_dir, *,
@@ -88,7 +88,7 @@ def _read_table(node, key: str):
         log.debug("table %s unreadable (%s): treated as empty", key, exc)
         df = None
     if df is None:
-        return pd.DataFrame({c: [] for c in (("seq_num", "time") if key == "frames" else PEAK_TABLE_COLUMNS)})
+        return pd.DataFrame({c: [] for c in (("seq_num", "time") if key == "frames" else PEAK_COLUMNS)})
     return df
 
 
@@ -446,7 +446,9 @@ all numbers below are read from the stored run (final, regularized fits unless s
                      "structure the model lacks (another peak, a background shape) or errors smaller than the "
                      "scatter (intensities scaled after counting, so not Poisson). converged: the share of final "
                      "fits whose solver met its criteria (step and gradient tolerances of the regularized window "
-                     "fit); a fit that stopped at its iteration limit counts as not converged.</p>")
+                     "fit, for that frame) with every parameter determined by the data; a fit that stopped at its "
+                     "iteration limit, or a peak whose centre or width the data do not determine (its area near "
+                     "0: the errors are then blank), counts as not converged.</p>")
     else:
         parts.append("<p>No final fits stored for this run.</p>")
 

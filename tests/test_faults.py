@@ -575,7 +575,8 @@ def test_spool_drain_merges_writes_and_replays_idempotently(rig, tmp_path):
     seq, q = np.arange(15, dtype=np.int64), np.linspace(1.0, 5.0, n_bins)
     intensity = rng.gamma(2.0, 50.0, (15, n_bins)).astype(np.float32)
     rows = {"seq_num": seq, "time": 1.7e9 + seq, "peak": np.array(["lamellar"] * 15),
-            "converged": np.ones(15, bool), "change_point": np.zeros(15, bool), "final": np.ones(15, bool),
+            "converged": np.ones(15, bool), "unidentified": np.zeros(15, np.int64),
+            "change_point": np.zeros(15, bool), "final": np.ones(15, bool),
             **{c: rng.standard_normal(15) for c in ("center", "center_err", "fwhm", "fwhm_err", "amplitude",
                                                    "amplitude_err", "eta", "chi2")}}
     ops = [Op("start", uid, {"metadata": {"start": {"uid": uid}, "status": "running", "reason": ""}})]

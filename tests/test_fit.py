@@ -206,3 +206,23 @@ def test_inverse_of_a_nan_matrix_is_nan_with_two_threads():
     assert bad.tolist() == [False, True, False, True, False]
     assert torch.isnan(inv[3]).all() and torch.isnan(inv[1]).all()
     np.testing.assert_allclose(inv[0].numpy(), np.linalg.inv(a[0].numpy()), rtol=1e-10, atol=1e-14)
+
+
+def test_covariance_leaves_out_parameters_the_data_do_not_determine():
+    """A normal matrix with a zero column (a peak of zero area: its centre does not enter the
+    model) and one whose column is so weak that the parameter's error exceeds its bound span:
+    both flagged, their rows and columns NaN; the rest is the inverse of the determined block."""
+    from workers.fit import covariance
+    rng = np.random.default_rng(2)
+    j = rng.normal(size=(50, 4))
+    j[:, 1] = 0.0                                      # no data on parameter 1
+    j[:, 3] *= 1e-4                                    # parameter 3: error ~1e4 > its span of 10
+    a = torch.tensor(j.T @ j)[None]
+    lower, upper = torch.tensor([0.0, 0.0, -math.inf, 0.0], dtype=D), torch.tensor([1.0, 1.0, math.inf, 10.0], dtype=D)
+    free = torch.ones(4, dtype=torch.bool)
+    cov, ident = covariance(a, free, torch.tensor([2.0], dtype=D), lower, upper)
+    assert ident.tolist() == [[True, False, True, False]]
+    kept = [0, 2]
+    ref = 2.0 * np.linalg.inv(j[:, kept].T @ j[:, kept])
+    np.testing.assert_allclose(cov[0][kept][:, kept].numpy(), ref, rtol=1e-10)
+    assert torch.isnan(cov[0, 1]).all() and torch.isnan(cov[0, :, 3]).all()

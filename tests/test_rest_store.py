@@ -41,7 +41,8 @@ def peak_rows(seq, final: bool, rng=None) -> dict:
     if rng is not None:
         rows["center_err"][rng.random(m) < 0.05] = np.nan
     rows.update(seq_num=seq, time=1.7e9 + 0.1 * seq, peak=np.tile(PEAKS, m // len(PEAKS)),
-                converged=np.ones(m, bool), change_point=np.zeros(m, bool), final=np.full(m, final))
+                converged=np.ones(m, bool), unidentified=np.zeros(m, np.int64), change_point=np.zeros(m, bool),
+                final=np.full(m, final))
     return rows
 
 

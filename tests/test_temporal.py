@@ -233,3 +233,22 @@ def test_cold_batch_after_a_transition_every_frame_near_truth(seed):
         sel = rows["final"] == final
         off = np.abs(rows["center"][sel] - truth[rows["seq_num"][sel] - 1])
         assert len(off) == len(t) and off.max() < 0.02, (final, np.round(off, 3))
+
+
+def test_a_vanished_peak_is_flagged_unidentified_and_not_converged():
+    """Frames 20-24 of 40 hold no peak (area 0, so its centre, FWHM and eta do not enter the
+    model): their provisional and final rows count 3 unidentified parameters, report NaN centre
+    and FWHM errors and are not converged; every other row is converged with finite errors."""
+    n, gone = 40, slice(20, 25)
+    area = np.full(n, 600.0)
+    area[gone] = 0.0
+    lam = np.stack([_pv(Q, 17.0, 0.5, a, 0.4) + 240.0 for a in area])
+    y = np.random.default_rng(0).poisson(lam).astype(float)
+    _, prov, fin = run_fitter(y, np.sqrt(np.maximum(y, 1)), RegularizerSpec(window=8, penalty="huber"))
+    vanished = area == 0
+    for rows in (prov, fin):
+        assert np.array_equal(rows["seq_num"], np.arange(n))
+        assert (rows["unidentified"][vanished] == 3).all() and not rows["converged"][vanished].any()
+        assert np.isnan(rows["center_err"][vanished]).all() and np.isnan(rows["fwhm_err"][vanished]).all()
+        assert (rows["unidentified"][~vanished] == 0).all() and rows["converged"][~vanished].all()
+        assert np.isfinite(rows["center_err"][~vanished]).all()

@@ -39,7 +39,8 @@ def peak_rows(seq, final, rng):
     n = len(seq)
     rows = {"seq_num": seq, "time": 1.7e9 + 0.1 * seq,
             "peak": np.array(PEAKS * (n // len(PEAKS))),
-            "converged": rng.random(n) > 0.1, "change_point": rng.random(n) > 0.9,
+            "converged": rng.random(n) > 0.1, "unidentified": rng.integers(0, 3, n),
+            "change_point": rng.random(n) > 0.9,
             "final": np.full(n, final)}
     for c in ("center", "center_err", "fwhm", "fwhm_err", "amplitude", "amplitude_err",
               "eta", "chi2"):
@@ -236,7 +237,7 @@ def test_peak_schema_is_the_layout_schema():
     expected = pa.schema([("seq_num", pa.int64()), ("time", f64), ("peak", pa.string()),
                           ("center", f64), ("center_err", f64), ("fwhm", f64), ("fwhm_err", f64),
                           ("amplitude", f64), ("amplitude_err", f64), ("eta", f64), ("chi2", f64),
-                          ("converged", b), ("change_point", b), ("final", b)])
+                          ("converged", b), ("unidentified", pa.int64()), ("change_point", b), ("final", b)])
     assert layout.PEAK_SCHEMA.equals(expected)
 
 

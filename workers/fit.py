@@ -19,6 +19,11 @@ Algorithm (per frame, all frames in lock step, Nielsen/MINPACK style LM):
     stops early once every frame has converged or failed (``early_exit``).
   * Covariance as lmfit with scale_covar=True: C = (J^T W J)^-1 * chi2_red,
     chi2_red = chi2 / (N - P_free); stderr = sqrt(diag C).
+  * Identifiability: a free parameter is not determined by the data when its error exceeds the
+    span of its bounds: alone (sqrt(chi2_red / A_jj), e.g. a zero Jacobian column: the centre of
+    a peak of zero area; such parameters are left out of the inversion), or jointly (sqrt(C_jj);
+    the others' errors still include their correlation with it). Either way its rows and
+    columns of C are NaN.
 
 ``fit_reference`` is the plain per-frame loop of the same algorithm (STYLE rule 7).
 ``method="adam" | "lbfgs"`` uses torch.optim on the transformed parameters instead.
@@ -47,6 +52,8 @@ class FitResult:
     n_iter: torch.Tensor       # (B,) int64, iterations until convergence
     covariance: torch.Tensor | None = None   # (B, P, P) scaled covariance
     normal: torch.Tensor | None = None       # (B, P, P) J^T W J (external parameters) at params
+    gradient: torch.Tensor | None = None     # (B, P) J^T W (y - f) (external parameters) at params
+    identified: torch.Tensor | None = None   # (B, P) bool: determined by the data (module docstring)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,11 +129,12 @@ class _Problem:
         return (r * r).sum(-1), jw @ jw.transpose(1, 2), (jw @ r[..., None])[..., 0]
 
     def normal(self, t, rows=None):
-        """As normal_ext at internal t, plus A, g chained to internal coordinates."""
+        """chi2, A and g chained to internal coordinates t (J_t = J diag(dp/dt)), and the
+        external A and g (normal_ext)."""
         p, d = self.tr.to_external(t)
         cost, a_ext, g_ext = self.normal_ext(p, rows)
         d = d * self.ffree
-        return cost, a_ext * d[:, :, None] * d[:, None, :], g_ext * d, a_ext
+        return cost, a_ext * d[:, :, None] * d[:, None, :], g_ext * d, a_ext, g_ext
 
 
 def _bind(model, x, lower, upper):
@@ -160,13 +168,32 @@ def spd_inverse(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(bad[..., None, None], torch.full_like(inv, math.nan), inv), bad
 
 
-def _covariance(a: torch.Tensor, free: torch.Tensor, chi2_red: torch.Tensor) -> torch.Tensor:
-    """(J^T W J)^-1 * chi2_red from external A (B, P, P); fixed parameters get 0 rows/columns."""
-    ff = free.to(a.dtype)
-    a = a * ff[:, None] * ff[None, :] + torch.diag_embed(1.0 - ff)
-    cov, _ = spd_inverse(a)                     # NaN where A is singular or not finite
-    cov = cov * ff[:, None] * ff[None, :]
-    return cov * chi2_red[:, None, None]
+def determined_alone(a: torch.Tensor, free: torch.Tensor, chi2_red: torch.Tensor, lower: torch.Tensor,
+                     upper: torch.Tensor) -> torch.Tensor:
+    """(..., P) bool: the free parameters whose error alone, sqrt(chi2_red / A_jj), is within the
+    span of their bounds (A (..., P, P) external J^T W J, chi2_red (...), bounds (P,))."""
+    span = upper - lower
+    return free & (torch.diagonal(a, dim1=-2, dim2=-1) * span * span > chi2_red[..., None])   # NaN: False
+
+
+def covariance(a: torch.Tensor, free: torch.Tensor, chi2_red: torch.Tensor, lower: torch.Tensor,
+               upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J^T W J)^-1 * chi2_red from external A (..., P, P) and identified (..., P) bool (module
+    docstring). Fixed parameters get 0 rows/columns, free parameters the data do not determine
+    NaN rows/columns; free (P,), chi2_red (...), bounds (P,)."""
+    span = upper - lower
+    c2 = chi2_red[..., None]
+    keep = determined_alone(a, free, chi2_red, lower, upper)
+    kf = keep.to(a.dtype)
+    mask = kf[..., :, None] * kf[..., None, :]
+    cov, _ = spd_inverse(a * mask + torch.diag_embed(1.0 - kf))           # NaN where singular
+    cov = cov * mask * c2[..., None]
+    se = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    identified = ~free | (keep & torch.isfinite(se) & ~(se > span))
+    lost = (~identified).to(a.dtype)
+    nan = torch.full_like(cov, math.nan)
+    cov = torch.where((lost[..., :, None] + lost[..., None, :]) > 0, nan, cov)
+    return cov, identified
 
 
 def _lm_chunk(prob: _Problem, t0: torch.Tensor, *, max_iter, ftol, gtol, lambda0, early_exit):
@@ -174,7 +201,7 @@ def _lm_chunk(prob: _Problem, t0: torch.Tensor, *, max_iter, ftol, gtol, lambda0
     B, P = t0.shape
     dt = t0.dtype
     t = t0.clone()
-    cost, a, g, a_ext = prob.normal(t)
+    cost, a, g, a_ext, g_ext = prob.normal(t)
     lam = torch.full((B,), lambda0, dtype=dt, device=t.device)
     nu = torch.full_like(lam, 2.0)
     dsc = torch.zeros(B, P, dtype=dt, device=t.device)
@@ -205,10 +232,12 @@ def _lm_chunk(prob: _Problem, t0: torch.Tensor, *, max_iter, ftol, gtol, lambda0
         if early_exit and not bool(active.all()):
             # CPU: evaluate only the frames still iterating (frozen ones would be thrown away)
             rows = torch.nonzero(active)[:, 0]
-            cost_new, a_new, g_new, a_ext_new = cost.clone(), a.clone(), g.clone(), a_ext.clone()
-            cost_new[rows], a_new[rows], g_new[rows], a_ext_new[rows] = prob.normal(t_new[rows], rows)
+            new = [v.clone() for v in (cost, a, g, a_ext, g_ext)]
+            for v, w in zip(new, prob.normal(t_new[rows], rows)):
+                v[rows] = w
+            cost_new, a_new, g_new, a_ext_new, g_ext_new = new
         else:
-            cost_new, a_new, g_new, a_ext_new = prob.normal(t_new)
+            cost_new, a_new, g_new, a_ext_new, g_ext_new = prob.normal(t_new)
         ok = (info == 0) & torch.isfinite(cost_new) & torch.isfinite(delta).all(-1)
         accept = active & ok & (cost_new < cost)
         red = cost - cost_new
@@ -218,6 +247,7 @@ def _lm_chunk(prob: _Problem, t0: torch.Tensor, *, max_iter, ftol, gtol, lambda0
         a = torch.where(accept[:, None, None], a_new, a)
         a_ext = torch.where(accept[:, None, None], a_ext_new, a_ext)
         g = torch.where(accept[:, None], g_new, g)
+        g_ext = torch.where(accept[:, None], g_ext_new, g_ext)
         cost = torch.where(accept, cost_new, cost)
         fac = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=1.0 / 3.0)
         lam = torch.where(accept, lam * fac, torch.where(active, lam * nu, lam))
@@ -227,7 +257,7 @@ def _lm_chunk(prob: _Problem, t0: torch.Tensor, *, max_iter, ftol, gtol, lambda0
         failed = failed | (active & (lam > 1e16))
         if early_exit and not bool((~(converged | failed)).any()):
             break
-    return t, cost, a_ext, converged & ~failed, n_iter
+    return t, cost, a_ext, g_ext, converged & ~failed, n_iter
 
 
 def fit_batch(model, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor | None, p0: torch.Tensor, *,
@@ -284,17 +314,17 @@ def fit_batch(model, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor | Non
         p_start = torch.minimum(torch.maximum(p0[sl], lo + 1e-6 * span), hi - 1e-6 * span)
         t0 = prob.tr.to_internal(p_start)
         if method == "lm":
-            t, cost, a_ext, conv, nit = _lm_chunk(prob, t0, max_iter=max_iter, ftol=ftol, gtol=gtol,
-                                                  lambda0=lambda0, early_exit=early_exit)
+            t, cost, a_ext, g_ext, conv, nit = _lm_chunk(prob, t0, max_iter=max_iter, ftol=ftol, gtol=gtol,
+                                                         lambda0=lambda0, early_exit=early_exit)
         else:
-            t, cost, a_ext, conv, nit = _torch_optim_chunk(prob, t0, method=method, max_iter=max_iter,
-                                                           gtol=gtol, lr=lr)
+            t, cost, a_ext, g_ext, conv, nit = _torch_optim_chunk(prob, t0, method=method, max_iter=max_iter,
+                                                                  gtol=gtol, lr=lr)
         p, _ = prob.tr.to_external(t)
         chi2r = cost / prob.dof
-        cov = _covariance(a_ext, free, chi2r)
+        cov, ident = covariance(a_ext, free, chi2r, lo, hi)
         se = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).sqrt()
-        outs.append((p, se, chi2r, conv, nit, cov if return_covariance else None, a_ext))
-    cat = [torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(7)]
+        outs.append((p, se, chi2r, conv, nit, cov if return_covariance else None, a_ext, g_ext, ident))
+    cat = [torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(9)]
     return FitResult(*cat)
 
 
@@ -304,7 +334,7 @@ def _torch_optim_chunk(prob: _Problem, t0, *, method, max_iter, gtol, lr):
     The internal parameters are preconditioned by sqrt(diag J^T W J) at the start, so one unit
     is about one standard error (lr for Adam is in those units).
     """
-    _, a0, _, _ = prob.normal(t0)
+    a0 = prob.normal(t0)[1]
     sc = torch.sqrt(torch.diagonal(a0, dim1=1, dim2=2)).clamp_min(1e-12)
     u = (t0 * sc).clone().requires_grad_(True)
 
@@ -329,12 +359,12 @@ def _torch_optim_chunk(prob: _Problem, t0, *, method, max_iter, gtol, lr):
             return c
         opt.step(closure)
     t = (u / sc).detach()
-    cost, a, g, a_ext = prob.normal(t)
+    cost, a, g, a_ext, g_ext = prob.normal(t)
     diag = torch.diagonal(a, dim1=1, dim2=2)
     chi2r = cost / prob.dof
     gs = torch.where(diag > 0, g.abs() / torch.sqrt(diag * chi2r[:, None]), torch.zeros_like(g))
     conv = torch.isfinite(cost) & (gs.amax(-1) <= gtol * 100)
-    return t, cost, a_ext, conv, torch.full_like(cost, max_iter, dtype=torch.int64)
+    return t, cost, a_ext, g_ext, conv, torch.full_like(cost, max_iter, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +381,7 @@ def fit_reference(model, x, y, sigma, p0, *, max_iter: int = 50, ftol: float = 1
         p_start = torch.minimum(torch.maximum(p0[b:b + 1], lo + 1e-6 * span), hi - 1e-6 * span)
         t = prob.tr.to_internal(p_start)
         P = t.shape[1]
-        cost, a, g, a_ext = prob.normal(t)
+        cost, a, g, a_ext, g_ext = prob.normal(t)
         cost, a, g = float(cost[0]), a[0], g[0]
         lam, nu, dsc = lambda0, 2.0, torch.zeros(P, dtype=y.dtype)
         dof, eps = float(prob.dof[0]), prob.eps
@@ -372,13 +402,13 @@ def fit_reference(model, x, y, sigma, p0, *, max_iter: int = 50, ftol: float = 1
             if pred <= tol and lam <= 1.0:
                 conv = True
                 break
-            c_new, a_new, g_new, ae_new = prob.normal(t + delta[None])
+            c_new, a_new, g_new, ae_new, ge_new = prob.normal(t + delta[None])
             c_new = float(c_new[0])
             nit += 1
             if math.isfinite(c_new) and c_new < cost:
                 red = cost - c_new
                 rho = red / pred
-                t, cost, a, g, a_ext = t + delta[None], c_new, a_new[0], g_new[0], ae_new
+                t, cost, a, g, a_ext, g_ext = t + delta[None], c_new, a_new[0], g_new[0], ae_new, ge_new
                 lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
                 nu = 2.0
                 if red <= tol and pred <= tol:
@@ -391,10 +421,11 @@ def fit_reference(model, x, y, sigma, p0, *, max_iter: int = 50, ftol: float = 1
                     break
         p, _ = prob.tr.to_external(t)
         chi2r = torch.tensor([cost / dof], dtype=y.dtype)
-        cov = _covariance(a_ext, free, chi2r)[0]
-        rows.append((p[0], torch.diagonal(cov).clamp_min(0).sqrt(), chi2r[0], conv, nit, cov))
-    return FitResult(*[torch.stack([r[i] for r in rows]) if i in (0, 1, 2, 5)
-                       else torch.tensor([r[i] for r in rows]) for i in range(6)])
+        cov, ident = covariance(a_ext, free, chi2r, lo, hi)
+        rows.append((p[0], torch.diagonal(cov[0]).clamp_min(0).sqrt(), chi2r[0], conv, nit, cov[0], a_ext[0],
+                     g_ext[0], ident[0]))
+    return FitResult(*[torch.tensor([r[i] for r in rows]) if i in (3, 4)
+                       else torch.stack([r[i] for r in rows]) for i in range(9)])
 
 
 def initial_guess(model: PeakModel, x: torch.Tensor, y: torch.Tensor, *, search: bool = False) -> torch.Tensor:

@@ -21,7 +21,12 @@ so a fast smooth drift is left unsmoothed but not flagged at every frame.
 Window schedule: window W = context + stride + lag. Every ``stride`` frames, the last W frames
 are fitted jointly; frames with at least ``lag`` newer frames become final (returned again with
 final=True), the ``context`` frames before them (already final) are re-fitted but not re-emitted.
-``finish`` flushes the rest with the lookahead available.
+``finish`` flushes the rest with the lookahead available. The windows of one batch are fitted
+side by side (``joint_fit`` batches them); each frame carries its latest estimate and its chi2's
+expansion from window to window, and when a batch holds several windows, ``_SPAN_STEPS`` LM
+steps over the batch's whole span first move every frame near its windows' optimum (otherwise
+each window of the batch would start its new frames from their per-frame fits: 3.9 instead of
+1.6 model evaluations per frame, benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ from workers.columns import PEAK_COLUMNS, PEAK_DTYPES, empty_columns
 from workers.fit import FitResult, fit_batch
 from workers.profiles import BoundModel, PeakModel
 from workers.specs import ModelSpec, RegularizerSpec, validate_model_spec, validate_regularizer
-from workers.window_fit import joint_fit
+from workers.window_fit import Expansion, joint_fit
+
+_SPAN_STEPS = 2      # LM iterations of the span fit that starts a batch's windows (module docstring)
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,13 +64,12 @@ def concat_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 class _Frame:
     y: torch.Tensor          # (N,)
     sigma: torch.Tensor      # (N,)
-    p_pf: torch.Tensor       # (P,) per-frame fit
-    se_pf: torch.Tensor      # (P,)
+    se_pf: torch.Tensor      # (P,) per-frame fit's standard errors
     p_cur: torch.Tensor      # (P,) latest estimate (warm start of joint fits)
+    ex: Expansion            # its chi2 expanded near p_cur (per-frame fit, then the last window)
     seq: int
     time: float
     change_point: bool       # flagged: a sudden significant change at this frame
-    converged: bool
     cut: bool = False        # the penalty link to the previous frame is cut (significant change)
     final: bool = False
 
@@ -74,12 +80,16 @@ class TrajectoryFitter:
 
     lag (frames of lookahead before a frame is final, default window // 2), stride (frames
     finalised per joint fit, default max(1, window // 4)); the rest of the window is context.
+    ftol: the per-frame LM's tolerance (workers.fit.fit_batch). 1e-5: with 1e-4 a fit far from
+    its peak (a fitter that starts cold mid-run, its guess off the drifted peak) stops on the
+    plateau as converged and is never re-seeded (benchmarks/RESULTS.md, 2026-12-08).
     """
 
     def __init__(self, model: ModelSpec, regularizer: RegularizerSpec = RegularizerSpec(), *,
                  device="cpu", dtype=torch.float64, lag: int | None = None, stride: int | None = None,
                  change_threshold: float = 5.0, chi2_jump: float = 1.5, huber_delta: float = 1.0,
-                 tv_eps: float = 0.1, fix_eta: bool = False, max_iter: int = 50, sudden_ratio: float = 3.0):
+                 tv_eps: float = 0.1, fix_eta: bool = False, max_iter: int = 50, sudden_ratio: float = 3.0,
+                 ftol: float = 1e-5):
         validate_model_spec(model)
         validate_regularizer(regularizer)
         W = regularizer.window
@@ -89,7 +99,7 @@ class TrajectoryFitter:
             raise ValueError(f"need 1 <= stride and lag + stride <= window; got lag={self.lag}, "
                              f"stride={self.stride}, window={W}")
         for nm, v in (("change_threshold", change_threshold), ("chi2_jump", chi2_jump),
-                      ("huber_delta", huber_delta), ("tv_eps", tv_eps)):
+                      ("huber_delta", huber_delta), ("tv_eps", tv_eps), ("ftol", ftol)):
             if not v > 0:
                 raise ValueError(f"{nm} must be > 0, got {v!r}")
         self.context = W - self.lag - self.stride
@@ -98,8 +108,9 @@ class TrajectoryFitter:
         self.device, self.dtype = torch.device(device), dtype
         self.change_threshold, self.chi2_jump = change_threshold, chi2_jump
         self.sudden_ratio = sudden_ratio
-        self.huber_delta, self.tv_eps, self.max_iter = huber_delta, tv_eps, max_iter
+        self.huber_delta, self.tv_eps, self.max_iter, self.ftol = huber_delta, tv_eps, max_iter, ftol
         self.reseeds = 0
+        self.window_evaluations = 0       # model evaluations of the joint fits, summed over frames
         self._radial = None
         self._bound: BoundModel | None = None
         self._cols = None
@@ -123,14 +134,15 @@ class TrajectoryFitter:
         res = self._fit_frames(y, sg)
         cov = res.covariance
         cut, cp = self._change_points(res.params, res.stderr)
-        out = [self._rows(res.params, cov, res.chi2_red, res.converged, cp, seq, tm, final=False)]
+        out = [self._rows(res.params, cov, res.chi2_red, res.converged, res.identified, cp, seq, tm, final=False)]
         if self.reg.penalty == "none":
-            out.append(self._rows(res.params, cov, res.chi2_red, res.converged, cp, seq, tm, final=True))
+            out.append(self._rows(res.params, cov, res.chi2_red, res.converged, res.identified, cp, seq, tm,
+                                  final=True))
             return concat_rows(out)
         for b in range(B):
-            self._buf.append(_Frame(y[b], sg[b], res.params[b], res.stderr[b], res.params[b].clone(),
-                                    int(seq[b]), float(tm[b]), bool(cp[b]), bool(res.converged[b]),
-                                    cut=bool(cut[b])))
+            ex = Expansion(res.params[b], res.chi2_red[b], res.normal[b], res.gradient[b])
+            self._buf.append(_Frame(y[b], sg[b], res.stderr[b], res.params[b].clone(), ex, int(seq[b]),
+                                    float(tm[b]), bool(cp[b]), cut=bool(cut[b])))
         out.append(self._finalize(flush=False))
         return concat_rows(out)
 
@@ -171,7 +183,7 @@ class TrajectoryFitter:
     def _fit_frames(self, y, sg):
         bm = self._bound
         p0 = bm.guess(y) if self._last_good is None else self._last_good.expand(y.shape[0], -1)
-        res = fit_batch(bm, bm.x, y, sg, p0, max_iter=self.max_iter)
+        res = fit_batch(bm, bm.x, y, sg, p0, max_iter=self.max_iter, ftol=self.ftol)
         bad = self._diverged(res)
         if bool(bad.any()):
             idx = torch.nonzero(bad)[:, 0]
@@ -179,7 +191,7 @@ class TrajectoryFitter:
             best = _take(res, idx)
             for search in (False, True):
                 alt = fit_batch(bm, bm.x, y[idx], sg[idx], bm.guess(y[idx], search=search),
-                                max_iter=self.max_iter)
+                                max_iter=self.max_iter, ftol=self.ftol)
                 better = (alt.chi2_red < best.chi2_red) | ~torch.isfinite(best.chi2_red)
                 better = better & torch.isfinite(alt.chi2_red)
                 best = _merge(best, alt, better)
@@ -207,7 +219,8 @@ class TrajectoryFitter:
         idx = torch.nonzero(still)[:, 0]
         near = good[(idx[:, None] - good[None, :]).abs().argmin(1)]
         cur = _take(res, idx)
-        alt = fit_batch(self._bound, self._bound.x, y[idx], sg[idx], res.params[near].clone(), max_iter=self.max_iter)
+        alt = fit_batch(self._bound, self._bound.x, y[idx], sg[idx], res.params[near].clone(), max_iter=self.max_iter,
+                        ftol=self.ftol)
         better = ((alt.chi2_red < cur.chi2_red) | ~torch.isfinite(cur.chi2_red)) & torch.isfinite(alt.chi2_red)
         return _scatter(res, idx, _merge(cur, alt, better))
 
@@ -293,8 +306,30 @@ class TrajectoryFitter:
         return concat_rows(out)
 
     def _joint(self, wins) -> dict[str, np.ndarray]:
-        buf, R = self._buf, self._reg_idx
-        frames = [[buf[i] for i in range(s, e)] for s, e, _, _ in wins]
+        buf = self._buf
+        if len(wins) > 1:
+            # windows of one batch are fitted side by side, so none starts from another's
+            # result: a few LM steps over the batch's whole span first bring every frame near
+            # its windows' optimum (and its expansion there)
+            span = [(wins[0][0], wins[-1][1])]
+            self._store(span, self._fit(span, report=slice(0, 0), max_iter=_SPAN_STEPS))
+        r0, r1 = min(lo - s for s, _, lo, _ in wins), max(hi - s for s, _, _, hi in wins)
+        jr = self._fit([(s, e) for s, e, _, _ in wins], report=slice(r0, r1))
+        self._store([(s, e) for s, e, _, _ in wins], jr)
+        # the frames each window finalises, (window, frame in window) pairs, in buffer order
+        k = torch.tensor([i for i, (s, e, lo, hi) in enumerate(wins) for _ in range(lo, hi)], device=self.device)
+        j = torch.tensor([f - s for s, e, lo, hi in wins for f in range(lo, hi)], device=self.device)
+        fin = [buf[f] for _, _, lo, hi in wins for f in range(lo, hi)]
+        for fr in fin:
+            fr.final = True
+        return self._rows(jr.params[k, j], jr.cov[k, j - r0], jr.chi2_red[k, j], jr.converged[k, j],
+                          jr.identified[k, j], np.array([fr.change_point for fr in fin]),
+                          np.array([fr.seq for fr in fin]), np.array([fr.time for fr in fin]), final=True)
+
+    def _fit(self, spans, **kw):
+        """joint_fit of the windows spans [(start, end), ...] of the buffer, equal lengths."""
+        R = self._reg_idx
+        frames = [self._buf[s:e] for s, e in spans]
         y = torch.stack([torch.stack([fr.y for fr in w]) for w in frames])
         sg = torch.stack([torch.stack([fr.sigma for fr in w]) for w in frames])
         p0 = torch.stack([torch.stack([fr.p_cur for fr in w]) for w in frames])
@@ -307,27 +342,27 @@ class TrajectoryFitter:
         se = torch.where(torch.isfinite(se), se, med)
         scale = torch.sqrt(0.5 * (se[:, 1:] ** 2 + se[:, :-1] ** 2))
         links = torch.tensor([[not fr.cut for fr in w[1:]] for w in frames], device=self.device)
-        jr = joint_fit(self._bound, y, sg, p0, scale, links, strength=self.reg.strength,
-                       penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps)
-        rows = []
-        for k, (s, e, lo, hi) in enumerate(wins):
-            for j in range(e - s):
-                fr = buf[s + j]
-                if not fr.final:
-                    fr.p_cur = jr.params[k, j].clone()
-            sel = slice(lo - s, hi - s)
-            fin = [buf[i] for i in range(lo, hi)]
-            for fr in fin:
-                fr.final = True
-            conv = jr.converged[k].expand(hi - lo) & torch.tensor([fr.converged for fr in fin], device=self.device)
-            rows.append(self._rows(jr.params[k, sel], jr.cov[k, sel], jr.chi2_red[k, sel], conv,
-                                   np.array([fr.change_point for fr in fin]),
-                                   np.array([fr.seq for fr in fin]), np.array([fr.time for fr in fin]),
-                                   final=True))
-        return concat_rows(rows)
+        ex = Expansion(*(torch.stack([torch.stack([getattr(fr.ex, f.name) for fr in w]) for w in frames])
+                         for f in fields(Expansion)))
+        jr = joint_fit(self._bound, y, sg, p0, scale, links, strength=self.reg.strength, expansion=ex,
+                       penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps, **kw)
+        self.window_evaluations += int(jr.n_eval.sum())
+        return jr
+
+    def _store(self, spans, jr) -> None:
+        """Each frame's latest estimate and expansion (of the last span holding it): where the
+        next joint fit starts, final frames too."""
+        last = {s + j: (k, j) for k, (s, e) in enumerate(spans) for j in range(e - s)}
+        ex = jr.expansion
+        for f, (k, j) in last.items():
+            fr = self._buf[f]
+            fr.p_cur = jr.params[k, j]
+            fr.ex = Expansion(ex.params[k, j], ex.chi2_red[k, j], ex.normal[k, j], ex.gradient[k, j])
 
     # ---- rows
-    def _rows(self, p, cov, chi2, conv, cp, seq, tm, *, final: bool) -> dict[str, np.ndarray]:
+    def _rows(self, p, cov, chi2, conv, ident, cp, seq, tm, *, final: bool) -> dict[str, np.ndarray]:
+        """PeakRows of B frames: p (B, P), cov (B, P, P), chi2 (B,) reduced, conv (B,) bool: the
+        solver's criteria held for the frame, ident (B, P) bool (workers.fit.covariance)."""
         B = p.shape[0]
         summ = self._bound.summarize(p, cov)
         npk = len(summ)
@@ -339,7 +374,11 @@ class TrajectoryFitter:
         rows["time"] = np.repeat(np.asarray(tm, np.float64), npk)
         rows["peak"] = np.tile(np.array([pk.name for pk in self.spec.peaks], dtype=np.str_), B)
         rows["chi2"] = np.repeat(chi2.detach().cpu().double().numpy(), npk)
-        rows["converged"] = np.repeat(conv.detach().cpu().numpy().astype(bool), npk)
+        lost = ~ident
+        bg = lost[:, self.model.bg_slice].sum(1)
+        unid = torch.stack([lost[:, sl].sum(1) + bg for sl in self.model.peak_slices], 1).reshape(-1)
+        rows["unidentified"] = unid.cpu().numpy().astype(np.int64)
+        rows["converged"] = np.repeat(conv.detach().cpu().numpy().astype(bool), npk) & (rows["unidentified"] == 0)
         rows["change_point"] = np.repeat(np.asarray(cp, bool), npk)
         rows["final"] = np.full(B * npk, final)
         return {c: rows[c] for c in PEAK_COLUMNS}

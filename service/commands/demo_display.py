@@ -53,6 +53,11 @@ class RunProgress:
         self.progress.stop()
 
 
+def _floats(cols: dict, key: str, idx) -> np.ndarray:
+    """Rows ``idx`` of a column as REST's store gives it (NaN as None) as float64, None as NaN."""
+    return np.array([np.nan if cols[key][i] is None else cols[key][i] for i in idx], np.float64)
+
+
 def summarize(service, uid: str, truth_prefix: str = "det") -> dict:
     """Final fitted centres against the simulator's truth (carried in the events), per peak."""
     run = service.store.get(uid)
@@ -61,14 +66,15 @@ def summarize(service, uid: str, truth_prefix: str = "det") -> dict:
     for peak in sorted(set(cols["peak"])):
         idx = [i for i, p in enumerate(cols["peak"]) if p == peak]
         seq = np.array([cols["seq_num"][i] for i in idx])
-        center = np.array([cols["center"][i] for i in idx])
-        err = np.array([cols["center_err"][i] for i in idx])
+        center, err = _floats(cols, "center", idx), _floats(cols, "center_err", idx)
         truth = np.array([run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_center_truth", np.nan) for s in seq])
         ok = np.isfinite(truth) & np.isfinite(center)
         d = center[ok] - truth[ok]
+        known = ok & np.isfinite(err)                     # an undetermined centre has no error (NaN)
         out[peak] = {"frames": len(idx), "rmse": float(np.sqrt(np.mean(d ** 2))) if ok.any() else float("nan"),
-                     "median_err": float(np.median(err[ok])) if ok.any() else float("nan"),
-                     "within_2sigma": float(np.mean(np.abs(d) <= 2 * err[ok])) if ok.any() else float("nan"),
+                     "median_err": float(np.median(err[known])) if known.any() else float("nan"),
+                     "within_2sigma": (float(np.mean(np.abs(center[known] - truth[known]) <= 2 * err[known]))
+                                       if known.any() else float("nan")),
                      "change_points": int(sum(cols["change_point"][i] for i in idx)),
                      "truth_range": (float(np.nanmin(truth)), float(np.nanmax(truth))) if ok.any() else (np.nan, np.nan)}
     return out
@@ -108,11 +114,11 @@ def plot_trajectories(service, uid: str, path: Path, truth_prefix: str = "det") 
         seq = np.array([cols["seq_num"][i] for i in idx])
         for i, (key, label) in enumerate((("center", "centre (1/nm)"), ("fwhm", "FWHM (1/nm)"),
                                           ("amplitude", "area"))):
-            v = np.array([cols[key][k] for k in idx])
-            e = np.array([cols[f"{key}_err"][k] for k in idx])
+            v, e = _floats(cols, key, idx), _floats(cols, f"{key}_err", idx)
+            lo = v - e if key == "center" else np.maximum(v - e, 0.0)     # widths and areas are >= 0
             ax = axes[i, j]
             ax.plot(seq, v, "-", color="C0", label="fit (final)")
-            ax.fill_between(seq, v - e, v + e, color="C0", alpha=0.3)
+            ax.fill_between(seq, lo, v + e, color="C0", alpha=0.3)
             tkey = {"amplitude": "area"}.get(key, key)
             truth = [run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_{tkey}_truth", np.nan) for s in seq]
             ax.plot(seq, truth, "--", color="k", lw=1, label="truth")

@@ -8,7 +8,10 @@ through the whole service as the default demo (0MQ proxy, ingest, workers, embed
 * ``gisaxs``: a Pilatus 300k at 0.5 m, incidence 3.5 mrad (service/sim/grazing.py); the lamellar
   Bragg rod is fitted on the Yoneda cut I(q_xy); vertical cut along the rod, q-maps.
 * ``giwaxs``: a 300k-pixel detector at 0.15 m; π-π peak and halo fitted on the out-of-plane
-  wedge I(q); in-plane wedge, Hermans orientation of the π-π ring, q-maps.
+  wedge I(q), χ-balanced so that the face-on π-π arc keeps its radial shape as the missing
+  wedge opens with q (workers.grazing.build_wedge_profiles); in-plane wedge, Hermans
+  orientation of the π-π ring, q-maps. The fitted π-π area is the arc's in that wedge, about
+  ten times the simulator's truth (the ring's powder-averaged area): compare centres.
 
 Each prints the fitted against the true peak centres per detector, as the default demo does,
 and writes trajectory plots (and q-map plots) under the work directory.

@@ -32,7 +32,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peaks", type=Path, required=True, help="PEAKS.yaml (fit configuration)")
     p.add_argument("-o", "--output", type=Path, required=True, help="OUT.csv (final rows)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=int, default=16, help="frames per update (default 16)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="frames per update (default 64; only final rows are written, so a batch's size "
+                        "changes the cost, not the result beyond the LM tolerance)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads on CPU (default 1: the frames of a batch are the parallelism; more "
+                        "threads on small problems cost more than they give, and spin on a shared machine)")
     p.add_argument("--no-plot", action="store_true", help="do not write OUT.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -102,9 +107,11 @@ def run(args) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"scatterflow fit: {e}", file=sys.stderr)
         return 2
-    if args.batch < 1:
-        print(f"scatterflow fit: --batch must be >= 1, got {args.batch}", file=sys.stderr)
-        return 2
+    for name in ("batch", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"scatterflow fit: --{name} must be >= 1, got {v}", file=sys.stderr)
+            return 2
     import pandas as pd
     import torch
     from rich.progress import Progress
@@ -114,6 +121,8 @@ def run(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("scatterflow fit: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     fitter = TrajectoryFitter(spec, reg, device=device)
     rows = []
     n = inten.shape[0]
@@ -131,7 +140,8 @@ def run(args) -> int:
     df.to_csv(args.output, index=False)
     n_cp = int(df.loc[df["change_point"], "seq_num"].nunique())
     print(f"{n} frames x {len(spec.peaks)} peaks -> {args.output} ({int((~df['converged']).sum())} rows "
-          f"not converged, {n_cp} change points, {fitter.reseeds} re-seeds)")
+          f"not converged, {int((df['unidentified'] > 0).sum())} with unidentified parameters, {n_cp} change "
+          f"points, {fitter.reseeds} re-seeds)")
     if not args.no_plot:
         png = args.output.with_suffix(".png")
         plot_trajectories(df, png)
