@@ -257,6 +257,44 @@ class PhasesConfig(_Section):
     checkpoint: str | None = "default"
 
 
+class SubstrateConfig(_Section):
+    """What GISAXS particles sit on, for the DWBA (workers.inversion.spec.Substrate): refractive
+    index n = 1 - delta + i beta of the substrate (dimensionless, at the run's X-ray energy: e.g.
+    Si at 12.4 keV delta 3.16e-6, beta 4.2e-8; Henke tables), optionally one film on it
+    (film_delta, film_beta, film_thickness in nm; thickness 0: none)."""
+    delta: float = Field(ge=0)
+    beta: float = Field(ge=0)
+    film_delta: float = Field(0.0, ge=0)
+    film_beta: float = Field(0.0, ge=0)
+    film_thickness: float = Field(0.0, ge=0)
+
+
+class GisaxsInversionConfig(_Section):
+    """The GISAXS part of the inversion (gisaxs runs): `model` (workers/inversion/spec.py:
+    spheres, cylinders on a radial paracrystal, spheres with hard-disk order; `_dwba`: on
+    `inversion.substrate`, needed then), `checkpoint` of the map encoder ("default":
+    service/models/gisaxs_encoder.pt; null: LM from a grid search), `bounds` of the shape
+    parameters, `qmap_npt` (n_qxy, n_qz) bins of the fitted (q_xy, q_z) map (pixel centres,
+    no splitting: independent bins). Bins no wider than a pixel keep the model exact at each
+    pixel's q; coarser bins average pixels across the Yoneda band and a structure peak and bias
+    the fit beyond the noise at high counts (3 pixels a bin, 1e5 counts at the peak: radius
+    1 % off, chi2_red 4-6). The fit's errors come from the model's expected counts (two
+    reweighting steps after the first fit), so maps of a few counts a pixel are fitted
+    without bias."""
+    model: Literal["spheres_paracrystal_dwba", "spheres_paracrystal", "cylinders_paracrystal_dwba",
+                   "cylinders_paracrystal", "spheres_hard_disk_dwba", "spheres_hard_disk"] = "spheres_paracrystal_dwba"
+    checkpoint: str | None = "default"
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    qmap_npt: tuple[int, int] = (128, 128)
+
+    @model_validator(mode="after")
+    def _bounds_of_model(self):
+        from workers.inversion.spec import check_qmap_npt, shape_bounds
+        shape_bounds(self.model, self.bounds)
+        check_qmap_npt(self.qmap_npt)
+        return self
+
+
 class InversionConfig(_Section):
     """Fast structural inversion of each reduced SAXS profile (workers/inversion) in the model
     `model`: "sphere_hs" (Schulz hard spheres: radius nm, pd, volfraction, i0, background),
@@ -271,7 +309,9 @@ class InversionConfig(_Section):
     `fit_quality`: good (chi2 p-value >= `good_p_value`), bad (chi2_red > `bad_chi2`: the model
     cannot describe the sample), else poor. `q_range` (1/nm) limits the points used. A run may
     set any of these but `checkpoint` in start["scatterflow"]["inversion"]. With `fit.peaks: []`
-    peak fitting is off and runs are reduced and inverted only."""
+    peak fitting is off and runs are reduced and inverted only. GISAXS runs invert their own
+    (q_xy, q_z) map per frame instead (`gisaxs`, `substrate`; `q_range` is then the |q_xy| band of
+    the fitted bins and `min_q_overlap` the fraction of the encoder's grid the map must cover)."""
     enabled: bool = False
     checkpoint: str = "default"
     model: Literal["sphere_hs", "powerlaw_spheres", "unified_level"] = "sphere_hs"
@@ -283,6 +323,8 @@ class InversionConfig(_Section):
     n_starts: int = Field(3, ge=1, le=16)
     good_p_value: float = Field(1e-3, gt=0, lt=1)
     bad_chi2: float = Field(4.0, gt=1)
+    substrate: SubstrateConfig | None = None
+    gisaxs: GisaxsInversionConfig = Field(default_factory=GisaxsInversionConfig)
 
     @model_validator(mode="after")
     def _bounds_of_model(self):

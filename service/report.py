@@ -263,7 +263,7 @@ def fig_chi2(run: dict, path: Path) -> Path | None:
 
 
 VERDICT_COLORS = {"good": "#2e7d32", "poor": "#f9a825", "bad": "#c62828"}
-PARAMETER_UNITS = {"radius": "nm", "rg": "nm"}       # lengths of workers.inversion's models; the rest as stored
+PARAMETER_UNITS = {"radius": "nm", "rg": "nm", "distance": "nm", "height": "nm"}   # lengths; the rest as stored
 
 
 def inversion_parameters(inv) -> list[str]:

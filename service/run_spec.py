@@ -158,7 +158,8 @@ class RunSpecBuilder:
                 phases = None
         return RunSpec(geometry=geometry, reduction=reduction, model=model, regularizer=run.fit.regularizer,
                        phases=phases, phase_checkpoint=self.phase_checkpoint if phases is not None else None,
-                       inversion=self._run_inversion(start), mask=mask, dark=_image_for(g.dark, geometry, "dark"),
+                       inversion=self._run_inversion(start, reduction.modality), mask=mask,
+                       dark=_image_for(g.dark, geometry, "dark"),
                        flat=_image_for(g.flat, geometry, "flat"), calibrant=calibrant)
 
     def _phase_spec(self):
@@ -189,6 +190,7 @@ class RunSpecBuilder:
         """The configuration's inversion (None: off); reads the encoder checkpoint once."""
         cfg = self.settings.inversion
         self._encoder = self._load_encoder(cfg) if cfg.enabled else _UNREAD
+        self._gisaxs_state = self._load_gisaxs_encoder(cfg.gisaxs.checkpoint) if cfg.enabled else _UNREAD
         return self._saxs_inversion(cfg) if cfg.enabled else None
 
     def _load_encoder(self, cfg: InversionConfig) -> dict | None:
@@ -215,33 +217,83 @@ class RunSpecBuilder:
                                  min_q_overlap=cfg.min_q_overlap, n_starts=cfg.n_starts,
                                  good_p_value=cfg.good_p_value, bad_chi2=cfg.bad_chi2)
 
-    def _run_inversion(self, start: dict):
+    def _run_inversion(self, start: dict, modality: str):
         """The run's inversion: the configuration's, with the keys of start["scatterflow"]["inversion"]
-        (any InversionConfig key but ``checkpoint``: a start document names no files). ValueError
-        naming the key for a bad value."""
+        (any InversionConfig key but the checkpoints: a start document names no files); a gisaxs
+        run's inverts its (q_xy, q_z) map (``_gisaxs_inversion``). ValueError naming the key for a
+        bad value."""
         hints = start.get("scatterflow")
         over = hints.get("inversion") if isinstance(hints, dict) else None
-        if over is None:
-            return self.inversion
         where = "start.scatterflow.inversion"
-        if not isinstance(over, dict):
-            raise ValueError(f"{where} must be a mapping, got {over!r}")
-        if "checkpoint" in over:
-            raise ValueError(f"{where}.checkpoint: a start document may not name files")
-        try:
-            cfg = InversionConfig.model_validate({**self.settings.inversion.model_dump(), **over})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"{where}{'.' + loc if loc else ''}: {err['msg']}") from None
+        if over is None:
+            if modality != "gisaxs":
+                return self.inversion
+            cfg, where = self.settings.inversion, "inversion"
+        else:
+            cfg = self._merged_inversion(over, where)
         if not cfg.enabled:
             return None
+        if modality == "gisaxs":
+            return self._gisaxs_inversion(cfg, where, str(start.get("uid", "?"))[:8])
         if self._encoder is _UNREAD:                  # inversion off in the configuration, on for this run
             try:
                 self._encoder = self._load_encoder(self.settings.inversion.model_copy(update={"model": cfg.model}))
             except ConfigError as exc:
                 raise ValueError(f"{where}: {exc}") from None
         return self._saxs_inversion(cfg)
+
+    def _merged_inversion(self, over, where: str) -> InversionConfig:
+        if not isinstance(over, dict):
+            raise ValueError(f"{where} must be a mapping, got {over!r}")
+        if "checkpoint" in over or (isinstance(over.get("gisaxs"), dict) and "checkpoint" in over["gisaxs"]):
+            raise ValueError(f"{where}.checkpoint: a start document may not name files")
+        base = self.settings.inversion.model_dump()
+        if isinstance(over.get("gisaxs"), dict):      # its keys over the configuration's, the checkpoint kept
+            over = {**over, "gisaxs": {**base["gisaxs"], **over["gisaxs"]}}
+        try:
+            return InversionConfig.model_validate({**base, **over})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}{'.' + loc if loc else ''}: {err['msg']}") from None
+
+    def _gisaxs_inversion(self, cfg: InversionConfig, where: str, run: str):
+        """The GisaxsInversionSpec of a gisaxs run (workers/inversion/spec.py); the map encoder
+        of ``inversion.gisaxs.checkpoint`` read once (None: LM from a grid search). A DWBA model
+        without a substrate: no inversion for the run (a warning), its reduction goes on."""
+        from workers.inversion.spec import GisaxsInversionSpec, Substrate, is_dwba
+        g = cfg.gisaxs
+        _check(f"{where}.gisaxs.qmap_npt", max(g.qmap_npt), "qmap_npt", self.settings.limits)
+        if self._gisaxs_state is _UNREAD:
+            self._gisaxs_state = self._load_gisaxs_encoder(g.checkpoint)
+        if is_dwba(g.model) and cfg.substrate is None and not (self._gisaxs_state or {}).get("substrate"):
+            log.warning("run %s: no inversion: the %s model needs %s.substrate (delta, beta at the run's "
+                        "energy), or gisaxs.model: %s for the Born approximation", run, g.model, where,
+                        g.model.removesuffix("_dwba"))
+            return None
+        try:
+            return GisaxsInversionSpec(
+                state=self._gisaxs_state, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range,
+                model=g.model, substrate=None if cfg.substrate is None else Substrate(**cfg.substrate.model_dump()),
+                bounds=tuple((k, lo, hi) for k, (lo, hi) in g.bounds.items()), qmap_npt=tuple(g.qmap_npt),
+                min_map_overlap=cfg.min_q_overlap, n_starts=cfg.n_starts, good_p_value=cfg.good_p_value,
+                bad_chi2=cfg.bad_chi2)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @staticmethod
+    def _load_gisaxs_encoder(checkpoint: str | None) -> dict | None:
+        if checkpoint is None:
+            return None
+        path = MODELS / "gisaxs_encoder.pt" if checkpoint == "default" else Path(checkpoint)
+        if not path.is_file():
+            if checkpoint != "default":
+                raise ConfigError(f"inversion.gisaxs.checkpoint: no file {path}")
+            log.info("no GISAXS inversion encoder at %s: LM from a grid search", path)
+            return None
+        import torch
+        log.info("GISAXS inversion encoder: %s", path)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 _UNREAD = object()          # the encoder checkpoint not read yet

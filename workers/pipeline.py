@@ -31,7 +31,9 @@ from workers.geometry import Geometry
 from workers.grazing import (GrazingGeometry, build_chi_sector, build_qmap, build_vertical_cut,
                              build_wedge_profiles, build_yoneda_cut, hermans_orientation, horizon_mask)
 from workers.integrate import build_integrator_1d
-from workers.inversion.refine import SaxsInverter, inversion_rows
+from workers.inversion.maps import InversionMap
+from workers.inversion.refine import inversion_rows, make_inverter
+from workers.inversion.spec import GisaxsInversionSpec
 from workers.phase import PhaseSpec, PhaseTracker
 from workers.specs import InversionSpec, ModelSpec, ReductionSpec, RegularizerSpec
 from workers.temporal import TrajectoryFitter
@@ -325,6 +327,7 @@ class Reduced:
     intensity: Any
     sigma: Any
     clock: StageClock
+    inversion_map: tuple | None = None     # GISAXS inversion: (MapPoints, intensity, sigma (B, M))
 
 
 class RunPipeline:
@@ -337,7 +340,8 @@ class RunPipeline:
             raise ValueError(f"reduction.snapshot_every must be >= 0 (0 = off), got {spec.reduction.snapshot_every}")
         self.spec, self.device, self.cache = spec, device, cache
         self.fitter = None if spec.model is None else TrajectoryFitter(spec.model, spec.regularizer, device=device)
-        self.inverter = None if spec.inversion is None else SaxsInverter.from_spec(spec.inversion, device=device)
+        self.inverter = None if spec.inversion is None else make_inverter(spec.inversion, device=device)
+        self._inversion_map: InversionMap | None = None      # a GISAXS inversion's map, built on the first frame
         self.phases = (None if spec.phases is None or self.fitter is None
                        else PhaseTracker(spec.phases, spec.phase_checkpoint, device=device))
         self._reseeds_reported = 0
@@ -385,10 +389,37 @@ class RunPipeline:
             out.snapshots = self._snapshots(parts.main, batch, seq, pick)
             if parts.qmap is not None:
                 out.qmaps = self._qmaps(parts.qmap, batch, seq, pick)
+        inv_map = None
+        if (isinstance(self.spec.inversion, GisaxsInversionSpec) and self.spec.reduction.modality == "gisaxs"
+                and self.inverter is not None):
+            with clock("inversion_map"):
+                inv_map = self._map_for_inversion(batch)
         if self._calibration_pending:
             self._calibration_pending = False
             out.calibration = self._calibrate(frames[0])
-        return Reduced(out, main.radial, main.intensity, main.sigma, clock)
+        return Reduced(out, main.radial, main.intensity, main.sigma, clock, inv_map)
+
+    def _map_for_inversion(self, batch) -> tuple | None:
+        """(MapPoints, intensity, sigma (B, M)) of the batch for the GISAXS inversion
+        (``workers.inversion.maps``: pixel centres, pixels below the horizon left out, |q_xy| in
+        the spec's q_range); None, and no inversion for the run, where no bin is left."""
+        if self._inversion_map is None:
+            g, inv = self.spec.reduction.grazing, self.spec.inversion
+            ggeo = GrazingGeometry(self.spec.geometry, incident_angle=g.incident_angle, tilt_angle=g.tilt_angle,
+                                   sample_orientation=g.sample_orientation)
+            mask = self.spec.mask if self.spec.mask is not None else self.spec.geometry.detector_mask()
+            try:
+                self._inversion_map = InversionMap(
+                    ggeo, npt=inv.qmap_npt, q_xy_range=g.qmap_q_xy_range, q_z_range=g.qmap_q_z_range,
+                    q_xy_band=inv.q_range, mask=mask | horizon_mask(ggeo), dummy=DUMMY, delta_dummy=DELTA_DUMMY,
+                    polarization_factor=self.spec.reduction.polarization, dark=self.spec.dark, flat=self.spec.flat,
+                    device=self.device)
+            except ValueError as exc:          # e.g. a q_range without pixels: the reduction goes on
+                log.error("no GISAXS inversion for this run: %s", exc)
+                self.inverter = None
+                return None
+        y, s = self._inversion_map(batch)
+        return self._inversion_map.points, y, s
 
     def _device_batch(self, frames: np.ndarray) -> torch.Tensor:
         """(B, H, W) frames as a tensor on the worker's device. On CPU a view of the (shared
@@ -455,6 +486,11 @@ class RunPipeline:
         if self.inverter is not None and out.profiles.unit.startswith("q_nm"):
             with clock("inversion"):
                 out.inversion = self._invert(r.radial, r.intensity, r.sigma, out.seq, out.times)
+        elif r.inversion_map is not None:
+            with clock("inversion"):
+                spec = self.spec.inversion
+                res = self.inverter.invert_map(*r.inversion_map, refine_fit=spec.refine, max_iter=spec.max_iter)
+                out.inversion = inversion_rows(res, out.seq, out.times)
         if self.phases is not None and out.peaks is not None:
             with clock("phases"):
                 out.phases = self.phases.update(out.peaks, seq_num=out.seq, radial=r.radial, intensity=r.intensity)

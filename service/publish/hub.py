@@ -320,7 +320,8 @@ class PublishHub:
         if inv.get("bad"):
             log.warning("run %s: the inversion model %s cannot describe %d of %d frames (fit_quality bad: "
                         "reduced chi2 above inversion.bad_chi2); their parameters are not measurements of "
-                        "the sample. Other models: inversion.model", uid[:8], inv["model"], inv["bad"], inv["frames"])
+                        "the sample. Other models: inversion.model (SAXS), inversion.gisaxs.model (GISAXS)", uid[:8],
+                        inv["model"], inv["bad"], inv["frames"])
 
 
 def _has_rows(rows: dict | None) -> bool:

@@ -89,13 +89,24 @@ def dwba_q(grid: DetectorGrid, substrate: Substrate, dtype=torch.float64, device
     """The DWBA terms of ``grid``'s pixels on ``substrate`` (module docstring); build once per
     grid and substrate (the Fresnel coefficients do not depend on the particles)."""
     q_par, _, omega = grid.q()
-    alpha_f = grid.alpha_f()
+    return dwba_points(q_par, grid.alpha_f(), grid.wavelength, grid.alpha_i, substrate, omega, dtype, device)
+
+
+def dwba_points(q_par: torch.Tensor, alpha_f: torch.Tensor, wavelength: float, alpha_i: float,
+                substrate: Substrate, omega: torch.Tensor | None = None, dtype=torch.float64, device=None) -> DwbaQ:
+    """The DWBA terms of any points (H, W): in-plane |q_par| (1/nm) and exit angle alpha_f (rad,
+    > 0) at incidence alpha_i (rad), wavelength in nm; omega: the pixel factor (None: 1, as for
+    a map of intensity per solid angle). E.g. a grazing run's (q_xy, q_z) bins, with
+    sin alpha_f = q_z / k - sin alpha_i."""
+    alpha_f = alpha_f.to(torch.float64)
     if not bool((alpha_f > 0).all()):
         raise ValueError("dwba_q: every pixel needs alpha_f > 0 (above the sample horizon)")
-    k = 2.0 * math.pi / grid.wavelength
-    a, b = k * math.sin(grid.alpha_i), k * torch.sin(alpha_f)
-    r_i = fresnel_r(k, torch.tensor(grid.alpha_i, dtype=torch.float64), substrate)
-    return DwbaQ(q_par, a + b, b - a, r_i, fresnel_r(k, alpha_f, substrate), omega).to(dtype, device)
+    k = 2.0 * math.pi / wavelength
+    a, b = k * math.sin(alpha_i), k * torch.sin(alpha_f)
+    r_i = fresnel_r(k, torch.tensor(alpha_i, dtype=torch.float64), substrate)
+    omega = torch.ones_like(alpha_f) if omega is None else omega
+    return DwbaQ(q_par.to(torch.float64).abs(), a + b, b - a, r_i, fresnel_r(k, alpha_f, substrate),
+                 omega.to(torch.float64)).to(dtype, device)
 
 
 def dwba_amplitudes(amplitudes, dq: DwbaQ, *shape):

@@ -13,6 +13,18 @@ grid). Parameters in that order: shape..., amplitudes..., background (``ModelInf
 
 (forward models in ``workers.inversion.saxs``). ``sphere_hs``'s bounds are the encoder's
 training ranges; the others' span what SAXS and USAXS measure (q 0.002-5 1/nm).
+
+GISAXS (``GISAXS_MODELS``, ``workers.inversion.gisaxs`` (Born) and ``workers.inversion.dwba``
+(``_dwba``: the distorted-wave Born approximation on a ``Substrate``)), amplitude i0:
+
+| model | shape (bounds) |
+| --- | --- |
+| ``spheres_paracrystal[_dwba]`` | radius 1-30 nm, pd 0.02-0.2, distance 5-100 nm, disorder 0.05-0.3 |
+| ``cylinders_paracrystal[_dwba]`` | radius 1-30 nm, pd 0.02-0.2, height 1-60 nm, distance 5-100 nm, disorder 0.05-0.3 |
+| ``spheres_hard_disk[_dwba]`` | radius 1-30 nm, pd 0.02-0.2, coverage 0.05-0.6 |
+
+pd <= 0.2 keeps the Gauss-Hermite radii positive; the shipped encoder (spheres, Born maps)
+narrows radius to 2-8 nm and distance to 12-40 nm where it gives the start.
 """
 from __future__ import annotations
 
@@ -47,12 +59,37 @@ SAXS_MODELS: dict[str, ModelInfo] = {m.name: m for m in (
 )}
 
 
+def _gisaxs_models() -> dict[str, ModelInfo]:
+    r, pd, dist, dis = (1.0, 30.0, True, 16), (0.02, 0.2, False, 2), (5.0, 100.0, True, 8), (0.05, 0.3, False, 2)
+    kinds = {"spheres_paracrystal": (("radius", r), ("pd", pd), ("distance", dist), ("disorder", dis)),
+             "cylinders_paracrystal": (("radius", (1.0, 30.0, True, 12)), ("pd", pd), ("height", (1.0, 60.0, True, 4)),
+                                       ("distance", (5.0, 100.0, True, 6)), ("disorder", dis)),
+             "spheres_hard_disk": (("radius", (1.0, 30.0, True, 24)), ("pd", pd), ("coverage", (0.05, 0.6, False, 4)))}
+    out = {}
+    for kind, params in kinds.items():
+        for name in (kind, kind + "_dwba"):
+            out[name] = ModelInfo(name, tuple(p for p, _ in params), ("i0",), tuple(v[0] for _, v in params),
+                                  tuple(v[1] for _, v in params), tuple(v[2] for _, v in params),
+                                  tuple(v[3] for _, v in params))
+    return out
+
+
+GISAXS_MODELS: dict[str, ModelInfo] = _gisaxs_models()
+
+
+def is_dwba(model: str) -> bool:
+    """The GISAXS model needs a Substrate (the DWBA)."""
+    return model.endswith("_dwba")
+
+
 def shape_bounds(model: str, overrides: tuple[tuple[str, float, float], ...] | dict = ()) -> tuple[tuple, tuple]:
-    """(lo, hi) of ``model``'s shape parameters: its defaults, replaced by ``overrides``
-    ((name, lo, hi) triples or {name: (lo, hi)}). ValueError naming the model, parameter or bound."""
-    if model not in SAXS_MODELS:
-        raise ValueError(f"inversion model must be one of {tuple(SAXS_MODELS)}, got {model!r}")
-    info = SAXS_MODELS[model]
+    """(lo, hi) of ``model``'s shape parameters (a SAXS_MODELS or GISAXS_MODELS key): its
+    defaults, replaced by ``overrides`` ((name, lo, hi) triples or {name: (lo, hi)}).
+    ValueError naming the model, parameter or bound."""
+    models = {**SAXS_MODELS, **GISAXS_MODELS}
+    if model not in models:
+        raise ValueError(f"inversion model must be one of {tuple(models)}, got {model!r}")
+    info = models[model]
     items = overrides.items() if isinstance(overrides, dict) else ((n, (a, b)) for n, a, b in overrides)
     lo, hi = list(info.lo), list(info.hi)
     for name, (a, b) in items:
@@ -110,3 +147,48 @@ class Substrate:
         vals = (self.delta, self.beta, self.film_delta, self.film_beta, self.film_thickness)
         if not all(math.isfinite(v) and v >= 0 for v in vals):
             raise ValueError(f"Substrate: delta, beta and the film's values must be finite and >= 0, got {vals}")
+
+
+def check_qmap_npt(npt) -> None:
+    """ValueError unless npt is two bin counts (n_qxy, n_qz) in 4..2048."""
+    if not (len(npt) == 2 and all(4 <= int(n) <= 2048 for n in npt)):
+        raise ValueError(f"qmap_npt must be two bin counts in 4..2048, got {tuple(npt)!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class GisaxsInversionSpec(InversionSpec):
+    """Per-frame inversion of a GISAXS run's (q_xy, q_z) map (``workers.inversion.maps``,
+    ``GisaxsInverter.invert_map``). InversionSpec (``state``: the map encoder's checkpoint or
+    None; refine, max_iter; ``q_range``: the |q_xy| band (1/nm) of the fitted bins, None: all)
+    and:
+
+    model: a GISAXS_MODELS key; substrate: the DWBA's (delta, beta at the run's energy; None:
+    the checkpoint's ``substrate``); bounds: (name, lo, hi) overrides of the shape bounds;
+    qmap_npt: (n_qxy, n_qz) bins of the fitted map; min_map_overlap: the encoder gives the LM's
+    start only when the run's map covers at least this fraction of its grid's pixels (else, and
+    when the incidence angles differ by more than 2x: grid search); n_starts, good_p_value,
+    bad_chi2: as SaxsInversionSpec."""
+    model: str = "spheres_paracrystal_dwba"
+    substrate: Substrate | None = None
+    bounds: tuple[tuple[str, float, float], ...] = ()
+    qmap_npt: tuple[int, int] = (128, 128)
+    min_map_overlap: float = 0.5
+    n_starts: int = 2
+    good_p_value: float = 1e-3
+    bad_chi2: float = 4.0
+
+    def __post_init__(self):
+        if self.model not in GISAXS_MODELS:
+            raise ValueError(f"GISAXS inversion model must be one of {tuple(GISAXS_MODELS)}, got {self.model!r}")
+        shape_bounds(self.model, self.bounds)
+        if is_dwba(self.model) and self.substrate is None and not (self.state or {}).get("substrate"):
+            raise ValueError(f"substrate: the {self.model} model needs the substrate's delta and beta "
+                             "(at the run's energy)")
+        check_qmap_npt(self.qmap_npt)
+        if not 0 < self.min_map_overlap <= 1:
+            raise ValueError(f"inversion min_map_overlap must be in (0, 1], got {self.min_map_overlap!r}")
+        if not 1 <= self.n_starts <= 16:
+            raise ValueError(f"inversion n_starts must be in 1..16, got {self.n_starts!r}")
+        if not 0 < self.good_p_value < 1 or not self.bad_chi2 > 1:
+            raise ValueError(f"inversion needs 0 < good_p_value < 1 and bad_chi2 > 1, got "
+                             f"{self.good_p_value!r}, {self.bad_chi2!r}")
