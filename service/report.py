@@ -145,7 +145,10 @@ def peak_summary(final) -> list[dict]:
                     "mean_area": float(np.nanmean(d["amplitude"].to_numpy(float))),
                     "median_chi2": float(np.nanmedian(d["chi2"].to_numpy(float))),
                     "converged": float(np.mean(d["converged"].astype(bool))),
-                    "change_points": int(np.sum(d["change_point"].astype(bool)))})
+                    "change_points": int(np.sum(d["change_point"].astype(bool))),
+                    # frames whose data do not determine some of this peak's parameters (runs
+                    # written before the column existed: 0)
+                    "undetermined": int(np.sum(d["unidentified"].to_numpy() > 0)) if "unidentified" in d else 0})
     return out
 
 
@@ -432,7 +435,7 @@ all numbers below are read from the stored run (final, regularized fits unless s
                 ("median_center_err", f"median σ centre ({unit})", "{:.2e}"),
                 ("mean_fwhm", f"mean FWHM ({unit})", "{:.5f}"), ("mean_area", "mean area", "{:.5g}"),
                 ("median_chi2", "median χ²ᵣ", "{:.3f}"), ("converged", "converged", "{:.0%}"),
-                ("change_points", "change points", "{:d}")]
+                ("change_points", "change points", "{:d}"), ("undetermined", "frames undetermined", "{:d}")]
         head = "".join(f"<th>{e(label)}</th>" for _, label, _ in cols)
         body = ""
         for s in summary:
@@ -448,7 +451,9 @@ all numbers below are read from the stored run (final, regularized fits unless s
                      "fits whose solver met its criteria (step and gradient tolerances of the regularized window "
                      "fit, for that frame) with every parameter determined by the data; a fit that stopped at its "
                      "iteration limit, or a peak whose centre or width the data do not determine (its area near "
-                     "0: the errors are then blank), counts as not converged.</p>")
+                     "0: the errors are then blank), counts as not converged. frames undetermined: frames in "
+                     "which the data do not determine some of the peak's parameters (a peak of about zero area "
+                     "has no centre or width); their errors are blank.</p>")
     else:
         parts.append("<p>No final fits stored for this run.</p>")
 

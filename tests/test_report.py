@@ -107,6 +107,7 @@ def test_report_matches_tiled_and_truth(stored_run):
         assert cell(page, peak, "mean_fwhm") == pytest.approx(d["fwhm"].mean(), rel=1e-12)
         assert cell(page, peak, "median_chi2") == pytest.approx(d["chi2"].median(), rel=1e-12)
         assert cell(page, peak, "change_points") == d["change_point"].sum()
+        assert cell(page, peak, "undetermined") == (d["unidentified"] > 0).sum()
         # and the fits themselves follow the simulator (mean over the run, 1/nm)
         assert cell(page, peak, "mean_center") == pytest.approx(truth[peak]["center"].mean(), abs=0.02)
     # the lamellar peak moved under UV, so its range is not flat
