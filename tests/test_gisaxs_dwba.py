@@ -9,8 +9,10 @@ import torch
 
 from workers.inversion.dwba import (cylinders_paracrystal_dwba, dwba_q, fresnel_r, spheres_hard_disk_dwba,
                                     spheres_paracrystal_dwba)
-from workers.inversion.gisaxs import _GH_T, _GH_W, DetectorGrid, spheres_paracrystal
+from workers.inversion.gisaxs import DetectorGrid, spheres_paracrystal
 from workers.inversion.spec import Substrate
+
+from bornagain_refs import paracrystal as _paracrystal, particles as _particles, relative_error_map as _rel_err
 
 D = torch.float64
 LAM = 0.124                                      # nm, 10 keV
@@ -46,30 +48,6 @@ def _bornagain(substrate, particles, structure, alpha_i=GRID.alpha_i):
     det = ba.SphericalDetector(U[2], U[0], U[1], V[2], V[0], V[1])
     sim = ba.ScatteringSimulation(ba.Beam(1.0, LAM, alpha_i), _sample(ba, substrate, structure(ba, part)), det)
     return np.asarray(sim.simulate().flatVector()).reshape(GRID.shape)
-
-
-def _particles(kind, radius, pd, height=None):
-    ba = pytest.importorskip("bornagain")
-    mat = ba.RefractiveMaterial("p", (1.0, 0.0, 0.0), 1e-10, 0.0)
-    ff = (lambda r: ba.Sphere(r)) if kind == "sphere" else (lambda r: ba.Cylinder(r, height))
-    return [(ba.Particle(mat, ff(radius * (1 + math.sqrt(2) * pd * t))), w) for t, w in zip(_GH_T, _GH_W)]
-
-
-def _paracrystal(distance, omega):
-    def make(ba, part):
-        st = ba.RadialParacrystal(part, distance, 0.0)
-        st.setProbabilityDistribution(ba.Profile1DGauss(omega))
-        return st
-    return make
-
-
-def _rel_err(ba_map, ours):
-    """Per-pixel |ratio / median ratio - 1| (BornAgain's absolute scale divided out) where
-    I > 1e-3 max, as a map (NaN elsewhere)."""
-    ours = ours[0].numpy()
-    m = ours > 1e-3 * ours.max()
-    ratio = ba_map / ours
-    return np.where(m, np.abs(ratio / np.median(ratio[m]) - 1), np.nan)
 
 
 def _yoneda_rows(substrate):

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from workers.inversion.encoder import ParamBounds, log_grid, profile_features
-from workers.inversion.gisaxs import (_GH_T, _GH_W, DetectorGrid, cylinders_paracrystal, spheres_hard_disk,
-                                      spheres_paracrystal)
+from workers.inversion.gisaxs import DetectorGrid, cylinders_paracrystal, spheres_hard_disk, spheres_paracrystal
 from workers.inversion.refine import AmplitudeModel, SaxsInverter, inversion_rows, linear_amplitudes, refine
 from workers.inversion.saxs import guinier, porod, sphere_hs, sphere_schulz_form, sphere_schulz_form_reference
+
+from bornagain_refs import paracrystal as _paracrystal, particles as _particles, relative_error_map
 
 D = torch.float64
 MODELS = Path(__file__).resolve().parents[1] / "service" / "models"
@@ -118,28 +119,10 @@ def _bornagain(particles, structure):
     return np.asarray(res.flatVector()).reshape(GRID.shape)
 
 
-def _particles(kind, radius, pd, height=None):
-    import bornagain as ba
-    mat = ba.RefractiveMaterial("p", (1.0, 0.0, 0.0), 1e-10, 0.0)
-    ff = (lambda r: ba.Sphere(r)) if kind == "sphere" else (lambda r: ba.Cylinder(r, height))
-    return [(ba.Particle(mat, ff(radius * (1 + math.sqrt(2) * pd * t))), w) for t, w in zip(_GH_T, _GH_W)]
-
-
-def _paracrystal(distance, omega):
-    def make(ba, part):
-        st = ba.RadialParacrystal(part, distance, 0.0)
-        st.setProbabilityDistribution(ba.Profile1DGauss(omega))
-        return st
-    return make
-
-
 def _rel_err(ba_map, ours):
-    """BornAgain's absolute scale (beam, density, contrast) is one constant: divide it out (median
-    ratio), then the relative error per pixel where I > 1e-3 max (deep form-factor zeros excluded)."""
-    ours = ours[0].numpy()
-    m = ours > 1e-3 * ours.max()
-    ratio = ba_map / ours
-    return np.abs(ratio / np.median(ratio[m]) - 1)[m]
+    """Per-pixel relative errors where our map exceeds 1e-3 of its maximum (bornagain_refs)."""
+    err = relative_error_map(ba_map, ours)
+    return err[np.isfinite(err)]
 
 
 def test_gisaxs_spheres_paracrystal_matches_bornagain():

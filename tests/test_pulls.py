@@ -38,6 +38,8 @@ from workers.integrate import bin_correlation, build_integrator_1d
 from workers.pipeline import IntegratorCache, RunPipeline, RunSpec
 from workers.specs import BackgroundSpec, GrazingSpec, ModelSpec, PeakSpec, ReductionSpec, RegularizerSpec
 
+from test_modalities import gisaxs_geometry, giwaxs_geometry      # the same small grazing detectors
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 AI, AC = 3.5e-3, 1.8e-3          # incidence and critical angle, rad
@@ -64,17 +66,6 @@ def transmission_geometry(dist: float) -> Geometry:
     """200 x 200 2x-binned Pilatus pixels, beam in the middle."""
     return Geometry(dist=dist, poni1=0.0344, poni2=0.0344, detector="Detector", pixel1=344e-6,
                     pixel2=344e-6, shape=(200, 200), wavelength=1e-10)
-
-
-def giwaxs_geometry() -> Geometry:
-    return Geometry(dist=0.15, poni1=0.005, poni2=0.0533, detector="Detector", pixel1=PX, pixel2=PX,
-                    shape=(122, 155), wavelength=1e-10)
-
-
-def gisaxs_geometry() -> Geometry:
-    """Fine vertical pixels (Yoneda band resolved), coarse horizontal ones (rods at ±3.2 1/nm)."""
-    return Geometry(dist=0.5, poni1=0.002, poni2=0.045, detector="Detector", pixel1=172e-6,
-                    pixel2=5e-4, shape=(150, 180), wavelength=1e-10)
 
 
 def run_rows(spec: RunSpec, sim, times=TIMES, batch: int = 8) -> dict[str, np.ndarray]:
