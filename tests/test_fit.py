@@ -226,3 +226,51 @@ def test_covariance_leaves_out_parameters_the_data_do_not_determine():
     ref = 2.0 * np.linalg.inv(j[:, kept].T @ j[:, kept])
     np.testing.assert_allclose(cov[0][kept][:, kept].numpy(), ref, rtol=1e-10)
     assert torch.isnan(cov[0, 1]).all() and torch.isnan(cov[0, :, 3]).all()
+
+
+# three pseudo-Voigt peaks + a line (the benchmark's model) on Q, numpy only (independent)
+PV3 = ((15.0, 0.40, 200.0, 0.3), (17.0, 0.55, 300.0, 0.6), (18.6, 0.30, 100.0, 0.5))
+PV3_TRUTH = np.array([v for pk in PV3 for v in pk] + [100.0, 10.0])
+PV3_SPEC = ModelSpec(tuple(PeakSpec(f"p{i}", "pseudo_voigt", center=c, fwhm=w) for i, (c, w, _, _) in enumerate(PV3)),
+                     BackgroundSpec("polynomial", 1))
+
+
+def _pv3(x, *p):
+    """lmfit-convention pseudo-Voigts + b0 + b1 u, u = (x - 17) / 3 (the model's reduced coordinate)."""
+    out = p[12] + p[13] * (x - 17.0) / 3.0
+    for k in range(3):
+        c, w, a, eta = p[4 * k:4 * k + 4]
+        g = math.sqrt(4 * math.log(2) / math.pi) / w * np.exp(-4 * math.log(2) * (x - c) ** 2 / w ** 2)
+        lor = (2 / (math.pi * w)) / (1 + 4 * (x - c) ** 2 / w ** 2)
+        out = out + a * (eta * lor + (1 - eta) * g)
+    return out
+
+
+def test_noise_free_three_peaks_reach_the_analytic_values():
+    """Exact data: the optimum is the truth, which Gauss-Newton reaches to rounding."""
+    y = np.stack([_pv3(Q, *PV3_TRUTH)] * 2)
+    p0 = np.stack([PV3_TRUTH * 1.003, PV3_TRUTH * 0.997])
+    res = fit_batch(PeakModel(PV3_SPEC), torch.tensor(Q), torch.tensor(y), torch.tensor(np.sqrt(y)), torch.tensor(p0))
+    assert np.abs(res.params.numpy() / PV3_TRUTH - 1).max() < 1e-10
+
+
+def test_three_peaks_match_curve_fit_and_autodiff_jacobian():
+    """The fused analytic Jacobian against the autodiff one (same LM: same iterations, results
+    to 1e-10 relative) and both against scipy curve_fit's optimum on the same data."""
+    from scipy.optimize import curve_fit
+    y = np.random.default_rng(5).poisson(_pv3(Q, *PV3_TRUTH), size=(3, Q.size)).astype(float)
+    s = np.sqrt(np.maximum(y, 1.0))
+    args = (PeakModel(PV3_SPEC), torch.tensor(Q), torch.tensor(y), torch.tensor(s), torch.tensor(PV3_TRUTH * 1.01))
+    kw = dict(ftol=1e-12, gtol=1e-10, max_iter=100)
+    res = fit_batch(*args, **kw)
+    auto = fit_batch(*args, jacobian="autodiff", **kw)
+    assert bool(res.converged.all())
+    assert torch.equal(res.n_iter, auto.n_iter)
+    for name in ("params", "stderr", "chi2_red"):
+        a, b = getattr(res, name), getattr(auto, name)
+        assert ((a - b).abs() / b.abs()).max() < 1e-10, name
+    for i in range(len(y)):
+        p, cov = curve_fit(_pv3, Q, y[i], p0=PV3_TRUTH * 1.01, sigma=s[i], ftol=1e-14, xtol=1e-14, gtol=1e-14)
+        se = np.sqrt(np.diag(cov))
+        assert (np.abs(res.params[i].numpy() - p) / se).max() < 1e-4      # both within tolerance of the optimum
+        assert res.stderr[i].numpy() == pytest.approx(se, rel=1e-5)

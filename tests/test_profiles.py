@@ -109,3 +109,66 @@ def test_bad_spec_rejected():
         PeakModel(ModelSpec((PeakSpec("a", fwhm=-0.1),)))
     with pytest.raises(ValueError, match="degree"):
         PeakModel(ModelSpec((PeakSpec("a"),), BackgroundSpec("polynomial", -1)))
+
+
+@pytest.mark.parametrize("shape", list(SHAPE_PARAMS))
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fast_jacobian_of_each_shape_matches_autograd(shape, scaled):
+    """evaluate_and_jacobian (the fit's path: pseudo_voigt fused, written into a workspace)
+    against torch.autograd's Jacobian of the plain evaluation, one peak + line, float64."""
+    x = torch.linspace(-2.0, 3.0, 157, dtype=D)
+    model = PeakModel(ModelSpec((PeakSpec("a", shape, center=0.3, fwhm=0.6),),
+                                BackgroundSpec("polynomial", 1))).bind(x)
+    g = torch.Generator().manual_seed(1)
+    base = torch.tensor(_params(shape) + [1.0, -0.5], dtype=D)
+    p = base * (1 + 0.2 * torch.rand(3, base.numel(), generator=g, dtype=D))
+    scale = torch.rand(3, x.numel(), generator=g, dtype=D) + 0.5 if scaled else None
+    work = torch.full((3, model.n_params + 1, x.numel()), math.nan, dtype=D)[:, :-1]   # strided, as the fit's
+    f, jac = model.evaluate_and_jacobian(p, scale, out=work)
+    assert jac.data_ptr() == work.data_ptr()
+    for b in range(3):
+        def fb(q):
+            v = model.evaluate(q[None])[0]
+            return v if scale is None else v * scale[b]
+        auto = torch.autograd.functional.jacobian(fb, p[b])           # (N, P)
+        # voigt: the analytic w'(z) = -2 z w + 2i/sqrt(pi) is exact, autograd differentiates
+        # Weideman's approximation (1e-12 relative): they agree to about that
+        rtol = 1e-9 if shape == "voigt" else 1e-12
+        assert torch.allclose(jac[b].T, auto, rtol=rtol, atol=0.1 * rtol * auto.abs().max())
+        assert torch.allclose(f[b], fb(p[b]), rtol=1e-13, atol=1e-14 * f[b].abs().max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fast_evaluation_matches_reference(dtype, tol):
+    """The fused path against the plain per-shape reference (value and derivative lists,
+    stacked), several peaks of every shape and eta at its bounds."""
+    x = torch.linspace(0.5, 6.0, 301, dtype=dtype)
+    peaks = tuple(PeakSpec(f"p{i}", s, center=1.0 + 0.8 * i) for i, s in enumerate(SHAPE_PARAMS))
+    peaks += (PeakSpec("q", "pseudo_voigt", center=5.2), PeakSpec("r", "pseudo_voigt", center=5.6))
+    for bg in (BackgroundSpec("polynomial", 2), BackgroundSpec("power_law")):
+        model = PeakModel(ModelSpec(peaks, bg)).bind(x)
+        g = torch.Generator().manual_seed(2)
+        p = model.guess(torch.rand(4, 301, generator=g, dtype=dtype) + 1.0)
+        p = p + 0.01 * torch.rand(p.shape, generator=g, dtype=dtype)
+        p[0, 9], p[1, 9] = 0.0, 1.0                         # the first pseudo_voigt's eta at its bounds
+        p[2, 8] = 0.0                                        # and its area 0
+        scale = torch.rand(4, 301, generator=g, dtype=dtype)
+        for s in (None, scale):
+            f, jac = model.evaluate_and_jacobian(p, s)
+            fr, jr = model.evaluate_reference(p, s)
+            assert jac.dtype == dtype and f.dtype == dtype
+            assert ((f - fr).abs().max() / fr.abs().max()).item() < tol
+            assert ((jac - jr).abs().amax(-1) / jr.abs().amax(-1).clamp_min(1e-30)).max().item() < tol
+
+
+def test_jacobian_differentiable_when_parameters_require_grad():
+    """A p that requires grad takes the plain (differentiable) path instead of in-place writes."""
+    model = PeakModel(ModelSpec((PeakSpec("a", "pseudo_voigt", center=0.3),), BackgroundSpec("polynomial", 1)))
+    bm = model.bind(torch.linspace(-2.0, 3.0, 57, dtype=D))
+    p = torch.tensor([_params("pseudo_voigt") + [1.0, 0.2]], dtype=D, requires_grad=True)
+    f, jac = bm.evaluate_and_jacobian(p)
+    (f.sum() + jac.sum()).backward()
+    assert p.grad is not None and torch.isfinite(p.grad).all()
+    with torch.no_grad():
+        f2, jac2 = bm.evaluate_and_jacobian(p)
+    assert torch.allclose(jac, jac2, rtol=1e-12) and torch.allclose(f, f2, rtol=1e-12)

@@ -105,7 +105,11 @@ class _Problem:
         self.n_points = ok.sum(-1)
         self.dof = (self.n_points - self.free.sum()).clamp_min(1).to(y.dtype)
         self.eps = torch.finfo(y.dtype).eps
-        if isinstance(model, BoundModel) and jacobian == "analytic":
+        self._model = model if isinstance(model, BoundModel) and jacobian == "analytic" else None
+        if self._model is not None:
+            # workspace [J; r] (B, P + 1, N), reused by every iteration (its first rows when
+            # only the active frames are evaluated): the model writes J, normal_ext appends r
+            self._jbuf = torch.empty(0, model.n_params + 1, x.shape[-1], dtype=y.dtype, device=y.device)
             self._fj = lambda p, w, jac=True: model.evaluate_and_jacobian(p, w, jac)
         else:
             f = model.evaluate if isinstance(model, BoundModel) else (lambda p: model(x, p))
@@ -124,6 +128,15 @@ class _Problem:
         """chi2 (B,), A = J^T W J (B, P, P), g = J^T W (y - f) (B, P) at external p; `rows`
         (index tensor): p holds only those frames."""
         w, yw = (self.w, self.yw) if rows is None else (self.w[rows], self.yw[rows])
+        if self._model is not None:
+            B = p.shape[0]
+            if self._jbuf.shape[0] < B:
+                self._jbuf = self._jbuf.new_empty(B, *self._jbuf.shape[1:])
+            jr = self._jbuf[:B]
+            fw, _ = self._model.evaluate_and_jacobian(p, w, out=jr[:, :-1])
+            torch.sub(yw, fw, out=jr[:, -1])
+            m = jr @ jr.transpose(1, 2)      # [J; r] [J; r]^T holds A, g and chi2: one product
+            return m[:, -1, -1], m[:, :-1, :-1], m[:, :-1, -1]
         fw, jw = self._fj(p, w)
         r = yw - fw
         return (r * r).sum(-1), jw @ jw.transpose(1, 2), (jw @ r[..., None])[..., 0]
