@@ -53,9 +53,9 @@ class RunProgress:
         self.progress.stop()
 
 
-def _floats(cols: dict, key: str, idx) -> np.ndarray:
-    """Rows ``idx`` of a column as REST's store gives it (NaN as None) as float64, None as NaN."""
-    return np.array([np.nan if cols[key][i] is None else cols[key][i] for i in idx], np.float64)
+def floats(values) -> np.ndarray:
+    """Values of a column as REST's store gives them (NaN as None) as float64, None as NaN."""
+    return np.array([np.nan if v is None else v for v in values], np.float64)
 
 
 def summarize(service, uid: str, truth_prefix: str = "det") -> dict:
@@ -66,7 +66,7 @@ def summarize(service, uid: str, truth_prefix: str = "det") -> dict:
     for peak in sorted(set(cols["peak"])):
         idx = [i for i, p in enumerate(cols["peak"]) if p == peak]
         seq = np.array([cols["seq_num"][i] for i in idx])
-        center, err = _floats(cols, "center", idx), _floats(cols, "center_err", idx)
+        center, err = floats(cols["center"][i] for i in idx), floats(cols["center_err"][i] for i in idx)
         truth = np.array([run.scalars.get(int(s), {}).get(f"{truth_prefix}_{peak}_center_truth", np.nan) for s in seq])
         ok = np.isfinite(truth) & np.isfinite(center)
         d = center[ok] - truth[ok]
@@ -114,7 +114,7 @@ def plot_trajectories(service, uid: str, path: Path, truth_prefix: str = "det") 
         seq = np.array([cols["seq_num"][i] for i in idx])
         for i, (key, label) in enumerate((("center", "centre (1/nm)"), ("fwhm", "FWHM (1/nm)"),
                                           ("amplitude", "area"))):
-            v, e = _floats(cols, key, idx), _floats(cols, f"{key}_err", idx)
+            v, e = floats(cols[key][k] for k in idx), floats(cols[f"{key}_err"][k] for k in idx)
             lo = v - e if key == "center" else np.maximum(v - e, 0.0)     # widths and areas are >= 0
             ax = axes[i, j]
             ax.plot(seq, v, "-", color="C0", label="fit (final)")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo_display import RunProgress, plot_trajectories, print_summary, summarize
+from .demo_display import RunProgress, floats, plot_trajectories, print_summary, summarize
 from .loopback import free_port, publishing_run_engine, start_proxy, start_service
 from .waiting import wait_finished
 
@@ -204,7 +204,7 @@ def _print_extras(console, service, key: str, workdir: Path) -> None:
         console.print("extra profiles: " + ", ".join(f"{n} ({p['unit']}, {len(p['radial'])} bins)"
                                                      for n, p in extras["profiles"].items()))
     for name, col in (extras.get("scalars") or {}).items():
-        v = np.array([np.nan if x is None else x for x in col["value"]], float)
+        v = floats(col["value"])
         if v.size:
             console.print(f"{name}: frame {col['seq_num'][0]} {v[0]:.3f}, frame {col['seq_num'][-1]} {v[-1]:.3f} "
                           f"(min {np.nanmin(v):.3f}, max {np.nanmax(v):.3f})")

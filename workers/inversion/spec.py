@@ -105,6 +105,15 @@ def shape_bounds(model: str, overrides: tuple[tuple[str, float, float], ...] | d
     return tuple(lo), tuple(hi)
 
 
+def _check_starts_and_verdict(n_starts: int, good_p_value: float, bad_chi2: float) -> None:
+    """ValueError unless the grid-search starts and the verdict's thresholds are usable."""
+    if not 1 <= n_starts <= 16:
+        raise ValueError(f"inversion n_starts must be in 1..16, got {n_starts!r}")
+    if not 0 < good_p_value < 1 or not bad_chi2 > 1:
+        raise ValueError(f"inversion needs 0 < good_p_value < 1 and bad_chi2 > 1, got "
+                         f"{good_p_value!r}, {bad_chi2!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class SaxsInversionSpec(InversionSpec):
     """InversionSpec (``state``: the encoder checkpoint, or None; refine, max_iter, q_range) and:
@@ -125,11 +134,7 @@ class SaxsInversionSpec(InversionSpec):
         shape_bounds(self.model, self.bounds)
         if not 0 < self.min_q_overlap <= 1:
             raise ValueError(f"inversion min_q_overlap must be in (0, 1], got {self.min_q_overlap!r}")
-        if not 1 <= self.n_starts <= 16:
-            raise ValueError(f"inversion n_starts must be in 1..16, got {self.n_starts!r}")
-        if not 0 < self.good_p_value < 1 or not self.bad_chi2 > 1:
-            raise ValueError(f"inversion needs 0 < good_p_value < 1 and bad_chi2 > 1, got "
-                             f"{self.good_p_value!r}, {self.bad_chi2!r}")
+        _check_starts_and_verdict(self.n_starts, self.good_p_value, self.bad_chi2)
 
 
 @dataclass(frozen=True)
@@ -187,8 +192,4 @@ class GisaxsInversionSpec(InversionSpec):
         check_qmap_npt(self.qmap_npt)
         if not 0 < self.min_map_overlap <= 1:
             raise ValueError(f"inversion min_map_overlap must be in (0, 1], got {self.min_map_overlap!r}")
-        if not 1 <= self.n_starts <= 16:
-            raise ValueError(f"inversion n_starts must be in 1..16, got {self.n_starts!r}")
-        if not 0 < self.good_p_value < 1 or not self.bad_chi2 > 1:
-            raise ValueError(f"inversion needs 0 < good_p_value < 1 and bad_chi2 > 1, got "
-                             f"{self.good_p_value!r}, {self.bad_chi2!r}")
+        _check_starts_and_verdict(self.n_starts, self.good_p_value, self.bad_chi2)
