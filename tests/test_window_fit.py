@@ -127,12 +127,15 @@ def test_joint_fit_converged_flag_tells_the_truth():
     assert not bool(one.converged.any())
 
 
-def test_block_tridiagonal_solve_matches_dense_solve():
+@pytest.mark.parametrize("W", [7, 50])
+def test_block_tridiagonal_solve_matches_dense_solve(W):
     """Random symmetric positive-definite block-tridiagonal systems with diagonal couplings:
-    the block sweeps against torch.linalg.solve of the dense matrix; a matrix that is not
-    positive definite is reported."""
+    the block sweeps (W = 7) and the partitioned solve (W = 50: 6 chunks of 8 blocks and 5
+    separators, the last chunk padded) against torch.linalg.solve of the dense matrix; a matrix
+    that is not positive definite is reported, whether the bad block lies in a chunk or is a
+    separator."""
     g = torch.Generator().manual_seed(3)
-    B, W, P, M = 3, 7, 5, 2
+    B, P, M = 3, 5, 2
     a = torch.randn(B, W, P, P, generator=g, dtype=torch.float64)
     off = torch.randn(B, W - 1, P, generator=g, dtype=torch.float64)
     diag = a @ a.transpose(-1, -2) + torch.diag_embed(torch.full((B, W, P), 4.0, dtype=torch.float64))
@@ -142,6 +145,33 @@ def test_block_tridiagonal_solve_matches_dense_solve():
     assert bool(ok.all()) and bool((torch.linalg.eigvalsh(dense) > 0).all())
     ref = torch.linalg.solve(dense, rhs.reshape(B, W * P, M))
     assert torch.allclose(x.reshape(B, W * P, M), ref, rtol=1e-10, atol=1e-12)
-    diag[1, 4] -= 50.0 * torch.eye(P, dtype=torch.float64)
-    _, ok = block_tridiag.solve(diag, off, rhs)
-    assert ok.tolist() == [True, False, True]
+    for bad in {4, W // 2, min(8, W - 1)}:          # W = 50: 4 and 25 in chunks, 8 the first separator
+        d = diag.clone()
+        d[1, bad] -= 50.0 * torch.eye(P, dtype=torch.float64)
+        assert not bool((torch.linalg.eigvalsh(block_tridiag.to_dense(d, off)[1]) > 0).all())
+        _, ok = block_tridiag.solve(d, off, rhs)
+        assert ok.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "huber"])
+def test_span_fit_covariance_of_sub_windows_is_each_windows_sandwich(penalty):
+    """A span of 24 frames across the step (link cut) fitted once (the partitioned sweeps do not
+    start below 36 frames, so both paths of the sweeps are the block Thomas algorithm here),
+    with the covariance asked for three sub-windows of 8 frames: each equals the dense
+    reference's sandwich of that sub-window alone, written out entry by entry, at the span's
+    solution (every moved frame evaluated, trust 0, so the expansions are at the solution)."""
+    start = STEP_AT - 10
+    bound, Y, S, p0, _, scale, ex = _windows([start], W=24)
+    links = torch.ones(1, 23, dtype=torch.bool)
+    links[0, STEP_AT - start - 1] = False
+    kw = {"strength": 2.0, "penalty": penalty}
+    sub = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [6, 7, 8, 9, 10, 11, 12, 13], [16, 17, 18, 19, 20, 21, 22, 23]])
+    span = joint_fit(bound, Y, S, p0, scale, links, **kw, ftol=1e-12, max_iter=300, trust=0.0, expansion=ex,
+                     report=slice(2, 6), windows=sub)
+    assert bool(span.converged.all()) and span.cov.shape == (3, 4, 6, 6)
+    for k, idx in enumerate(sub):
+        ref = joint_fit_reference(bound, Y[:, idx], S[:, idx], span.params[:, idx], scale[:, idx[:-1]],
+                                  links[:, idx[:-1]], **kw, max_iter=0)
+        assert torch.allclose(ref.params, span.params[:, idx], rtol=0, atol=1e-12)     # max_iter 0: at the solution
+        sd = torch.sqrt(torch.diagonal(ref.cov[0, 2:6], dim1=-2, dim2=-1))
+        assert ((span.cov[k] - ref.cov[0, 2:6]).abs() / (sd[..., :, None] * sd[..., None, :])).max() < 1e-6

@@ -1,6 +1,6 @@
 """Sequential fitting of frame series: warm start, divergence re-seeding, change points and the
-schedule of sliding windows whose penalised joint fit (``workers.window_fit.joint_fit``: the
-objective, its solver and the sandwich covariance) gives the final rows.
+fixed-lag schedule whose penalised joint fits (``workers.window_fit.joint_fit``: the objective,
+its solver and the sandwich covariance) give the final rows.
 
 Per-frame fits (``workers.fit.fit_batch``) start from the previous good result (warm start,
 as sequential refinement in GSAS-II/TOPAS). A frame is re-seeded (``reseeds`` counts them) when
@@ -18,15 +18,19 @@ flagged as a change point when the change is also sudden: more than ``sudden_rat
 change of the same parameter over the link before (a step, or the onset of a transition),
 so a fast smooth drift is left unsmoothed but not flagged at every frame.
 
-Window schedule: window W = context + stride + lag. Every ``stride`` frames, the last W frames
-are fitted jointly; frames with at least ``lag`` newer frames become final (returned again with
-final=True), the ``context`` frames before them (already final) are re-fitted but not re-emitted.
-``finish`` flushes the rest with the lookahead available. The windows of one batch are fitted
-side by side (``joint_fit`` batches them); each frame carries its latest estimate and its chi2's
-expansion from window to window, and when a batch holds several windows, ``_SPAN_STEPS`` LM
-steps over the batch's whole span first move every frame near its windows' optimum (otherwise
-each window of the batch would start its new frames from their per-frame fits: 3.9 instead of
-1.6 model evaluations per frame, benchmarks/RESULTS.md).
+Final rows: a fixed-lag smoother. Window W = context + stride + lag. Once ``stride`` frames (or
+more) have ``lag`` newer frames, they become final (returned again with final=True) from one
+penalised joint fit (``workers.window_fit.joint_fit``) over the span from ``context`` already-final
+frames before them to the newest frame: the span's normal equations are block tridiagonal, so
+each LM step is a forward and a backward block sweep over the span. Every final frame has thus
+at least ``lag`` frames of lookahead, more when a batch brings many frames at once (the span of a
+64-frame batch: up to 64 + lag), and its covariance is the sandwich of the window of W frames
+around it (context before, lag after its stride group) at the span's solution, so errors do not
+depend on the batch size. Final values move with the lookahead by a fraction of a standard
+error (benchmark series: 0.36 se at most, median 0.03, between 1-frame batches, where every span
+is one window of W frames, and 64-frame batches; benchmarks/RESULTS.md). ``finish`` flushes the rest with the lookahead available. Each frame
+carries its latest estimate and its chi2's expansion (per-frame fit, then the last span), so a
+span starts where the frames are and evaluates the model only for frames that move far.
 """
 from __future__ import annotations
 
@@ -43,7 +47,6 @@ from workers.profiles import BoundModel, PeakModel
 from workers.specs import ModelSpec, RegularizerSpec, validate_model_spec, validate_regularizer
 from workers.window_fit import Expansion, joint_fit
 
-_SPAN_STEPS = 2      # LM iterations of the span fit that starts a batch's windows (module docstring)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,45 +298,46 @@ class TrajectoryFitter:
 
     def _finalize(self, flush: bool) -> dict[str, np.ndarray]:
         wins, tail = self._windows(flush)
-        out = []
-        if wins:
-            out.append(self._joint(wins))
-        if tail is not None:
-            out.append(self._joint([tail]))
+        out = [self._joint(wins, tail)] if wins or tail is not None else []
         # keep `context` final frames before the first pending one
         f = next((i for i, fr in enumerate(self._buf) if not fr.final), len(self._buf))
         self._buf = self._buf[max(0, f - self.context):]
         return concat_rows(out)
 
-    def _joint(self, wins) -> dict[str, np.ndarray]:
+    def _joint(self, wins, tail) -> dict[str, np.ndarray]:
+        """One penalised fit over the span from the first window to the newest frame; final rows
+        for the frames the windows (and the tail) finalise, with each window's sandwich
+        covariance at the span's solution (module docstring)."""
         buf = self._buf
-        if len(wins) > 1:
-            # windows of one batch are fitted side by side, so none starts from another's
-            # result: a few LM steps over the batch's whole span first bring every frame near
-            # its windows' optimum (and its expansion there)
-            span = [(wins[0][0], wins[-1][1])]
-            self._store(span, self._fit(span, report=slice(0, 0), max_iter=_SPAN_STEPS))
-        r0, r1 = min(lo - s for s, _, lo, _ in wins), max(hi - s for s, _, _, hi in wins)
-        jr = self._fit([(s, e) for s, e, _, _ in wins], report=slice(r0, r1))
-        self._store([(s, e) for s, e, _, _ in wins], jr)
+        groups = wins + ([tail] if tail is not None else [])      # equal lengths (``_windows``)
+        s0 = groups[0][0]
+        r0, r1 = min(lo - s for s, _, lo, _ in groups), max(hi - s for s, _, _, hi in groups)
+        windows = torch.tensor([list(range(s - s0, e - s0)) for s, e, _, _ in groups], device=self.device)
+        span = [(s0, len(buf))]
+        jr = self._fit(span, report=slice(r0, r1), windows=windows)
+        self._store(span, jr)
         # the frames each window finalises, (window, frame in window) pairs, in buffer order
-        k = torch.tensor([i for i, (s, e, lo, hi) in enumerate(wins) for _ in range(lo, hi)], device=self.device)
-        j = torch.tensor([f - s for s, e, lo, hi in wins for f in range(lo, hi)], device=self.device)
-        fin = [buf[f] for _, _, lo, hi in wins for f in range(lo, hi)]
+        k = torch.tensor([i for i, (s, e, lo, hi) in enumerate(groups) for _ in range(lo, hi)], device=self.device)
+        j = torch.tensor([f - s for s, e, lo, hi in groups for f in range(lo, hi)], device=self.device)
+        fin = [buf[f] for _, _, lo, hi in groups for f in range(lo, hi)]
         for fr in fin:
             fr.final = True
-        return self._rows(jr.params[k, j], jr.cov[k, j - r0], jr.chi2_red[k, j], jr.converged[k, j],
+        at = windows[k, j]
+        return self._rows(jr.params[0, at], jr.cov[k, j - r0], jr.chi2_red[0, at], jr.converged[0, at],
                           jr.identified[k, j], np.array([fr.change_point for fr in fin]),
                           np.array([fr.seq for fr in fin]), np.array([fr.time for fr in fin]), final=True)
 
-    def _fit(self, spans, **kw):
-        """joint_fit of the windows spans [(start, end), ...] of the buffer, equal lengths."""
+    def _stack(self, spans):
+        """Windows [(start, end), ...] of the buffer, equal lengths, stacked: y, sigma, estimates p
+        (Bw, W, ...), scale (Bw, W-1, K) of the differences, links (Bw, W-1) and the expansions."""
         R = self._reg_idx
-        frames = [self._buf[s:e] for s, e in spans]
-        y = torch.stack([torch.stack([fr.y for fr in w]) for w in frames])
-        sg = torch.stack([torch.stack([fr.sigma for fr in w]) for w in frames])
-        p0 = torch.stack([torch.stack([fr.p_cur for fr in w]) for w in frames])
-        se = torch.stack([torch.stack([fr.se_pf for fr in w]) for w in frames])[..., R]
+        lo, hi = spans[0][0], spans[-1][1]
+        idx = torch.tensor([list(range(s - lo, e - lo)) for s, e in spans], device=self.device)
+
+        def stacked(get):          # (Bw, W, ...) of the windows from one stack of the buffer's range
+            return torch.stack([get(fr) for fr in self._buf[lo:hi]])[idx]
+        y, sg, p0 = stacked(lambda fr: fr.y), stacked(lambda fr: fr.sigma), stacked(lambda fr: fr.p_cur)
+        se = stacked(lambda fr: fr.se_pf)[..., R]
         fill = self._last_good if self._last_good is not None else self._bound.guess(y[0, :1])[0]
         p0 = torch.where(torch.isfinite(p0), p0, fill)
         se = torch.where(torch.isfinite(se) & (se > 0), se, torch.full_like(se, math.nan))
@@ -341,9 +345,13 @@ class TrajectoryFitter:
         med = torch.where(torch.isfinite(med), med, torch.ones_like(med))
         se = torch.where(torch.isfinite(se), se, med)
         scale = torch.sqrt(0.5 * (se[:, 1:] ** 2 + se[:, :-1] ** 2))
-        links = torch.tensor([[not fr.cut for fr in w[1:]] for w in frames], device=self.device)
-        ex = Expansion(*(torch.stack([torch.stack([getattr(fr.ex, f.name) for fr in w]) for w in frames])
-                         for f in fields(Expansion)))
+        links = torch.tensor([[not fr.cut for fr in self._buf[s + 1:e]] for s, e in spans], device=self.device)
+        ex = Expansion(*(stacked(lambda fr: getattr(fr.ex, f.name)) for f in fields(Expansion)))
+        return y, sg, p0, scale, links, ex
+
+    def _fit(self, spans, **kw):
+        """joint_fit of the windows spans [(start, end), ...] of the buffer, equal lengths."""
+        y, sg, p0, scale, links, ex = self._stack(spans)
         jr = joint_fit(self._bound, y, sg, p0, scale, links, strength=self.reg.strength, expansion=ex,
                        penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps, **kw)
         self.window_evaluations += int(jr.n_eval.sum())
@@ -353,11 +361,14 @@ class TrajectoryFitter:
         """Each frame's latest estimate and expansion (of the last span holding it): where the
         next joint fit starts, final frames too."""
         last = {s + j: (k, j) for k, (s, e) in enumerate(spans) for j in range(e - s)}
+        k = torch.tensor(list(last.values()), device=self.device)
         ex = jr.expansion
-        for f, (k, j) in last.items():
+        p = jr.params[k[:, 0], k[:, 1]].unbind(0)
+        values = [getattr(ex, f.name)[k[:, 0], k[:, 1]].unbind(0) for f in fields(Expansion)]
+        for i, f in enumerate(last):
             fr = self._buf[f]
-            fr.p_cur = jr.params[k, j]
-            fr.ex = Expansion(ex.params[k, j], ex.chi2_red[k, j], ex.normal[k, j], ex.gradient[k, j])
+            fr.p_cur = p[i]
+            fr.ex = Expansion(*(v[i] for v in values))
 
     # ---- rows
     def _rows(self, p, cov, chi2, conv, ident, cp, seq, tm, *, final: bool) -> dict[str, np.ndarray]:

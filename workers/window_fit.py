@@ -270,7 +270,7 @@ def _lm_windows(win: _Window, tau: torch.Tensor, loc: _Local, *, max_iter: int, 
 def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float, penalty: str,
               huber_delta: float = 1.0, tv_eps: float = 0.1, max_iter: int = 30, ftol: float = 1e-3,
               lambda0: float = 1e-3, trust: float = 0.5, expansion: Expansion | None = None,
-              report: slice = slice(None)) -> JointResult:
+              report: slice = slice(None), windows: torch.Tensor | None = None) -> JointResult:
     """Penalised joint fit of windows of W frames, Bw windows at once (module docstring).
 
     y, sigma (Bw, W, N); p0 (Bw, W, P) start; scale (Bw, W-1, K) standard-error units of the
@@ -283,13 +283,17 @@ def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float,
     tolerance only spends iterations. ``trust``: the radius, in standard errors, within which a
     frame's expansion stands in for its chi2 (module docstring); 0 evaluates every frame that
     moves. ``report``: the frames of each window whose covariance is computed (default all).
+    ``windows`` (Bc, Wc) int, with Bw = 1: the covariance is that of these sub-windows of
+    consecutive frames (the ``report`` frames of each) at the solution, each by its own terms
+    only (module docstring, "Uncertainties"); ``cov`` is then (Bc, n, P, P), ``identified``
+    (Bc, Wc, P).
     """
     if not trust >= 0:
         raise ValueError(f"trust must be >= 0, got {trust!r}")
     Bw, W, _ = y.shape
     win = _Window(bound, y, sigma, scale, links, strength=strength, penalty=penalty,
                   huber_delta=huber_delta, tv_eps=tv_eps)
-    report = slice(*report.indices(W)[:2])
+    report = slice(*report.indices(W if windows is None else windows.shape[1])[:2])
     tau = win.internal(p0)
     start = win.tr.to_external(tau)[0]
     if expansion is None:
@@ -310,22 +314,28 @@ def joint_fit(bound: BoundModel, y, sigma, p0, scale, links, *, strength: float,
     chi2_red = (cost_d / win.data.dof).reshape(Bw, W)
     a_ext = loc.a.reshape(Bw, W, P, P)
     if report.stop > report.start:
-        cov, ident = _sandwich(win, p, a_ext, chi2_red, report)
+        cov, ident = _sandwich(win, p, a_ext, chi2_red, report, windows)
     else:
         cov, ident = p.new_zeros(Bw, 0, P, P), None
     ex = Expansion(loc.p.reshape(Bw, W, P), (loc.c / win.data.dof).reshape(Bw, W), a_ext, loc.g.reshape(Bw, W, P))
     return JointResult(p, cov, chi2_red, conv, ident, ex, n_eval.reshape(Bw, W))
 
 
-def _sandwich(win: _Window, p, a_ext, chi2_red, report: slice):
+def _sandwich(win: _Window, p, a_ext, chi2_red, report: slice, windows: torch.Tensor | None = None):
     """C = H^-1 M H^-1 with the true penalty curvature (module docstring), blocks per frame
-    (Bw, n, P, P) for the n frames `report`, by block-tridiagonal solves for those frames'
+    (Bw, n, P, P) for the n frames `report` of each window (or of each sub-window `windows`
+    (Bc, Wc) of the one window: ``joint_fit``), by block-tridiagonal solves for those frames'
     columns of H^-1. Parameters not identified at the start or at the end have NaN rows and
     columns. Returns C and identified (Bw, W, P)."""
-    Bw, W, P, R = win.Bw, win.W, win.P, win.R
-    bd = win.bound
+    bd, R = win.bound, win.R
+    linked, scale, m = win.linked.reshape(win.Bw, win.W, win.P), win.scale, win.m
+    if windows is not None:
+        links = windows[:, :-1]
+        p, a_ext, chi2_red, linked = p[0, windows], a_ext[0, windows], chi2_red[0, windows], linked[0, windows]
+        scale, m = scale[0, links], m[0, links]
+    Bw, W, P = p.shape
     _, ident = covariance(a_ext, bd.free, chi2_red, bd.lower, bd.upper)
-    ident = ident & win.linked.reshape(Bw, W, P)
+    ident = ident & linked
     # as workers.fit.covariance: only parameters undetermined alone are left out, so the errors
     # of the others include their correlation with the jointly weak ones; and frames whose
     # normal matrix could not be inverted at all (every free parameter unidentified), so that
@@ -334,10 +344,10 @@ def _sandwich(win: _Window, p, a_ext, chi2_red, report: slice):
     keep = (determined_alone(a_ext, bd.free, chi2_red, bd.lower, bd.upper) & ~failed[..., None]).to(p.dtype)
     mask = keep[..., :, None] * keep[..., None, :]
     A = a_ext * mask
-    u = (p[:, 1:, R] - p[:, :-1, R]) / win.scale
+    u = (p[:, 1:, R] - p[:, :-1, R]) / scale
     _, _, curv = win.terms(u)
     kr = keep[:, :, R]
-    c = win.s2 * curv * win.m / (win.scale * win.scale)
+    c = win.s2 * curv * m / (scale * scale)
     dg = torch.zeros_like(p)
     dg[:, :-1, R] += c * kr[:, :-1]
     dg[:, 1:, R] += c * kr[:, 1:]
@@ -345,8 +355,11 @@ def _sandwich(win: _Window, p, a_ext, chi2_red, report: slice):
     off[:, :, R] = -c * kr[:, :-1] * kr[:, 1:]
     eye = torch.eye(W * P, dtype=p.dtype, device=p.device).reshape(W, P, W * P)[..., report.start * P:report.stop * P]
     X, ok = block_tridiag.solve(A + torch.diag_embed(dg + 1.0 - keep), off, eye.expand(Bw, -1, -1, -1))
-    X = X.reshape(Bw, W, P, -1, P)                    # X[b, s, i, t, j] = (H^-1)_{(s,i),(t,j)}
-    C = torch.einsum("bsitj,bsik,bsktl->btjl", X, A * chi2_red[..., None, None], X)
+    # C = X^T M X, X (Bw, W P, n P) the columns of H^-1 of the reported frames; its diagonal blocks
+    MX = ((A * chi2_red[..., None, None]) @ X).reshape(Bw, W * P, -1)
+    n = report.stop - report.start
+    C = (X.reshape(Bw, W * P, -1).transpose(1, 2) @ MX).reshape(Bw, n, P, n, P)
+    C = torch.diagonal(C, dim1=1, dim2=3).permute(0, 3, 1, 2)
     C = torch.where(ok[:, None, None, None], C * mask[:, report], torch.full_like(C, math.nan))
     lost = 1.0 - ident[:, report].to(p.dtype)
     C = torch.where((lost[..., :, None] + lost[..., None, :]) > 0, torch.full_like(C, math.nan), C)
