@@ -8,8 +8,8 @@ must have a standard deviation within PULL_STD and at most MAX_BEYOND_3 of them 
 Two mechanisms made them fail before (benchmarks/RESULTS.md, "Honest errors"):
 
 * pixels shared between neighbouring bins (pixel splitting) correlate the bins, which the fit
-  takes as independent: errors 1.4-2.5x too small; now multiplied by √F
-  (``workers.integrate.bin_correlation``, ``workers.pipeline.correlated_errors``);
+  takes as independent: errors 1.4-2.5x too small; now the fitter's covariances count F
+  (``workers.integrate.bin_correlation``, ``TrajectoryFitter.update(..., inflation=F)``);
 * GIWAXS: the pixel-weighted sector average of the face-on π-π arc changes with q as the
   missing wedge opens (the π-π centre moved by −0.004 to −0.012 1/nm, 10-40σ); now χ-balanced
   (``workers.grazing.build_wedge_profiles``).
@@ -19,9 +19,7 @@ and the χ-balanced sector's orientation factor flat in q.
 
 Not covered here: a ring that leaves the detector within the fitted range (WAXS at 0.12 m on
 this 69 mm detector cuts the π-π ring at 17.5 1/nm; pixel splitting then skews the bin means
-where the ring's coverage drops, +0.003 1/nm, 3σ), hence 0.09 m. When the fitter itself
-weighs the bins' correlation (the sandwich with F), ``correlated_errors`` must go, or these
-pulls fall below PULL_STD (F counted twice).
+where the ring's coverage drops, +0.003 1/nm, 3σ), hence 0.09 m.
 """
 from __future__ import annotations
 

@@ -252,3 +252,37 @@ def test_a_vanished_peak_is_flagged_unidentified_and_not_converged():
         assert np.isnan(rows["center_err"][vanished]).all() and np.isnan(rows["fwhm_err"][vanished]).all()
         assert (rows["unidentified"][~vanished] == 0).all() and rows["converged"][~vanished].all()
         assert np.isfinite(rows["center_err"][~vanished]).all()
+
+
+def test_correlated_bins_scale_the_errors_and_the_change_point_test():
+    """Bins correlated by shared pixels (variance inflation F per bin): for F constant the
+    honest covariance is F x the independent-bins one and the optimum does not move (module
+    docstring), so F = 1.44 gives the same parameters, provisional and final, with errors
+    exactly 1.2x. The change-point test sees the honest errors: the 12-se step is z = 12 /
+    sqrt(2) = 8.5 at F = 1, 7.1 at F = 1.44 (both above the threshold of 5: cut and flagged),
+    4.2 at F = 4 (neither). F varying in q: each peak's errors scale by sqrt(F) at its centre."""
+    y, s, *_ = simulate(600, 5)
+    reg = RegularizerSpec(window=8, penalty="huber", strength=2.0)
+
+    def run(f):
+        tf = TrajectoryFitter(SPEC, reg)
+        t = np.arange(len(y))
+        rows = [tf.update(Q, y[i:i + 16], s[i:i + 16], t[i:i + 16], t[i:i + 16], inflation=f)
+                for i in range(0, len(y), 16)]
+        r = concat_rows(rows + [tf.finish()])
+        return [{k: v[m] for k, v in r.items()} for m in (~r["final"], r["final"])]
+
+    plain = run(None)
+    for base, some in zip(plain, run(np.full(len(Q), 1.44))):
+        assert np.array_equal(base["seq_num"], some["seq_num"])
+        assert np.array_equal(base["change_point"], some["change_point"])
+        for c in ("center", "fwhm", "amplitude"):
+            assert np.allclose(some[c], base[c], rtol=1e-12, atol=0)
+            assert np.allclose(some[c + "_err"], 1.2 * base[c + "_err"], rtol=1e-12, atol=0)
+    assert set(plain[1]["seq_num"][plain[1]["change_point"]]) == {STEP_AT}
+    four = run(np.full(len(Q), 4.0))
+    assert not four[1]["change_point"].any() and not four[0]["change_point"].any()
+    ramp = 1.0 + (Q - Q[0])                                   # F from 1 to 5 across the range
+    prov = run(ramp)[0]
+    k = np.sqrt(np.interp(prov["center"], Q, ramp))
+    assert np.allclose(prov["center_err"], k * plain[0]["center_err"], rtol=1e-9, atol=0)

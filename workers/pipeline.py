@@ -6,8 +6,8 @@ inversion, phases).
 the start document; ``RunPipeline(spec, device, cache)`` holds the run's state (the fitter's
 window, the phase tracker); each batch gives a ``BatchResult``, the end of the run a
 ``RunFinal``. Integration matrices are shared between runs through an ``IntegratorCache``.
-Peak rows leave with standard errors that count the fitted profile's correlated bins
-(:func:`correlated_errors`), which the fitter, weighing bins as independent, does not.
+The fitter is given the fitted profile's variance inflation from shared pixels (its bins'
+correlation, ``workers.integrate.bin_correlation``), so its errors count it.
 
 Shapes: B frames per batch, (H, W) detector pixels row-major, N radial bins; q in 1/nm.
 """
@@ -172,27 +172,6 @@ class RunFinal:
     reseeds: int = 0
 
 
-ERROR_COLUMNS = ("center_err", "fwhm_err", "amplitude_err")
-
-
-def correlated_errors(rows: Rows | None, radial: np.ndarray, correlation: np.ndarray) -> Rows | None:
-    """Peak rows with their standard errors multiplied by √F at each row's centre.
-
-    F (N,) is the profile's variance inflation from pixels shared between neighbouring bins
-    (``workers.integrate.bin_correlation``; NaN bins skipped): the fit weighs bins as
-    independent, which understates the variance of a peak's centre, width and area, smooth
-    over many bins, by F (the sandwich (JᵀWJ)⁻¹ JᵀWΣWJ (JᵀWJ)⁻¹ with Σ the bins' covariance,
-    for J smooth on the scale of a pixel's reach). The fit's own scaling by χ²_red cannot see
-    it: the per-bin σ is right and χ²_red ≈ 1. F ≥ 1 (1 without splitting)."""
-    ok = np.isfinite(correlation)
-    if rows is None or not len(rows["seq_num"]) or not ok.any():
-        return rows
-    centre = np.asarray(rows["center"], np.float64)
-    f = np.interp(np.where(np.isfinite(centre), centre, radial[ok][0]), radial[ok], correlation[ok])
-    k = np.sqrt(np.maximum(f, 1.0))
-    return {**rows, **{c: np.asarray(rows[c]) * k for c in ERROR_COLUMNS if c in rows}}
-
-
 def final_seq(rows: Rows) -> set[int]:
     """seq_nums of the final rows of a columnar table with ``seq_num`` and ``final``."""
     return set(np.asarray(rows["seq_num"])[np.asarray(rows["final"], bool)].tolist())
@@ -348,7 +327,7 @@ class RunPipeline:
         self._first_frame_pending = True
         self._calibration_pending = spec.calibrant is not None
         self._staging = None          # page-locked host buffer for GPU transfers
-        self._correlation: tuple[np.ndarray, np.ndarray] | None = None   # fitted profile's (q, F)
+        self._inflation: np.ndarray | None = None   # fitted profile's F per bin (bin_correlation)
         if spec.geometry is not None and spec.geometry.shape is not None:    # build now, not on the first frame
             self._integrators(tuple(spec.geometry.shape))
 
@@ -376,7 +355,7 @@ class RunPipeline:
             batch = self._device_batch(frames)
             parts = self._integrators(frames.shape[1:])
             main = parts.main(batch)
-            self._correlation = (np.asarray(parts.main.radial, np.float64), parts.main.correlation)
+            self._inflation = parts.main.correlation
             out = BatchResult(seq, times, _profiles(main))
             out.extra_profiles = {name: _profiles(integ(batch)) for name, integ in parts.extra.items()}
             if parts.chi is not None:
@@ -481,7 +460,7 @@ class RunPipeline:
         out, clock = r.result, r.clock
         with clock("fit"):
             if self.fitter is not None:
-                out.peaks = self._honest(self.fitter.update(r.radial, r.intensity, r.sigma, out.seq, out.times))
+                out.peaks = self.fitter.update(r.radial, r.intensity, r.sigma, out.seq, out.times, self._inflation)
             out.reseeds = self._new_reseeds()
         if self.inverter is not None and out.profiles.unit.startswith("q_nm"):
             with clock("inversion"):
@@ -497,11 +476,6 @@ class RunPipeline:
                 out.transitions = self.phases.pop_transitions()
         out.seconds = clock.seconds
         return out
-
-    def _honest(self, rows: Rows | None) -> Rows | None:
-        """Peak rows with errors that count the profile's correlated bins (:func:`correlated_errors`);
-        runs of reduced profiles (no integrator here) as they come."""
-        return rows if self._correlation is None else correlated_errors(rows, *self._correlation)
 
     def _new_reseeds(self) -> int:
         total = 0 if self.fitter is None else int(self.fitter.reseeds)
@@ -523,7 +497,7 @@ class RunPipeline:
 
     def finish(self) -> RunFinal:
         """Final rows of the frames still in the regularizer window, and their phases."""
-        rows = None if self.fitter is None else self._honest(self.fitter.finish())
+        rows = None if self.fitter is None else self.fitter.finish()
         final = RunFinal(peaks=rows, reseeds=self._new_reseeds())
         if self.phases is not None:
             final.phases, final.transitions = self.phases.finish(rows), self.phases.pop_transitions()

@@ -18,6 +18,16 @@ flagged as a change point when the change is also sudden: more than ``sudden_rat
 change of the same parameter over the link before (a step, or the onset of a transition),
 so a fast smooth drift is left unsmoothed but not flagged at every frame.
 
+Correlated bins: with pixel splitting neighbouring bins share pixels, and a fit that weighs them
+as independent understates the variance of a peak's centre, width and area, smooth over many
+bins, by F (``workers.integrate.bin_correlation``: the sandwich (J^T W J)^-1 J^T W Sigma W J
+(J^T W J)^-1, Sigma the bins' covariance, is (J^T W J)^-1 F for F constant over the peak). Given
+F per bin (``update(..., inflation=F)``), every covariance the fitter reports or tests is
+D C D, D = diag(sqrt F) at each peak's centre: the provisional and final rows' errors and the
+per-frame errors of the change-point test. The objectives keep the weights 1/sigma^2 and the
+penalty its per-frame standard-error scale: for F constant both would scale by 1/F, which leaves
+every optimum where it is, so only the covariances change (and with them the z test).
+
 Final rows: a fixed-lag smoother. Window W = context + stride + lag. Once ``stride`` frames (or
 more) have ``lag`` newer frames, they become final (returned again with final=True) from one
 penalised joint fit (``workers.window_fit.joint_fit``) over the span from ``context`` already-final
@@ -117,6 +127,7 @@ class TrajectoryFitter:
         self._radial = None
         self._bound: BoundModel | None = None
         self._cols = None
+        self._inflation: tuple[torch.Tensor, torch.Tensor, float] | None = None   # (q, F, background's F)
         self._last_good: torch.Tensor | None = None
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None      # (p, se) of the last frame
         self._prev_delta: torch.Tensor | None = None                      # its change from the frame before
@@ -125,18 +136,22 @@ class TrajectoryFitter:
         self._reg_idx = torch.tensor(self.model.reg_index, device=self.device)
 
     # ---- public API
-    def update(self, radial, intensity, sigma, seq_num, time) -> dict[str, np.ndarray]:
-        """radial (N,) 1/nm; intensity, sigma (B, N); seq_num (B,) int; time (B,) s.
+    def update(self, radial, intensity, sigma, seq_num, time, inflation=None) -> dict[str, np.ndarray]:
+        """radial (N,) 1/nm; intensity, sigma (B, N); seq_num (B,) int; time (B,) s; inflation
+        (N,) the bins' variance inflation F from shared pixels (``workers.integrate.
+        bin_correlation``; NaN: empty bin), None: independent bins (module docstring).
         Returns PeakRows: provisional rows for the B frames plus final rows that left the window."""
         y, sg = self._prepare(radial, intensity, sigma)
+        if inflation is not None:
+            self._set_inflation(inflation)
         B = y.shape[0]
         seq = np.asarray(seq_num, dtype=np.int64).reshape(-1)
         tm = np.asarray(time, dtype=np.float64).reshape(-1) if time is not None else np.full(B, np.nan)
         if len(seq) != B or len(tm) != B:
             raise ValueError(f"seq_num and time must have length B={B}, got {len(seq)} and {len(tm)}")
         res = self._fit_frames(y, sg)
-        cov = res.covariance
-        cut, cp = self._change_points(res.params, res.stderr)
+        cov = self._inflate(res.params, res.covariance)
+        cut, cp = self._change_points(res.params, torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt())
         out = [self._rows(res.params, cov, res.chi2_red, res.converged, res.identified, cp, seq, tm, final=False)]
         if self.reg.penalty == "none":
             out.append(self._rows(res.params, cov, res.chi2_red, res.converged, res.identified, cp, seq, tm,
@@ -156,6 +171,35 @@ class TrajectoryFitter:
         rows = self._finalize(flush=True)
         self._buf = []
         return rows
+
+    # ---- correlated bins
+    def _set_inflation(self, inflation) -> None:
+        f = np.asarray(inflation, np.float64).reshape(-1)
+        if f.shape != self._radial.shape:
+            raise ValueError(f"inflation must have one value per bin ({self._radial.shape[0]}), got {f.shape[0]}")
+        fitted, ok = f[self._cols.cpu().numpy()], np.isfinite(f)
+        if not np.isfinite(fitted).any():
+            self._inflation = None
+            return
+        kw = dict(dtype=self.dtype, device=self.device)
+        self._inflation = (torch.as_tensor(self._radial[ok], **kw), torch.as_tensor(np.maximum(f[ok], 1.0), **kw),
+                           max(float(np.nanmedian(fitted)), 1.0))
+
+    def _inflate(self, p: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """The covariance (B, P, P) of parameters p (B, P) with the bins' correlation counted:
+        D C D, D = diag(sqrt F) with F interpolated at each peak's centre for that peak's
+        parameters, and F's median over the fitted range for the background's (module
+        docstring)."""
+        if self._inflation is None:
+            return cov
+        q, f, f_bg = self._inflation
+        k = torch.full_like(p, math.sqrt(f_bg))
+        for sl in self.model.peak_slices:
+            c = p[:, sl.start].clamp(q[0], q[-1])
+            i = torch.searchsorted(q, c.contiguous()).clamp(1, len(q) - 1)
+            w = ((c - q[i - 1]) / (q[i] - q[i - 1])).nan_to_num(0.0)
+            k[:, sl] = torch.sqrt(f[i - 1] + w * (f[i] - f[i - 1]))[:, None]
+        return cov * k[:, :, None] * k[:, None, :]
 
     # ---- per-frame fits
     def _prepare(self, radial, intensity, sigma):
@@ -323,7 +367,8 @@ class TrajectoryFitter:
         for fr in fin:
             fr.final = True
         at = windows[k, j]
-        return self._rows(jr.params[0, at], jr.cov[k, j - r0], jr.chi2_red[0, at], jr.converged[0, at],
+        p = jr.params[0, at]
+        return self._rows(p, self._inflate(p, jr.cov[k, j - r0]), jr.chi2_red[0, at], jr.converged[0, at],
                           jr.identified[k, j], np.array([fr.change_point for fr in fin]),
                           np.array([fr.seq for fr in fin]), np.array([fr.time for fr in fin]), final=True)
 
