@@ -328,20 +328,20 @@ def _sandwich(win: _Window, p, a_ext, chi2_red, report: slice, windows: torch.Te
     columns of H^-1. Parameters not identified at the start or at the end have NaN rows and
     columns. Returns C and identified (Bw, W, P)."""
     bd, R = win.bound, win.R
-    linked, scale, m = win.linked.reshape(win.Bw, win.W, win.P), win.scale, win.m
-    if windows is not None:
-        links = windows[:, :-1]
-        p, a_ext, chi2_red, linked = p[0, windows], a_ext[0, windows], chi2_red[0, windows], linked[0, windows]
-        scale, m = scale[0, links], m[0, links]
-    Bw, W, P = p.shape
     _, ident = covariance(a_ext, bd.free, chi2_red, bd.lower, bd.upper)
-    ident = ident & linked
+    ident = ident & win.linked.reshape(win.Bw, win.W, win.P)
     # as workers.fit.covariance: only parameters undetermined alone are left out, so the errors
     # of the others include their correlation with the jointly weak ones; and frames whose
     # normal matrix could not be inverted at all (every free parameter unidentified), so that
     # one frame does not take its window's covariance with it
     failed = (ident | ~bd.free).logical_not().sum(-1) == int(bd.free.sum())
     keep = (determined_alone(a_ext, bd.free, chi2_red, bd.lower, bd.upper) & ~failed[..., None]).to(p.dtype)
+    scale, m = win.scale, win.m
+    if windows is not None:
+        links = windows[:, :-1]
+        p, a_ext, chi2_red, ident, keep = (v[0, windows] for v in (p, a_ext, chi2_red, ident, keep))
+        scale, m = scale[0, links], m[0, links]
+    Bw, W, P = p.shape
     mask = keep[..., :, None] * keep[..., None, :]
     A = a_ext * mask
     u = (p[:, 1:, R] - p[:, :-1, R]) / scale
