@@ -64,6 +64,9 @@ class Metrics:
         self.runs_interrupted_at_start = Counter("scatterflow_runs_interrupted_at_start", "Runs an earlier "
                                                  "(killed) process left running in Tiled, marked interrupted",
                                                  registry=r)
+        self.logins_refused = Counter("scatterflow_api_logins_refused", "Dashboard log-ins refused, by reason "
+                                      "(wrong_key; throttled: too many wrong keys from one address)", ["reason"],
+                                      registry=r)
         self.publish_errors = Counter("scatterflow_publish_errors", "Results a sink refused, by sink "
                                       "(state, results, tiled, calibration)", ["sink"], registry=r)
         self.worker_frames = Counter("scatterflow_worker_frames", "Frames reduced and fitted, by worker (process or "

@@ -135,6 +135,34 @@ def test_session_cookie_over_http():
         assert httpx.get(f"{base}/api/v1/runs", params={"api_key": KEY}).status_code == 401   # never in a URL
 
 
+def test_wrong_keys_are_throttled_per_address():
+    """Over real HTTP: ten wrong keys in a minute from one address, and the eleventh log-in, the
+    right key too, gets 429 with Retry-After (at most the window); every refusal is counted by
+    reason in /metrics; other addresses are not held back, and the window's end frees the address
+    (the throttle's own clock, advanced by hand)."""
+    from service.api.session import MAX_FAILURES, WINDOW_S, LoginThrottle
+
+    app, _ = populated_app(KEY)
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10) as client:
+        for _ in range(MAX_FAILURES):
+            assert client.post(SESSION, json={"api_key": "guess"}).status_code == 401
+        r = client.post(SESSION, json={"api_key": KEY})
+        assert r.status_code == 429 and not client.cookies
+        assert 0 < int(r.headers["retry-after"]) <= WINDOW_S
+        text = client.get("/metrics", headers={"X-API-Key": KEY}).text
+        assert f'scatterflow_api_logins_refused_total{{reason="wrong_key"}} {float(MAX_FAILURES)}' in text
+        assert 'scatterflow_api_logins_refused_total{reason="throttled"} 1.0' in text
+    now = [0.0]
+    throttle = LoginThrottle(clock=lambda: now[0])
+    for _ in range(MAX_FAILURES):
+        throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == WINDOW_S and throttle.retry_after("10.0.0.2") == 0.0
+    now[0] = WINDOW_S / 2
+    assert throttle.retry_after("10.0.0.1") == WINDOW_S / 2
+    now[0] = WINDOW_S + 0.1
+    assert throttle.retry_after("10.0.0.1") == 0.0
+
+
 def test_dashboard_never_puts_the_key_in_a_url():
     """The page and its code hold no ``api_key=`` (the key travels in the log-in POST's body only)."""
     _, client = populated_app(KEY)

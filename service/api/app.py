@@ -70,6 +70,7 @@ def build_app(store: RunStore, metrics: Metrics, status: Callable[[], dict], *,
                                    api_key=secret(api_key),
                                    started=time.time(), stream_interval_s=stream_interval_s,
                                    stream_max_s=stream_max_s, archive=archive)
+    app.state.login_throttle = session.LoginThrottle()
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")   # before /static
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
