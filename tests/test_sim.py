@@ -349,3 +349,34 @@ def test_hdf5_mode_documents_and_frames(ai, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, det.writer.path.name])
     with h5py.File(path, "r") as f:
         assert f["/entry/data/data"].shape == (n, 619, 487)
+
+
+def test_particle_detector_under_run_engine():
+    """The growing-particles demo's detector: counted by a RunEngine, each event holds a frame
+    of BornAgain's DWBA intensity (the simulator's expected counts, Poisson) and the radius the
+    simulator grew to by then (linear in the simulated time, 1 s per frame)."""
+    pytest.importorskip("bornagain")
+    from bluesky import RunEngine
+    from bluesky.plans import count
+
+    from service.sim.devices import ParticleDetector
+    from service.sim.gisaxs_particles import SI_12KEV, GisaxsParticleSimulator, particle_geometry
+
+    sim = GisaxsParticleSimulator(particle_geometry(shape=(32, 32), pixel=1.1e-3), SI_12KEV, radius=(3.5, 6.0),
+                                  duration=4.0, peak_counts=1e4, seed=2)
+    det = ParticleDetector(name="det", simulator=sim)
+    docs: list[tuple[str, dict]] = []
+    RE = RunEngine({}, context_managers=[])
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    RE(count([det], num=5))
+    events = [d for n, d in docs if n == "event"]
+    assert np.allclose([e["data"]["det_time_offset"] for e in events], np.arange(5.0))
+    assert np.allclose([e["data"]["det_radius_truth"] for e in events], [3.5, 4.125, 4.75, 5.375, 6.0])
+    assert {e["data"]["det_distance_truth"] for e in events} == {20.0}
+    last = events[-1]["data"]["det_image"]
+    expected = sim.expected(4.0)
+    assert last.dtype == np.int32 and last.shape == (32, 32)
+    lit = expected > 5.0                                           # above the horizon, counts to speak of
+    z = (last[lit] - expected[lit]) / np.sqrt(expected[lit])
+    assert lit.sum() > 200 and abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2     # Poisson around the expected counts
+    assert np.all(last[expected == 0] == 0)

@@ -27,13 +27,17 @@ def add_parser(sub) -> None:
     p.add_argument("--tiled-port", type=int, default=0, help="embedded Tiled's port (default: a free one)")
     p.add_argument("--config", help="YAML configuration overriding the demo defaults")
     p.add_argument("--exit", action="store_true", help="exit after the summary instead of serving the API")
-    p.add_argument("--experiment", choices=("saxs", "saxs+waxs", "gisaxs", "giwaxs"), default="saxs",
+    p.add_argument("--experiment", choices=("saxs", "saxs+waxs", "gisaxs", "giwaxs", "particles"), default="saxs",
                    help="saxs (default): one transmission detector; saxs+waxs: two detectors in one run; "
-                        "gisaxs, giwaxs: grazing incidence (service/commands/demo_experiments.py)")
+                        "gisaxs, giwaxs: grazing incidence (service/commands/demo_experiments.py); particles: "
+                        "GISAXS of growing spheres on Si, inverted live (service/commands/demo_particles.py)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if getattr(args, "experiment", "saxs") == "particles":
+        from .demo_particles import run_particles
+        return run_particles(args)
     if getattr(args, "experiment", "saxs") != "saxs":
         from .demo_experiments import run_experiment
         return run_experiment(args)

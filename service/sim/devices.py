@@ -343,3 +343,45 @@ def make_beamline(geometry=None, cycle: AzoCycle | None = None, *, frame_interva
                                    hdf5_directory=hdf5_directory)
     light = LightSource(name=light_name, cycle=cycle, clock=clock)
     return det, light
+
+
+class ParticleDetector(Device):
+    """Simulated GISAXS detector looking at spheres growing on a substrate
+    (service/sim/gisaxs_particles.py: frames rendered in the DWBA by BornAgain).
+
+    Signals read per frame: ``image`` (int32 (rows, cols), Poisson counts), ``time_offset`` (s
+    since staging on the simulated clock) and the ground truth ``radius_truth``,
+    ``distance_truth`` (nm), ``pd_truth``, ``disorder_truth``. Configuration: ``frame_interval`` s.
+    """
+
+    image = Cpt(ArraySignal, value=np.zeros((1, 1), np.int32), kind="normal")
+    time_offset = Cpt(Signal, value=0.0, kind="hinted")
+    radius_truth = Cpt(Signal, value=0.0, kind="normal")
+    distance_truth = Cpt(Signal, value=0.0, kind="normal")
+    pd_truth = Cpt(Signal, value=0.0, kind="normal")
+    disorder_truth = Cpt(Signal, value=0.0, kind="normal")
+    frame_interval = Cpt(Signal, value=1.0, kind="config")
+
+    def __init__(self, prefix: str = "", *, name: str, simulator, frame_interval: float = 1.0, **kwargs):
+        if not frame_interval > 0:
+            raise ValueError(f"frame_interval must be positive, got {frame_interval!r}")
+        super().__init__(prefix, name=name, **kwargs)
+        self.simulator = simulator
+        self.clock = SimClock()
+        self.image.put(np.zeros(simulator.shape, np.int32))
+        self.frame_interval.put(float(frame_interval))
+
+    def stage(self):
+        self.clock.reset()
+        return super().stage()
+
+    def trigger(self) -> Status:
+        t = self.clock.now()
+        self.image.put(self.simulator.frame(t))
+        self.time_offset.put(float(t))
+        for key, value in self.simulator.truth(t).items():
+            getattr(self, f"{key}_truth").put(float(value))
+        self.clock.advance(self.frame_interval.get())
+        status = DeviceStatus(self)
+        status.set_finished()
+        return status
