@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .demo_display import RunProgress, plot_trajectories, print_summary, summarize
-from .loopback import free_port, publishing_run_engine, start_proxy, start_service
+from .loopback import publishing_run_engine, serve_until_interrupted, start_demo_service
 from .waiting import wait_finished
 
 
@@ -43,7 +43,6 @@ def run(args) -> int:
         return run_experiment(args)
     from rich.console import Console
 
-    from ..config import load_settings
     from ..sim import make_beamline, operando_cycle, write_default_poni
 
     console = Console(width=None if Console().is_terminal else 120)
@@ -54,15 +53,8 @@ def run(args) -> int:
     mask_path = workdir / "mask.npy"
     np.save(mask_path, det.simulator.mask)
 
-    in_port, out_port = start_proxy()
-    settings = load_settings(args.config, **{
-        "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
-        "geometry": {"poni": poni, "mask": str(mask_path)},
-        "tiled": {"directory": str(workdir / "tiled"), "port": args.tiled_port},
-        "api": {"port": free_port(args.port)},
-        "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
-    })
-    service = start_service(console, settings, f"scatterflow demo: proxy in {in_port} -> out {out_port}")
+    service, in_port = start_demo_service(console, args, workdir, "scatterflow demo",
+                                          geometry={"poni": poni, "mask": str(mask_path)})
     RE, publisher, uids = publishing_run_engine(in_port)
     delay = 1.0 / args.rate if args.rate > 0 else 0.0
     t0 = time.monotonic()
@@ -84,10 +76,8 @@ def run(args) -> int:
     if args.exit:
         service.close()
         return 0
-    console.print(f"serving http://127.0.0.1:{service.api_port} until Ctrl-C")
     try:
-        while True:
-            time.sleep(1)
+        serve_until_interrupted(console, service)
     finally:
         service.close()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .demo_display import RunProgress, floats, plot_trajectories, print_summary, summarize
-from .loopback import free_port, publishing_run_engine, start_proxy, start_service
+from .loopback import publishing_run_engine, serve_until_interrupted, start_demo_service
 from .waiting import wait_finished
 
 log = logging.getLogger(__name__)
@@ -125,24 +125,17 @@ class _Keys:
 def run_experiment(args) -> int:
     from rich.console import Console
 
-    from ..config import load_settings
     from ..sim import operando_cycle
 
     console = Console(width=None if Console().is_terminal else 120)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     exp = build_experiment(args.experiment, workdir=workdir)
-    in_port, out_port = start_proxy()
-    settings = load_settings(args.config, **{
-        "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
-        "tiled": {"directory": str(workdir / "tiled"), "port": args.tiled_port},
-        "api": {"port": free_port(args.port)},
-        "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
-        "reduction": {"snapshot_every": 10},
-        "phases": {"enabled": False},      # phase signatures need the three peaks in one fit: not here
-        **exp.settings,
-    })
-    service = start_service(console, settings, f"scatterflow demo --experiment {args.experiment}: proxy in {in_port} -> out {out_port}")
+    service, in_port = start_demo_service(
+        console, args, workdir, f"scatterflow demo --experiment {args.experiment}",
+        reduction={"snapshot_every": 10},
+        phases={"enabled": False},      # phase signatures need the three peaks in one fit: not here
+        **exp.settings)
     RE, publisher, uids = publishing_run_engine(in_port)
     delay = 1.0 / args.rate if args.rate > 0 else 0.0
     first, *others = exp.detectors
@@ -156,11 +149,9 @@ def run_experiment(args) -> int:
         elapsed = time.monotonic() - t0
         for suffix, (label, prefix) in exp.analyses.items():
             _report_analysis(console, service, uids[-1] + suffix, label, prefix, elapsed, workdir)
-        if args.exit:
-            return 0
-        console.print(f"serving http://127.0.0.1:{service.api_port} until Ctrl-C")
-        while True:
-            time.sleep(1)
+        if not args.exit:
+            serve_until_interrupted(console, service)
+        return 0
     finally:
         service.close()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .demo_display import floats
-from .loopback import free_port, publishing_run_engine, start_proxy, start_service
+from .loopback import publishing_run_engine, serve_until_interrupted, start_demo_service
 from .waiting import wait_finished
 
 RADIUS = (3.5, 6.0)          # nm, first and last frame
@@ -30,7 +30,6 @@ def run_particles(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import load_settings
     console = Console(width=None if Console().is_terminal else 120)
     try:
         import bornagain  # noqa: F401
@@ -50,15 +49,8 @@ def run_particles(args) -> int:
     sim = GisaxsParticleSimulator(particle_geometry(shape=(128, 128), pixel=2.8e-4), SI_12KEV, radius=RADIUS,
                                   duration=float(max(n - 1, 1)), peak_counts=2e4, background=1e-3, seed=4)
     det = ParticleDetector(name="det", simulator=sim, frame_interval=1.0)
-    in_port, out_port = start_proxy()
-    settings = load_settings(args.config, **{
-        "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
-        "tiled": {"directory": str(workdir / "tiled"), "port": args.tiled_port},
-        "api": {"port": free_port(args.port)},
-        "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
-        "fit": {"peaks": []}, "phases": {"enabled": False}})
-    service = start_service(console, settings, "scatterflow demo --experiment particles: proxy in "
-                                               f"{in_port} -> out {out_port}")
+    service, in_port = start_demo_service(console, args, workdir, "scatterflow demo --experiment particles",
+                                          fit={"peaks": []}, phases={"enabled": False})
     md = {"sample": "spheres growing on Si (simulated, BornAgain DWBA)", "modality": "GISAXS",
           "geometry": poni_dict(sim.grazing.geometry.to_pyfai()),
           "scatterflow": {"modality": "gisaxs", "incident_angle": sim.grazing.incident_angle,
@@ -99,11 +91,9 @@ def run_particles(args) -> int:
                       f"{np.nanmedian(np.abs(dist / truth['distance'] - 1)) * 100:.2f} %; "
                       f"{len(seq)} frames in {elapsed:.1f} s")
         console.print(f"plot: {_plot(seq - 1.0, rad, rad_e, dist, dist_e, truth, workdir / f'particles-{uids[-1][:8]}.png')}")
-        if args.exit:
-            return 0
-        console.print(f"serving http://127.0.0.1:{service.api_port} until Ctrl-C")
-        while True:
-            time.sleep(1)
+        if not args.exit:
+            serve_until_interrupted(console, service)
+        return 0
     finally:
         service.close()
 

@@ -58,3 +58,27 @@ def publishing_run_engine(in_port: int):
     uids: list[str] = []
     RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
     return RE, publisher, uids
+
+
+def start_demo_service(console, args, workdir, title: str, **overrides):
+    """bluesky's proxy and the service for a demo: ingest from the proxy, embedded Tiled under
+    ``workdir``, the API on ``args.port`` (or a free port), results on a free port, then
+    ``overrides`` (settings sections) and ``args.config`` on top. Returns the service and the
+    proxy's input port (where a RunEngine publishes)."""
+    from ..config import load_settings
+    in_port, out_port = start_proxy()
+    settings = load_settings(args.config, **{
+        "ingest": {"address": f"tcp://127.0.0.1:{out_port}"},
+        "tiled": {"directory": str(workdir / "tiled"), "port": args.tiled_port},
+        "api": {"port": free_port(args.port)},
+        "results": {"address": f"tcp://127.0.0.1:{free_port()}"},
+        **overrides})
+    return start_service(console, settings, f"{title}: proxy in {in_port} -> out {out_port}"), in_port
+
+
+def serve_until_interrupted(console, service) -> None:
+    """Keep the service answering (REST, dashboard) until Ctrl-C."""
+    import time
+    console.print(f"serving http://127.0.0.1:{service.api_port} until Ctrl-C")
+    while True:
+        time.sleep(1)
