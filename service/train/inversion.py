@@ -2,6 +2,7 @@
 
     scatterflow train saxs [-o service/models/saxs_encoder.pt] [--data-dir ./var/inversion]
     scatterflow train gisaxs [-o service/models/gisaxs_encoder.pt] [--data-dir ./var/inversion]
+    python -m service.train.inversion gisaxs_dist [-o service/models/gisaxs_dwba_encoder.pt] [--born]
 
 SAXS (Schulz-polydisperse hard spheres, ``workers.inversion.saxs.sphere_hs``):
 * training data from our forward model on the encoder grid (128 log-spaced q, 0.05-5 1/nm):
@@ -23,6 +24,13 @@ alpha_i 0.2 deg, u in (0, 0.02), v in (0, 0.04)): radius log-uniform in [2, 8] n
 0.2], distance uniform in [max(12, 2.2 R), 40] nm, disorder omega/D in [0.05, 0.3]; noise as for
 SAXS with c0 = 10^U(3, 6); held-out maps from BornAgain 25 (``bornagain_spheres_paracrystal``:
 41-member Mixture over +-4 sigma, RadialParacrystal + Profile1DGauss, vacuum substrate).
+
+GISAXS radius distributions (``gisaxs_dist``): a ``MapHistogramEncoder`` (distance, disorder and
+the volume-weighted radius histogram on 16 log-spaced bins over 2-8 nm) on the same grid, trained
+on DWBA maps (Si at 12.4 keV, as the live GISAXS test) of Gaussian, log-normal and bimodal
+populations (``sample_populations``) from ``dwba.spheres_histogram_paracrystal_dwba``: MSE +
+``histogram_loss``, then + the physics loss; no XGBoost or LM here, held-out tables in
+benchmarks/bench_gisaxs_distribution.py.
 
 Baselines: XGBoost (hist, 64 bins, 400 trees of depth 6, one output per tree, physical units)
 on the same training features, and LM started at the centre of the bounds (no encoder).
@@ -51,7 +59,7 @@ GISAXS_SHAPE = (("radius", "pd", "distance", "disorder"), (2.0, 0.02, 12.0, 0.05
 def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> None:
     """Options of ``scatterflow train saxs|gisaxs``; kind None adds the positional KIND."""
     if kind is None:
-        parser.add_argument("kind", choices=("saxs", "gisaxs"), help="which encoder to train")
+        parser.add_argument("kind", choices=("saxs", "gisaxs", "gisaxs_dist"), help="which encoder to train")
     else:
         parser.set_defaults(kind=kind)
     parser.add_argument("-o", "--output", type=Path, default=None,
@@ -66,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> N
     parser.add_argument("--physics-epochs", type=int, default=None, help="epochs with the physics loss (saxs 8, gisaxs 3)")
     parser.add_argument("--physics-weight", type=float, default=0.1, help="weight of the physics loss (default 0.1)")
     parser.add_argument("--no-xgboost", action="store_true", help="skip the XGBoost baseline")
+    parser.add_argument("--born", action="store_true",
+                        help="gisaxs_dist only: train on Born maps (vacuum substrate) for contrast; default output "
+                             "<data-dir>/gisaxs_born_dist_encoder.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/XGBoost threads (default 1: on a shared 2-core machine more threads are slower)")
@@ -183,19 +194,21 @@ def sample_gisaxs_params(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([r, pd, dist, dis, i0, i0 * 10 ** rng.uniform(-5, -3, n)], 1)
 
 
-def _map_set(clean: np.ndarray, p: np.ndarray, rng) -> dict:
+def _map_set(clean: np.ndarray, i0: np.ndarray, rng) -> dict:
+    """Counting noise on maps clean (n, H, W) of forward intensity i0 (n,): sigma = sqrt(I i0 / c0),
+    c0 = 10^U(3, 6); feats, y, sigma, valid (y, sigma, valid flattened to (n, H W))."""
     import torch
 
     from workers.inversion.encoder import map_features
     H, W = clean.shape[1:]
     flat = clean.reshape(len(clean), -1)
     c0 = 10 ** rng.uniform(3, 6, (len(flat), 1))
-    sigma = np.sqrt(np.clip(flat, 0, None) * p[:, 4:5] / c0)
+    sigma = np.sqrt(np.clip(flat, 0, None) * i0[:, None] / c0)
     y = flat + sigma * rng.standard_normal(flat.shape)
     valid = y > 0
     li = np.log10(np.where(valid, y, 1.0)).reshape(-1, H, W)
     feats = map_features(torch.tensor(li, dtype=torch.float32), torch.tensor(valid.reshape(-1, H, W)))
-    return {"feats": feats, "params": p, "y": y, "sigma": sigma, "valid": valid}
+    return {"feats": feats, "y": y, "sigma": sigma, "valid": valid}
 
 
 def gisaxs_training_set(n: int, seed: int) -> dict:
@@ -208,7 +221,7 @@ def gisaxs_training_set(n: int, seed: int) -> dict:
     p = sample_gisaxs_params(rng, n)
     clean = np.concatenate([spheres_paracrystal(gq, torch.tensor(p[s:s + 256], dtype=torch.float32)).double().numpy()
                             for s in range(0, n, 256)])
-    return _map_set(clean, p, rng)
+    return {**_map_set(clean, p[:, 4], rng), "params": p}
 
 
 def gisaxs_reference_set(n: int, seed: int, data_dir: Path, log=print) -> dict:
@@ -228,8 +241,8 @@ def gisaxs_reference_set(n: int, seed: int, data_dir: Path, log=print) -> dict:
         np.savez(path, clean=clean, params=p, seed=seed)
     with np.load(path) as z:
         clean, p = z["clean"], z["params"]
-    out = _map_set(clean, p, np.random.default_rng(30_000 + seed))
-    out["clean"] = clean
+    out = _map_set(clean, p[:, 4], np.random.default_rng(30_000 + seed))
+    out.update(params=p, clean=clean)
     return out
 
 
@@ -256,6 +269,195 @@ def bornagain_spheres_paracrystal(radius: float, pd: float, distance: float, ome
     res = ba.ScatteringSimulation(ba.Beam(1.0, g["wavelength"], g["alpha_i"]), sample, det).simulate()
     return np.asarray(res.flatVector()).reshape(grid.shape)
 
+
+# ---------------------------------------------------------------------------------------------
+# GISAXS radius distributions (DWBA on Si; ``scatterflow train gisaxs_dist``)
+DIST_BINS = (2.0, 8.0, 16, 3)                # RadiusBins: r_min, r_max nm, K bins, nodes a bin
+DIST_SHAPE = (("distance", "disorder"), (12.0, 0.05), (40.0, 0.3), (False, False))
+SI_12KEV = (3.16e-6, 4.2e-8)                 # delta, beta: the live GISAXS test's substrate (service/sim)
+POPULATIONS = ("gaussian", "lognormal", "bimodal")
+
+
+def dist_bins():
+    from workers.inversion.distribution import RadiusBins
+    return RadiusBins(*DIST_BINS)
+
+
+def sample_populations(rng: np.random.Generator, n: int):
+    """n radius populations, a third each of POPULATIONS: Gaussian (mean log-uniform in [2.5, 7]
+    nm, pd uniform in [0.03, 0.2]), log-normal (median log-uniform in [2.5, 7] nm, s in [0.05,
+    0.25]), bimodal (two Gaussians, pd in [0.03, 0.08] each, the small mode's mean log-uniform in
+    [2.5, 4.5] nm, the large one 1.5-2.2x it (at most 7 nm), the small mode's share of the volume
+    N R^3 uniform in [0.3, 0.85]: 4-63 % of the forward intensity N R^6). Returns kind (n,)
+    index into POPULATIONS and components (n, 2, 4): (number fraction, law 0 Gaussian / 1
+    log-normal, mean or median nm, sd nm or s), the second of a unimodal population with
+    fraction 0."""
+    kind = rng.integers(0, 3, n)
+    comp = np.zeros((n, 2, 4))
+    for i, k in enumerate(kind):
+        if k < 2:
+            r = math.exp(rng.uniform(math.log(2.5), math.log(7.0)))
+            comp[i, 0] = (1.0, 0, r, rng.uniform(0.03, 0.2) * r) if k == 0 else (1.0, 1, r, rng.uniform(0.05, 0.25))
+        else:
+            r1 = math.exp(rng.uniform(math.log(2.5), math.log(4.5)))
+            r2 = min(r1 * rng.uniform(1.5, 2.2), 7.0)
+            pd1, pd2 = rng.uniform(0.03, 0.08, 2)
+            v1 = rng.uniform(0.3, 0.85)
+            n1 = v1 / r1 ** 3 / (v1 / r1 ** 3 + (1 - v1) / r2 ** 3)
+            comp[i] = ((n1, 0, r1, pd1 * r1), (1 - n1, 0, r2, pd2 * r2))
+    return kind, comp
+
+
+def population_weights(components: np.ndarray) -> np.ndarray:
+    """Histograms (n, K) on ``dist_bins()`` of ``sample_populations``' components: each law's
+    ``bin_masses`` (renormalised to the bins' span) times its number fraction."""
+    from workers.inversion.distribution import bin_masses, gaussian_cdf, lognormal_cdf
+    bins = dist_bins()
+    w = np.zeros((len(components), bins.n_bins))
+    for i, row in enumerate(components):
+        for frac, law, c, width in row:
+            if frac > 0:
+                cdf = gaussian_cdf(c, width) if law == 0 else lognormal_cdf(c, width)
+                w[i] += frac * bin_masses(bins, cdf)[0]
+    return w
+
+
+def largest_radius(components: np.ndarray) -> np.ndarray:
+    """(n,) mean + 1 width of the largest component, nm: sets the least distance (2.2x it)."""
+    c, width, law = components[..., 2], components[..., 3], components[..., 1]
+    top = np.where(law == 0, c + width, c * np.exp(width))
+    return np.where(components[..., 0] > 0, top, 0.0).max(-1)
+
+
+def gisaxs_dist_set(n: int, seed: int, born: bool = False) -> dict:
+    """Maps of ``sample_populations`` on a radial paracrystal from our forward model (DWBA on
+    SI_12KEV, or Born with born=True) with counting noise as ``_map_set``: feats, y, sigma,
+    valid, params (n, 4) = distance, disorder, i0, background, weights (n, K), kind, components
+    (``sample_populations``), clean."""
+    import torch
+
+    from workers.inversion.dwba import dwba_q, spheres_histogram_paracrystal_dwba
+    from workers.inversion.gisaxs import spheres_histogram_paracrystal
+    from workers.inversion.spec import Substrate
+    rng = np.random.default_rng(seed)
+    kind, comp = sample_populations(rng, n)
+    w = population_weights(comp)
+    _, lo, hi, _ = DIST_SHAPE
+    dist = rng.uniform(np.maximum(lo[0], 2.2 * largest_radius(comp)), hi[0])
+    i0 = 10 ** rng.uniform(0, 4, n)
+    p = np.stack([dist, rng.uniform(lo[1], hi[1], n), i0, i0 * 10 ** rng.uniform(-5, -3, n)], 1)
+    grid, bins = gisaxs_grid(), dist_bins()
+    pts = grid.q(torch.float32) if born else dwba_q(grid, Substrate(*SI_12KEV), torch.float32)
+    model = spheres_histogram_paracrystal if born else spheres_histogram_paracrystal_dwba
+    clean = np.concatenate([model(pts, torch.tensor(p[s:s + 128], dtype=torch.float32),
+                                  torch.tensor(w[s:s + 128], dtype=torch.float32), bins).double().numpy()
+                            for s in range(0, n, 128)])
+    out = _map_set(clean, i0, rng)
+    out.update(params=p, weights=w, kind=kind, components=comp, clean=clean)
+    return out
+
+
+def histogram_loss(bins, log_w, target):
+    """KL(target || predicted) + W1 on the CDF in ln r over the bins' log span (both 0 at a
+    perfect histogram; the KL sharpens, the W1 moves mass to the right radius)."""
+    import torch
+
+    from workers.inversion.distribution import cdf_distance
+    kl = (target * (torch.log(target.clamp_min(1e-12)) - log_w)).sum(-1)
+    w1 = cdf_distance(bins, log_w.exp(), target) / (bins.n_bins * bins.log_width)
+    return (kl + w1).mean()
+
+
+def train_histogram_encoder(enc, train: dict, unlab: dict | None, forward, *, epochs: int, physics_epochs: int,
+                            physics_weight: float, seed: int, log, batch: int = 128, physics_batch: int = 32,
+                            lr: float = 3e-3) -> dict:
+    """As ``train_encoder`` for a ``MapHistogramEncoder``: MSE of the bounded parameters in unit
+    coordinates + ``histogram_loss`` of the volume fractions, then + physics_weight x
+    ``physics_loss`` (forward(p) with p = (parameters, number fractions, i0, background)) for the
+    last ``physics_epochs``."""
+    import torch
+
+    from workers.inversion.distribution import number_fractions, volume_fractions
+    torch.manual_seed(seed)
+    bins = dist_bins()
+    x = train["feats"]
+    u = enc.bounds.to_unit(torch.tensor(train["params"][:, :2], dtype=torch.float32))
+    tw = volume_fractions(bins, torch.tensor(train["weights"], dtype=torch.float32))
+    total = epochs + physics_epochs
+    opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total * math.ceil(len(x) / batch),
+                                                pct_start=0.15)
+    if unlab is not None:
+        ux, uy = unlab["feats"], torch.tensor(unlab["y"], dtype=torch.float32)
+        us, uv = torch.tensor(unlab["sigma"], dtype=torch.float32), torch.tensor(unlab["valid"])
+    hist = {"supervised": [], "physics": []}
+    g = torch.Generator().manual_seed(seed)
+    for ep in range(total):
+        t0, perm = time.perf_counter(), torch.randperm(len(x), generator=g)
+        use_phys = unlab is not None and ep >= epochs and physics_weight > 0
+        sl, pl = [], []
+        for s in range(0, len(x), batch):
+            idx = perm[s:s + batch]
+            uu, log_w = enc.forward_unit_log(x[idx])
+            loss = torch.nn.functional.mse_loss(uu, u[idx]) + histogram_loss(bins, log_w, tw[idx])
+            sl.append(float(loss.detach()))
+            if use_phys:
+                j = torch.randint(0, len(ux), (physics_batch,), generator=g)
+                p, w = enc(ux[j])
+                ph = physics_loss(forward, torch.cat([p, number_fractions(bins, w)], 1), uy[j], us[j], uv[j])
+                pl.append(float(ph.detach()))
+                loss = loss + physics_weight * ph
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        hist["supervised"].append(float(np.mean(sl)))
+        hist["physics"].append(float(np.mean(pl)) if pl else math.nan)
+        log(f"epoch {ep + 1}/{total}: supervised {hist['supervised'][-1]:.5f}"
+            + (f", physics {hist['physics'][-1]:.5f}" if pl else "") + f" ({time.perf_counter() - t0:.0f} s)")
+    enc.eval()
+    return hist
+
+
+def run_gisaxs_dist(args, log) -> int:
+    """The radius-distribution encoder on DWBA maps (Si, SI_12KEV) of ``sample_populations``:
+    writes service/models/gisaxs_dwba_encoder.pt (model spheres_histogram_paracrystal_dwba), or
+    with --born one trained on Born maps (vacuum substrate) for contrast; held-out tables:
+    benchmarks/bench_gisaxs_distribution.py."""
+    import torch
+
+    from workers.inversion.dwba import dwba_q, spheres_histogram_paracrystal_dwba
+    from workers.inversion.encoder import MapHistogramEncoder, ParamBounds, encoder_state
+    from workers.inversion.gisaxs import spheres_histogram_paracrystal
+    from workers.inversion.spec import Substrate
+    bins, grid = dist_bins(), gisaxs_grid()
+    train = gisaxs_dist_set(args.n_train, args.seed, args.born)
+    unlab = gisaxs_dist_set(args.n_unlabelled, args.seed + 1, args.born) if args.n_unlabelled else None
+    what = "Born" if args.born else "DWBA"
+    log(f"training set: {args.n_train} labelled + {args.n_unlabelled} unlabelled {what} maps (our forward model)")
+    enc = MapHistogramEncoder(ParamBounds(*DIST_SHAPE), bins.n_bins, grid.shape)
+    pts = grid.q(torch.float32) if args.born else dwba_q(grid, Substrate(*SI_12KEV), torch.float32)
+    model = spheres_histogram_paracrystal if args.born else spheres_histogram_paracrystal_dwba
+    K = bins.n_bins
+
+    def forward(p):
+        return model(pts, torch.cat([p[:, :2], p[:, -2:]], 1), p[:, 2:2 + K], bins).reshape(len(p), -1)
+    t0 = time.perf_counter()
+    hist = train_histogram_encoder(enc, train, unlab, forward, epochs=args.epochs, physics_epochs=args.physics_epochs,
+                                   physics_weight=args.physics_weight, seed=args.seed, log=log)
+    grid_d = {"wavelength": grid.wavelength, "alpha_i": grid.alpha_i, "u": list(grid.u), "v": list(grid.v)}
+    sub = None if args.born else {"delta": SI_12KEV[0], "beta": SI_12KEV[1]}
+    state = encoder_state(enc, model=model.__name__, grid=grid_d, radius_bins=bins.as_dict(), substrate=sub,
+                          train={"n_train": args.n_train, "n_unlabelled": args.n_unlabelled, "epochs": args.epochs,
+                                 "physics_epochs": args.physics_epochs, "physics_weight": args.physics_weight,
+                                 "seed": args.seed, "final_supervised_loss": hist["supervised"][-1],
+                                 "seconds": round(time.perf_counter() - t0)})
+    out = args.output or (Path(args.data_dir) / "gisaxs_born_dist_encoder.pt" if args.born
+                          else default_checkpoint("gisaxs_dwba"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    log(f"trained in {time.perf_counter() - t0:.0f} s; wrote {out} ({out.stat().st_size / 1024:.0f} kB)")
+    return 0
 
 # ---------------------------------------------------------------------------------------------
 # training
@@ -478,12 +680,13 @@ def load_encoder_checkpoint(kind: str = "saxs", path: str | Path | None = None) 
 
 # ---------------------------------------------------------------------------------------------
 DEFAULTS = {"saxs": {"n_train": 16000, "n_unlabelled": 8000, "n_test": 400, "epochs": 40, "physics_epochs": 8},
-            "gisaxs": {"n_train": 6000, "n_unlabelled": 2000, "n_test": 100, "epochs": 20, "physics_epochs": 3}}
+            "gisaxs": {"n_train": 6000, "n_unlabelled": 2000, "n_test": 100, "epochs": 20, "physics_epochs": 3},
+            "gisaxs_dist": {"n_train": 6000, "n_unlabelled": 2000, "n_test": 16, "epochs": 20, "physics_epochs": 3}}
 
 
 def _check_args(args) -> str | None:
     if getattr(args, "kind", None) not in DEFAULTS:
-        return f"kind must be saxs or gisaxs, got {getattr(args, 'kind', None)!r}"
+        return f"kind must be saxs, gisaxs or gisaxs_dist, got {getattr(args, 'kind', None)!r}"
     for name, value in DEFAULTS[args.kind].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -528,7 +731,7 @@ def run(args) -> int:
     import torch
     torch.set_num_threads(args.threads)
     log = _Log(args.quiet)
-    return run_saxs(args, log) if args.kind == "saxs" else run_gisaxs(args, log)
+    return {"saxs": run_saxs, "gisaxs": run_gisaxs, "gisaxs_dist": run_gisaxs_dist}[args.kind](args, log)
 
 
 def run_gisaxs(args, log) -> int:

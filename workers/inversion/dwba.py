@@ -35,6 +35,8 @@ Decoupling approximation as ``gisaxs.decoupling`` with the DWBA amplitudes:
 I = <|F_DWBA|^2> + |<F_DWBA>|^2 (S(q_par) - 1), q_par (the same for the four terms) as the Born
 model's. With R = 0 (a vacuum substrate) this is the Born model.
 Normalisation as the Born models (by <|F(0)|^2> of the bare form factor), so i0 keeps its meaning.
+Sizes as the Born models: Gaussian (Gauss-Hermite nodes) or a histogram on fixed radius bins
+(``spheres_histogram_paracrystal_dwba``; ``workers.inversion.distribution``).
 Pixels need alpha_f > 0 (above the sample horizon).
 """
 from __future__ import annotations
@@ -44,8 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.inversion.gisaxs import (DetectorGrid, _check, _nodes, cylinder_amplitudes, decoupling, hard_disk_s,
-                                      paracrystal_s, sphere_amplitudes)
+from workers.inversion.gisaxs import (HISTOGRAM_PARACRYSTAL_PARAMS, DetectorGrid, _check, _nodes, cylinder_amplitudes,
+                                      decoupling, hard_disk_s, paracrystal_s, sphere_amplitudes)
 from workers.inversion.spec import Substrate
 
 
@@ -158,4 +160,16 @@ def spheres_hard_disk_dwba(dq: DwbaQ, params: torch.Tensor) -> torch.Tensor:
     rn, w = _nodes(r, pd)
     fr, fi, f0 = dwba_amplitudes(sphere_amplitudes, dq, rn)
     s = hard_disk_s(dq.q_par.reshape(1, -1).expand(len(r), -1), r, cov)
+    return _finish(dq, decoupling(fr, fi, w, s, f0), i0, bkg)
+
+
+def spheres_histogram_paracrystal_dwba(dq: DwbaQ, params: torch.Tensor, weights: torch.Tensor, bins) -> torch.Tensor:
+    """``gisaxs.spheres_histogram_paracrystal`` in the DWBA: params (B, 4) =
+    HISTOGRAM_PARACRYSTAL_PARAMS, weights (B, K) number fractions on ``bins``. Returns (B, H, W)."""
+    _check(params, len(HISTOGRAM_PARACRYSTAL_PARAMS), "spheres_histogram_paracrystal_dwba")
+    dq = dq.to(params.dtype, params.device)
+    dist, dis, i0, bkg = params.unbind(-1)
+    r, w = bins.nodes(weights.to(params))
+    fr, fi, f0 = dwba_amplitudes(sphere_amplitudes, dq, r[None])
+    s = paracrystal_s(dq.q_par.reshape(-1), dist, dis * dist)
     return _finish(dq, decoupling(fr, fi, w, s, f0), i0, bkg)

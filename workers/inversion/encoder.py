@@ -13,6 +13,9 @@ Inputs are normalised so that the encoder sees shape, not amplitude:
   relative error of that mean, valid mask). Cells outside the measured range are masked (0).
 * maps (``map_features``): log10 I on the model's own q_xy/q_z grid minus its mean, and a mask.
 
+``MapHistogramEncoder`` also returns a radius distribution: K softmax volume fractions on fixed
+radius bins (``workers.inversion.distribution``) beside the bounded parameters.
+
 Checkpoints are plain dicts of tensors, strings, numbers and lists (``encoder_state`` /
 ``encoder_from_state``), so ``torch.load(weights_only=True)`` reads them.
 """
@@ -210,12 +213,37 @@ class MapEncoder(_BoundedEncoder):
                                   nn.Linear(hidden, len(bounds.names)))
 
 
+class MapHistogramEncoder(MapEncoder):
+    """MapEncoder with a second head: a softmax over ``n_bins`` radius bins (volume fractions on
+    the checkpoint's ``distribution.RadiusBins``; ``distribution.number_fractions`` gives the
+    models' number histogram) next to the bounded parameters, both on the same conv features.
+    ``forward`` -> (parameters (B, P) within ``bounds``, volume fractions (B, K))."""
+
+    def __init__(self, bounds: ParamBounds, n_bins: int, shape: tuple[int, int] = (32, 64),
+                 channels: tuple[int, ...] = (12, 24, 32), hidden: int = 96):
+        super().__init__(bounds, shape, channels, hidden)
+        self.n_bins = n_bins
+        f = 2 ** len(channels)
+        n_flat = channels[-1] * (shape[0] // f) * (shape[1] // f)
+        self.hist_head = nn.Sequential(nn.Flatten(), nn.Linear(n_flat, hidden), nn.GELU(), nn.Linear(hidden, n_bins))
+
+    def forward_unit_log(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters in unit coordinates (B, P) and log weights (B, K) (log-softmax), for training."""
+        h = self.conv(x)
+        return torch.sigmoid(self.head(h)), torch.log_softmax(self.hist_head(h), -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, log_w = self.forward_unit_log(x)
+        return self.bounds.from_unit(u), log_w.exp()
+
 
 def encoder_state(enc: nn.Module, **meta) -> dict:
     """Checkpoint dict (float32 weights, architecture, bounds, plus ``meta``: grids, model name)."""
     arch = {"class": type(enc).__name__, "channels": list(enc.channels), "hidden": enc.hidden}
     arch["length" if isinstance(enc, ProfileEncoder) else "shape"] = (
         enc.length if isinstance(enc, ProfileEncoder) else list(enc.shape))
+    if isinstance(enc, MapHistogramEncoder):
+        arch["n_bins"] = enc.n_bins
     return {"arch": arch, "bounds": enc.bounds.as_dict(),
             "state_dict": {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}, **meta}
 
@@ -227,6 +255,9 @@ def encoder_from_state(state: dict) -> nn.Module:
         enc = ProfileEncoder(bounds, int(arch["length"]), tuple(arch["channels"]), int(arch["hidden"]))
     elif arch["class"] == "MapEncoder":
         enc = MapEncoder(bounds, tuple(arch["shape"]), tuple(arch["channels"]), int(arch["hidden"]))
+    elif arch["class"] == "MapHistogramEncoder":
+        enc = MapHistogramEncoder(bounds, int(arch["n_bins"]), tuple(arch["shape"]), tuple(arch["channels"]),
+                                  int(arch["hidden"]))
     else:
         raise ValueError(f"unknown encoder class {arch['class']!r}")
     enc.load_state_dict(state["state_dict"])

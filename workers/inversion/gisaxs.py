@@ -19,7 +19,10 @@ exp(i q_z z_centre):
     F_cyl    = 2 pi r^2 h J1(q_par r)/(q_par r) sinc(q_z h / 2)
 
 Size distribution: Gaussian in radius with relative width pd, by N_NODES-point Gauss-Hermite
-quadrature (radii r_i = R (1 + sqrt 2 pd t_i), weights w_i / sqrt pi; pd <= 0.22 keeps r_i > 0).
+quadrature (radii r_i = R (1 + sqrt 2 pd t_i), weights w_i / sqrt pi; pd <= 0.22 keeps r_i > 0);
+or any distribution as a histogram of number fractions on fixed radius bins
+(``workers.inversion.distribution.RadiusBins``: its Legendre nodes in each bin take the place of
+the Hermite nodes, ``spheres_histogram_paracrystal``).
 
 Decoupling approximation (BornAgain, PHYSICS.md): I = <|F|^2> + |<F>|^2 (S(q_par) - 1), with
 
@@ -47,6 +50,7 @@ import torch
 SPHERE_PARACRYSTAL_PARAMS = ("radius", "pd", "distance", "disorder", "i0", "background")
 CYLINDER_PARACRYSTAL_PARAMS = ("radius", "pd", "height", "distance", "disorder", "i0", "background")
 SPHERE_HARDDISK_PARAMS = ("radius", "pd", "coverage", "i0", "background")
+HISTOGRAM_PARACRYSTAL_PARAMS = ("distance", "disorder", "i0", "background")
 N_NODES = 9
 _GH_T, _GH_W = np.polynomial.hermite.hermgauss(N_NODES)
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(48)
@@ -154,11 +158,13 @@ def _nodes(radius: torch.Tensor, pd: torch.Tensor):
 def decoupling(f_re: torch.Tensor, f_im: torch.Tensor, w: torch.Tensor, s: torch.Tensor, f0: torch.Tensor):
     """I = <|F|^2> + |<F>|^2 (S - 1), normalised by <|F(0)|^2>.
 
-    f_re, f_im: (B, n, M) amplitude at the n size nodes; w (n,); s (B, M); f0: (B, n) F(q=0).
+    f_re, f_im: (B or 1, n, M) amplitude at the n size nodes; w (n,) or per frame (B, n);
+    s (B, M); f0: (B or 1, n) F(q=0).
     """
-    ff = (w[None, :, None] * (f_re * f_re + f_im * f_im)).sum(1)
-    mr, mi = (w[None, :, None] * f_re).sum(1), (w[None, :, None] * f_im).sum(1)
-    norm = (w * f0 * f0).sum(1, keepdim=True)
+    wb = (w if w.dim() == 2 else w[None])[:, None]                      # (B or 1, 1, n): batched products
+    ff = (wb @ (f_re * f_re + f_im * f_im))[:, 0]
+    mr, mi = (wb @ f_re)[:, 0], (wb @ f_im)[:, 0]
+    norm = (wb[:, 0] * f0 * f0).sum(1, keepdim=True)
     return (ff + (mr * mr + mi * mi) * (s - 1.0)) / norm
 
 
@@ -263,3 +269,16 @@ def spheres_hard_disk(grid_q, params: torch.Tensor) -> torch.Tensor:
     fr, fi, f0 = sphere_amplitudes(qp, qz, rn)
     s = hard_disk_s(qp[None].expand(len(r), -1), r, cov)
     return _finish(gq, decoupling(fr, fi, w, s, f0), i0, bkg)
+
+
+def spheres_histogram_paracrystal(grid_q, params: torch.Tensor, weights: torch.Tensor, bins) -> torch.Tensor:
+    """Spheres whose radii follow a histogram on a radial paracrystal, DA. params (B, 4) =
+    HISTOGRAM_PARACRYSTAL_PARAMS (distance nm, disorder = omega / distance, i0, background);
+    weights (B, K): number fractions on ``bins`` (a ``distribution.RadiusBins``, K bins).
+    Returns (B, H, W)."""
+    _check(params, len(HISTOGRAM_PARACRYSTAL_PARAMS), "spheres_histogram_paracrystal")
+    qp, qz, gq = _flat(grid_q, params)
+    dist, dis, i0, bkg = params.unbind(-1)
+    r, w = bins.nodes(weights.to(params))
+    fr, fi, f0 = sphere_amplitudes(qp, qz, r[None])
+    return _finish(gq, decoupling(fr, fi, w, paracrystal_s(qp, dist, dis * dist), f0), i0, bkg)
