@@ -193,12 +193,14 @@ def test_losses_recovered_and_runs_reprocessed_from_the_catalogue(tmp_path, monk
             again, first = final_centres(client, new), final_centres(client, uid)
             assert sorted(again) == sorted(first) == list(range(1, n + 1))
             # the same frames through the same pipeline: batches differ (the replay comes as fast as
-            # the workers take it), so warm starts differ; the optima agree far within the errors
+            # the workers take it), so warm starts and each final frame's lookahead differ (at least
+            # the regularizer's lag, up to the batch: workers/temporal.py); the values agree within a
+            # fraction of their errors (0.36 se at most on the fit benchmark's series)
             diff = np.array([abs(again[s][0] - first[s][0]) / first[s][1] for s in first])
             d_truth = np.array([again[s][0] - truth[uid][s] for s in again])
             print(f"{uid[:8]}: |replay - live| / sigma max {diff.max():.2e}; replay - truth rms "
                   f"{np.sqrt(np.mean(d_truth ** 2)):.2e} 1/nm")
-            assert diff.max() < 0.05
+            assert diff.max() < 0.4
             assert np.sqrt(np.mean(d_truth ** 2)) < 2.5e-3
 
             # both analyses of this source are BlueskyRuns too: found by their start's source_run_uid,
