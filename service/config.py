@@ -273,16 +273,23 @@ class GisaxsInversionConfig(_Section):
     """The GISAXS part of the inversion (gisaxs runs): `model` (workers/inversion/spec.py:
     spheres, cylinders on a radial paracrystal, spheres with hard-disk order; `_dwba`: on
     `inversion.substrate`, needed then), `checkpoint` of the map encoder ("default":
-    service/models/gisaxs_encoder.pt; null: LM from a grid search), `bounds` of the shape
+    service/models/gisaxs_encoder.pt, or service/models/gisaxs_dwba_encoder.pt for
+    `spheres_histogram_paracrystal_dwba`; null: LM from a grid search), `bounds` of the shape
     parameters, `qmap_npt` (n_qxy, n_qz) bins of the fitted (q_xy, q_z) map (pixel centres,
     no splitting: independent bins). Bins no wider than a pixel keep the model exact at each
     pixel's q; coarser bins average pixels across the Yoneda band and a structure peak and bias
     the fit beyond the noise at high counts (3 pixels a bin, 1e5 counts at the peak: radius
     1 % off, chi2_red 4-6). The fit's errors come from the model's expected counts (two
     reweighting steps after the first fit), so maps of a few counts a pixel are fitted
-    without bias."""
+    without bias. `spheres_histogram_paracrystal_dwba`: the radii as a histogram on the
+    encoder's 16 bins (2-8 nm) instead of a Gaussian, fitted per frame with distance, disorder,
+    i0 and background (workers/inversion/histogram_map.py); its rows add radius_mean,
+    radius_width (std / mean of the number distribution), n_modes and the volume fractions
+    radius_fraction_00..15, each with its _err. It needs its encoder (the checkpoint gives the
+    bins)."""
     model: Literal["spheres_paracrystal_dwba", "spheres_paracrystal", "cylinders_paracrystal_dwba",
-                   "cylinders_paracrystal", "spheres_hard_disk_dwba", "spheres_hard_disk"] = "spheres_paracrystal_dwba"
+                   "cylinders_paracrystal", "spheres_hard_disk_dwba", "spheres_hard_disk",
+                   "spheres_histogram_paracrystal_dwba"] = "spheres_paracrystal_dwba"
     checkpoint: str | None = "default"
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
     qmap_npt: tuple[int, int] = (128, 128)

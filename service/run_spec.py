@@ -190,7 +190,9 @@ class RunSpecBuilder:
         """The configuration's inversion (None: off); reads the encoder checkpoint once."""
         cfg = self.settings.inversion
         self._encoder = self._load_encoder(cfg) if cfg.enabled else _UNREAD
-        self._gisaxs_state = self._load_gisaxs_encoder(cfg.gisaxs.checkpoint) if cfg.enabled else _UNREAD
+        self._gisaxs_states: dict[str, dict | None] = {}  # GISAXS map encoders read, by resolved path
+        if cfg.enabled:
+            self._gisaxs_encoder(cfg.gisaxs.checkpoint, cfg.gisaxs.model)
         return self._saxs_inversion(cfg) if cfg.enabled else None
 
     def _load_encoder(self, cfg: InversionConfig) -> dict | None:
@@ -264,16 +266,18 @@ class RunSpecBuilder:
         from workers.inversion.spec import GisaxsInversionSpec, Substrate, is_dwba
         g = cfg.gisaxs
         _check(f"{where}.gisaxs.qmap_npt", max(g.qmap_npt), "qmap_npt", self.settings.limits)
-        if self._gisaxs_state is _UNREAD:
-            self._gisaxs_state = self._load_gisaxs_encoder(g.checkpoint)
-        if is_dwba(g.model) and cfg.substrate is None and not (self._gisaxs_state or {}).get("substrate"):
+        try:
+            state = self._gisaxs_encoder(g.checkpoint, g.model)
+        except ConfigError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if is_dwba(g.model) and cfg.substrate is None and not (state or {}).get("substrate"):
             log.warning("run %s: no inversion: the %s model needs %s.substrate (delta, beta at the run's "
                         "energy), or gisaxs.model: %s for the Born approximation", run, g.model, where,
                         g.model.removesuffix("_dwba"))
             return None
         try:
             return GisaxsInversionSpec(
-                state=self._gisaxs_state, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range,
+                state=state, refine=cfg.refine, max_iter=cfg.max_iter, q_range=cfg.q_range,
                 model=g.model, substrate=None if cfg.substrate is None else Substrate(**cfg.substrate.model_dump()),
                 bounds=tuple((k, lo, hi) for k, (lo, hi) in g.bounds.items()), qmap_npt=tuple(g.qmap_npt),
                 min_map_overlap=cfg.min_q_overlap, n_starts=cfg.n_starts, good_p_value=cfg.good_p_value,
@@ -281,13 +285,27 @@ class RunSpecBuilder:
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 
-    @staticmethod
-    def _load_gisaxs_encoder(checkpoint: str | None) -> dict | None:
+    def _gisaxs_encoder(self, checkpoint: str | None, model: str) -> dict | None:
+        """The map encoder of ``checkpoint`` for ``model``, read once per file ("default":
+        service/models/gisaxs_encoder.pt, or gisaxs_dwba_encoder.pt for a histogram model)."""
+        from workers.inversion.spec import HISTOGRAM_MODELS
         if checkpoint is None:
+            if model in HISTOGRAM_MODELS:
+                raise ConfigError(f"inversion.gisaxs.checkpoint: the {model} model needs its encoder "
+                                  "(the checkpoint holds the radius bins)")
             return None
-        path = MODELS / "gisaxs_encoder.pt" if checkpoint == "default" else Path(checkpoint)
+        default = "gisaxs_dwba_encoder.pt" if model in HISTOGRAM_MODELS else "gisaxs_encoder.pt"
+        path = MODELS / default if checkpoint == "default" else Path(checkpoint)
+        key = str(path)
+        if key not in self._gisaxs_states:
+            self._gisaxs_states[key] = self._load_gisaxs_encoder(path, checkpoint == "default"
+                                                                 and model not in HISTOGRAM_MODELS)
+        return self._gisaxs_states[key]
+
+    @staticmethod
+    def _load_gisaxs_encoder(path: Path, optional: bool) -> dict | None:
         if not path.is_file():
-            if checkpoint != "default":
+            if not optional:
                 raise ConfigError(f"inversion.gisaxs.checkpoint: no file {path}")
             log.info("no GISAXS inversion encoder at %s: LM from a grid search", path)
             return None

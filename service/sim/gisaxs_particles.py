@@ -6,7 +6,11 @@ does) on a radial paracrystal (mean distance
 ``distance`` nm, Gaussian nearest-neighbour law of width ``disorder * distance``) deposited on
 a substrate of index 1 - delta + i beta (``workers.inversion.spec.Substrate``), in the DWBA.
 The radius grows linearly from ``radius[0]`` at t = 0 to ``radius[1]`` at t = ``duration`` s;
-``truth(t)`` gives the parameters per frame.
+``truth(t)`` gives the parameters per frame. ``second=(radius nm, volume share)``: a second,
+fixed population of spheres (same ``pd``) holding that share of the particles' volume, the two
+as Gaussian species (nine Gauss-Hermite nodes each) in one Mixture, abundances their number
+fractions (volume share / <r^3>, <r^3> = r^3 (1 + 3 pd^2)); ``truth`` then also has
+``radius_2`` and ``volume_share_2``.
 
 BornAgain (an independent reference: ``workers.inversion.dwba`` is checked against it per
 pixel in tests/test_gisaxs_dwba.py) renders each frame on a ``SphericalDetector``, whose
@@ -60,11 +64,15 @@ class GisaxsParticleSimulator:
 
     def __init__(self, geometry=None, substrate=SI_12KEV, *, radius=(3.5, 6.0), duration: float = 10.0,
                  pd: float = 0.1, distance: float = 20.0, disorder: float = 0.15, peak_counts: float = 1e5,
-                 background: float = 1e-4, polarization_factor: float | None = 0.95, seed: int | None = 0):
+                 background: float = 1e-4, polarization_factor: float | None = 0.95, seed: int | None = 0,
+                 second: tuple[float, float] | None = None):
         if not (duration > 0 and peak_counts > 0 and background >= 0 and 0 < pd <= 0.2 and distance > 0
                 and disorder > 0 and min(radius) > 0):
             raise ValueError(f"GisaxsParticleSimulator: bad duration/peak_counts/background/pd/distance/disorder/"
                              f"radius {duration}, {peak_counts}, {background}, {pd}, {distance}, {disorder}, {radius}")
+        if second is not None and not (second[0] > 0 and 0 < second[1] < 1):
+            raise ValueError(f"GisaxsParticleSimulator: second=(radius > 0, 0 < volume share < 1), got {second}")
+        self.second = None if second is None else (float(second[0]), float(second[1]))
         self.grazing = geometry if geometry is not None else particle_geometry()
         self.substrate = (float(substrate[0]), float(substrate[1]))
         self.radius, self.duration = (float(radius[0]), float(radius[1])), float(duration)
@@ -97,23 +105,36 @@ class GisaxsParticleSimulator:
         return u[0] - du / 2, u[-1] + du / 2, v[0] - dv / 2, v[-1] + dv / 2
 
     def truth(self, t) -> dict[str, np.ndarray]:
-        """radius (nm), pd, distance (nm), disorder at time(s) t (s)."""
+        """radius (nm), pd, distance (nm), disorder at time(s) t (s); with ``second`` also
+        radius_2 (nm) and volume_share_2."""
         t = np.asarray(t, dtype=float)
         r0, r1 = self.radius
         f = np.clip(t / self.duration, 0.0, 1.0)
-        return {"radius": r0 + (r1 - r0) * f, "pd": np.full(t.shape, self.pd),
-                "distance": np.full(t.shape, self.distance), "disorder": np.full(t.shape, self.disorder)}
+        out = {"radius": r0 + (r1 - r0) * f, "pd": np.full(t.shape, self.pd),
+               "distance": np.full(t.shape, self.distance), "disorder": np.full(t.shape, self.disorder)}
+        if self.second is not None:
+            out["radius_2"], out["volume_share_2"] = np.full(t.shape, self.second[0]), np.full(t.shape, self.second[1])
+        return out
+
+    def species(self, t: float) -> list[tuple[float, float]]:
+        """[(mean radius nm, number fraction)] of the populations at time t (module docstring)."""
+        r = float(self.truth(t)["radius"])
+        if self.second is None:
+            return [(r, 1.0)]
+        (r2, v2), k = self.second, 1.0 + 3.0 * self.pd ** 2
+        n1, n2 = (1.0 - v2) / (k * r ** 3), v2 / (k * r2 ** 3)
+        return [(r, n1 / (n1 + n2)), (r2, n2 / (n1 + n2))]
 
     def intensity(self, t: float) -> np.ndarray:
         """BornAgain's DWBA intensity per solid angle (H, W) at time t, max 1 above the horizon."""
         import bornagain as ba
         from workers.inversion.gisaxs import _GH_T, _GH_W       # the size distribution's nodes and weights
 
-        r = float(self.truth(t)["radius"])
         mat = ba.RefractiveMaterial("particle", (1.0, 0.0, 0.0), 1e-10, 0.0)
         mix = ba.Mixture()
-        for node, w in zip(_GH_T, _GH_W):
-            mix.addParticle(ba.Particle(mat, ba.Sphere(r * (1 + math.sqrt(2) * self.pd * node))), w)
+        for r, frac in self.species(t):
+            for node, w in zip(_GH_T, _GH_W):
+                mix.addParticle(ba.Particle(mat, ba.Sphere(r * (1 + math.sqrt(2) * self.pd * node))), frac * w)
         layout = ba.RadialParacrystal(mix, self.distance, 0.0)
         layout.setProbabilityDistribution(ba.Profile1DGauss(self.disorder * self.distance))
         top = ba.Layer(ba.Vacuum())

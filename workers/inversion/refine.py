@@ -16,7 +16,8 @@ Per batch of profiles (q (N,), intensity and sigma (B, N)):
 
 ``SaxsInverter`` (profiles, any model of ``workers.inversion.spec.SAXS_MODELS``) and
 ``GisaxsInverter`` (maps on the checkpoint's detector grid, or a grazing run's own (q_xy, q_z)
-map: ``invert_map``; Born or DWBA models) bundle the steps;
+map: ``invert_map``; Born or DWBA models; a radius histogram instead of a Gaussian size:
+``workers.inversion.histogram_map.GisaxsHistogramInverter``) bundle the steps;
 ``inversion_rows`` turns a result into one row per frame for publishing (like the peaks
 table). ``refine`` is the LM alone (method "projected", or "transform": workers.fit's LM with
 lmfit's bound transform, the one used before issue 28, kept for comparison).
@@ -44,8 +45,8 @@ from workers.inversion.models import SAXS_BASIS, SAXS_FORWARD, AmplitudeModel, B
 from workers.inversion.quality import fit_verdict
 from workers.inversion.saxs import SPHERE_HS_PARAMS, sphere_hs
 from workers.inversion.search import grid_starts, nonneg_amplitudes, shape_grid, size_window
-from workers.inversion.spec import (GISAXS_MODELS, SAXS_MODELS, GisaxsInversionSpec, Substrate, is_dwba,
-                                    shape_bounds)
+from workers.inversion.spec import (GISAXS_MODELS, HISTOGRAM_MODELS, SAXS_MODELS, GisaxsInversionSpec, Substrate,
+                                    is_dwba, shape_bounds)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class InversionResult:
     quality: np.ndarray | None = None        # (B,) str: good | poor | bad
     warm_start: str = "encoder"              # "encoder" | "grid"
     dof: torch.Tensor | None = field(default=None, repr=False)
+    # the radius histogram of ``spheres_histogram_paracrystal_dwba`` (workers.inversion.histogram_map
+    # .RadiusDistribution: its ``columns()`` join the rows); None for the other models
+    distribution: object | None = None
 
 
 def linear_amplitudes(shape: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,7 +499,12 @@ class GisaxsInverter(_Inverter):
 
 
 def make_inverter(spec, device="cpu") -> "SaxsInverter | GisaxsInverter":
-    """The inverter of a run's InversionSpec: GisaxsInverter for a GisaxsInversionSpec, else SaxsInverter."""
+    """The inverter of a run's InversionSpec: GisaxsInverter for a GisaxsInversionSpec (its
+    subclass ``histogram_map.GisaxsHistogramInverter`` for a HISTOGRAM_MODELS model), else
+    SaxsInverter."""
+    if isinstance(spec, GisaxsInversionSpec) and spec.model in HISTOGRAM_MODELS:
+        from workers.inversion.histogram_map import GisaxsHistogramInverter
+        return GisaxsHistogramInverter.from_spec(spec, device=device)
     if isinstance(spec, GisaxsInversionSpec):
         return GisaxsInverter.from_spec(spec, device=device)
     return SaxsInverter.from_spec(spec, device=device)
@@ -505,8 +514,10 @@ def inversion_rows(res: InversionResult, seq_num=None, time=None) -> dict[str, n
     """Columnar rows, one per frame: seq_num, time, model, then for each parameter <name>,
     <name>_err (NaN without refinement and on a bound), <name>_encoder (the LM start: encoder or
     grid search), <name>_at_bound (bool); then chi2 (reduced), p_value, fit_quality (good | poor
-    | bad, workers.inversion.quality), converged, warm_start ("encoder" | "grid").
-    seq_num, time: (B,) (default 1..B and NaN)."""
+    | bad, workers.inversion.quality), converged, warm_start ("encoder" | "grid"); then, for the
+    histogram model, the ``distribution``'s scalar columns (radius_mean, radius_mean_err,
+    radius_width, radius_width_err, n_modes, radius_fraction_00.. and their _err,
+    ``histogram_map.RadiusDistribution.columns``). seq_num, time: (B,) (default 1..B and NaN)."""
     B = res.params.shape[0]
     out = {"seq_num": np.asarray(seq_num if seq_num is not None else np.arange(1, B + 1), np.int64),
            "time": np.asarray(time if time is not None else np.full(B, np.nan), np.float64),
@@ -520,4 +531,6 @@ def inversion_rows(res: InversionResult, seq_num=None, time=None) -> dict[str, n
     out["fit_quality"] = (np.full(B, "") if res.quality is None else np.asarray(res.quality, dtype=np.str_))
     out["converged"] = res.converged.detach().cpu().numpy().astype(bool)
     out["warm_start"] = np.full(B, res.warm_start)
+    if res.distribution is not None:
+        out.update(res.distribution.columns())
     return out

@@ -23,6 +23,11 @@ GISAXS (``GISAXS_MODELS``, ``workers.inversion.gisaxs`` (Born) and ``workers.inv
 | ``cylinders_paracrystal[_dwba]`` | radius 1-30 nm, pd 0.02-0.2, height 1-60 nm, distance 5-100 nm, disorder 0.05-0.3 |
 | ``spheres_hard_disk[_dwba]`` | radius 1-30 nm, pd 0.02-0.2, coverage 0.05-0.6 |
 
+``spheres_histogram_paracrystal_dwba`` (``HISTOGRAM_MODELS``): distance 5-100 nm, disorder
+0.05-0.3 and a histogram of the radii on the encoder checkpoint's bins (LM on the bins' logits,
+``workers.inversion.histogram_map``; the checkpoint's ranges, distance 12-40 nm, are the
+defaults where it is loaded).
+
 pd <= 0.2 keeps the Gauss-Hermite radii positive; the shipped encoder (spheres, Born maps)
 narrows radius to 2-8 nm and distance to 12-40 nm where it gives the start.
 """
@@ -76,6 +81,14 @@ def _gisaxs_models() -> dict[str, ModelInfo]:
 
 GISAXS_MODELS: dict[str, ModelInfo] = _gisaxs_models()
 
+# a radius histogram instead of a Gaussian size (``workers.inversion.histogram_map``): shape
+# parameters distance, disorder; the histogram's K logits are the LM's too, on the encoder
+# checkpoint's radius bins (service/models/gisaxs_dwba_encoder.pt: 16 bins, 2-8 nm)
+HISTOGRAM_MODELS: dict[str, ModelInfo] = {m.name: m for m in (
+    ModelInfo("spheres_histogram_paracrystal_dwba", ("distance", "disorder"), ("i0",), (5.0, 0.05), (100.0, 0.3),
+              (True, False), (24, 1)),
+)}
+
 
 def is_dwba(model: str) -> bool:
     """The GISAXS model needs a Substrate (the DWBA)."""
@@ -86,7 +99,7 @@ def shape_bounds(model: str, overrides: tuple[tuple[str, float, float], ...] | d
     """(lo, hi) of ``model``'s shape parameters (a SAXS_MODELS or GISAXS_MODELS key): its
     defaults, replaced by ``overrides`` ((name, lo, hi) triples or {name: (lo, hi)}).
     ValueError naming the model, parameter or bound."""
-    models = {**SAXS_MODELS, **GISAXS_MODELS}
+    models = {**SAXS_MODELS, **GISAXS_MODELS, **HISTOGRAM_MODELS}
     if model not in models:
         raise ValueError(f"inversion model must be one of {tuple(models)}, got {model!r}")
     info = models[model]
@@ -167,8 +180,9 @@ class GisaxsInversionSpec(InversionSpec):
     None; refine, max_iter; ``q_range``: the |q_xy| band (1/nm) of the fitted bins, None: all)
     and:
 
-    model: a GISAXS_MODELS key; substrate: the DWBA's (delta, beta at the run's energy; None:
-    the checkpoint's ``substrate``); bounds: (name, lo, hi) overrides of the shape bounds;
+    model: a GISAXS_MODELS or HISTOGRAM_MODELS key (the latter needs ``state`` with
+    radius_bins); substrate: the DWBA's (delta, beta at the run's energy; None: the
+    checkpoint's ``substrate``); bounds: (name, lo, hi) overrides of the shape bounds;
     qmap_npt: (n_qxy, n_qz) bins of the fitted map; min_map_overlap: the encoder gives the LM's
     start only when the run's map covers at least this fraction of its grid's pixels (else, and
     when the incidence angles differ by more than 2x: grid search); n_starts, good_p_value,
@@ -183,8 +197,12 @@ class GisaxsInversionSpec(InversionSpec):
     bad_chi2: float = 4.0
 
     def __post_init__(self):
-        if self.model not in GISAXS_MODELS:
-            raise ValueError(f"GISAXS inversion model must be one of {tuple(GISAXS_MODELS)}, got {self.model!r}")
+        if self.model not in GISAXS_MODELS and self.model not in HISTOGRAM_MODELS:
+            raise ValueError(f"GISAXS inversion model must be one of {(*GISAXS_MODELS, *HISTOGRAM_MODELS)}, "
+                             f"got {self.model!r}")
+        if self.model in HISTOGRAM_MODELS and "radius_bins" not in (self.state or {}):
+            raise ValueError(f"the {self.model} model needs its encoder checkpoint (radius_bins; "
+                             "service/models/gisaxs_dwba_encoder.pt)")
         shape_bounds(self.model, self.bounds)
         if is_dwba(self.model) and self.substrate is None and not (self.state or {}).get("substrate"):
             raise ValueError(f"substrate: the {self.model} model needs the substrate's delta and beta "
