@@ -266,7 +266,8 @@ def fig_chi2(run: dict, path: Path) -> Path | None:
 
 
 VERDICT_COLORS = {"good": "#2e7d32", "poor": "#f9a825", "bad": "#c62828"}
-PARAMETER_UNITS = {"radius": "nm", "rg": "nm", "distance": "nm", "height": "nm"}   # lengths; the rest as stored
+PARAMETER_UNITS = {"radius": "nm", "rg": "nm", "distance": "nm", "height": "nm",   # lengths; the rest as stored
+                   "radius_mean": "nm", "radius_width": "std / mean"}
 
 
 def inversion_parameters(inv) -> list[str]:
@@ -274,16 +275,30 @@ def inversion_parameters(inv) -> list[str]:
     return [c for c in inv.columns if f"{c}_err" in inv.columns]
 
 
+HISTOGRAM_PREFIX = "radius_fraction_"      # a radius histogram's columns (volume fractions per bin)
+
+
 def fig_inversion(run: dict, path: Path) -> Path | None:
     """Each structural parameter against frame (±1σ band; parameters at a bound as open
-    circles), then the reduced χ² per frame coloured by its verdict (good, poor, bad)."""
+    circles), a radius histogram (``radius_fraction_NN`` columns) as a map of volume fraction
+    over frame and bin, then the reduced χ² per frame coloured by its verdict (good, poor, bad)."""
     inv = run["inversion"]
     if inv is None:
         return None
     plt = _pyplot()
-    names = inversion_parameters(inv)
-    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(7, 1.6 * len(names) + 2.2), sharex=True, squeeze=False)
+    names = [n for n in inversion_parameters(inv) if not n.startswith(HISTOGRAM_PREFIX)]
+    bins = sorted(n for n in inversion_parameters(inv) if n.startswith(HISTOGRAM_PREFIX))
+    rows = len(names) + bool(bins) + 1
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 1.6 * rows + 0.6), sharex=True, squeeze=False)
     x = inv["seq_num"].to_numpy(float)
+    if bins:
+        ax = axes[len(names), 0]
+        h = np.stack([inv[b].to_numpy(float) for b in bins])
+        step = np.median(np.diff(x)) if len(x) > 1 else 1.0
+        im = ax.imshow(h, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                       extent=(x[0] - step / 2, x[-1] + step / 2, -0.5, len(bins) - 0.5))
+        fig.colorbar(im, ax=ax, pad=0.01, label="volume fraction")
+        ax.set_ylabel("radius bin\n(small → large)", fontsize=8)
     for ax, name in zip(axes[:, 0], names):
         v, e = inv[name].to_numpy(float), inv[f"{name}_err"].to_numpy(float)
         ax.plot(x, v, ".-", color="C0", ms=3, lw=0.8)
@@ -549,8 +564,13 @@ def _inversion_html(inv, fig: Path | None, rel) -> str:
             ("median reduced χ²", f"{summ['median_chi2']:.3g}"), ("converged", f"{summ['converged_fraction']:.0%}"),
             ("parameters at a bound (share of frames)", at_bound),
             ("LM started from", ", ".join(f"{k} {v}" for k, v in summ["warm_start"].items()))]
+    names = inversion_parameters(inv)
     rows += [(f"{name}: median (median σ)", f"{_median(inv[name]):.4g} ({_median(inv[f'{name}_err']):.2g})")
-             for name in inversion_parameters(inv)]
+             for name in names if not name.startswith(HISTOGRAM_PREFIX)]
+    n_bins = sum(name.startswith(HISTOGRAM_PREFIX) for name in names)
+    if n_bins:
+        modes = f", modes per frame: median {_median(inv['n_modes']):.0f}" if "n_modes" in inv else ""
+        rows.append(("radius histogram", f"{n_bins} bins of volume fraction (figure){modes}"))
     parts.append(_kv_table(rows, "inversion-summary"))
     parts.append('<p class="muted">Per frame, the verdict comes from the reduced χ² of the model against the '
                  "profile with its errors: <i>good</i> when the χ² p-value is at least 10⁻³ (the model describes "

@@ -185,7 +185,7 @@ def _port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_bimodal_particles_inverted_live_as_a_histogram(shared_tiled):
+def test_bimodal_particles_inverted_live_as_a_histogram(shared_tiled, tmp_path):
     pytest.importorskip("bornagain")
     import httpx
     import msgpack
@@ -303,6 +303,21 @@ def test_bimodal_particles_inverted_live_as_a_histogram(shared_tiled):
         order = np.argsort(np.asarray(table["source_seq_num"]))
         np.testing.assert_allclose(np.asarray(table["radius_mean"])[order], cols["radius_mean"])
         np.testing.assert_array_equal(np.asarray(table["n_modes"])[order], cols["n_modes"])
+
+        # the run report from Tiled: the histogram as one map of volume fractions, two modes a frame
+        from service.report import write_report_for
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                html = write_report_for(shared_tiled.uri, shared_tiled.api_key, uid, tmp_path / "report").read_text()
+                if "radius histogram" in html:
+                    break
+            except Exception:          # the run's containers may still be filling
+                pass
+            assert time.monotonic() < deadline, "no report with the radius histogram"
+            time.sleep(0.5)
+        assert "16 bins of volume fraction (figure), modes per frame: median 2" in html
+        assert "radius_fraction_00: median" not in html and "radius_mean: median" in html
     finally:
         service.close()
         pub.close(linger=0)

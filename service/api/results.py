@@ -59,8 +59,11 @@ def inversion(ref: AnyRun, ctx: Context, q: Rows) -> Response:
     <name>, <name>_err (LM standard error), <name>_encoder (the LM's start), <name>_at_bound; chi2
     (reduced), p_value, fit_quality ("good": chi2 p-value >= inversion.good_p_value, default 1e-3;
     "bad": reduced chi2 > inversion.bad_chi2, default 4, the model cannot describe the frame;
-    else "poor"), converged, warm_start. Paged as peaks, without ``final`` (every row is final);
-    empty columns for a run without inversion."""
+    else "poor"), converged, warm_start. A GISAXS radius histogram
+    (spheres_histogram_paracrystal_dwba) adds radius_mean (nm), radius_width (std / mean of the
+    number distribution), radius_fraction_00 .. radius_fraction_15 (volume fractions on the
+    encoder's radius bins), each with _err, and n_modes. Paged as peaks, without ``final`` (every
+    row is final); empty columns for a run without inversion."""
     return table_response(*table_page(ctx, ref, "inversion", q))
 
 
