@@ -272,3 +272,65 @@ def test_buffer_ops_carry_positions():
         assert buf.buffered == 0 and buf.first_buffered is None
     assert offsets == [[("profiles", None, 0), ("table", "peaks", 0), ("table", "change_points", 0)],
                        [("profiles", None, 3), ("table", "peaks", 6), ("table", "change_points", 1)]]
+
+
+def test_event_normalizer_validates_as_the_schema():
+    """EventNormalizer empties an event's ``data`` and ``timestamps`` before validating it: the
+    same verdict as the full check only while the event schema leaves their values free."""
+    import jsonschema
+    from event_model import DocumentNames, compose_run, schema_validators, schemas
+
+    from service.publish.catalog_writer import FREE_FORM, EventNormalizer
+
+    partial = schemas[DocumentNames.event]["$defs"]["PartialEvent"]["properties"]
+    assert all({k: v for k, v in partial[key].items() if k not in ("title", "description")}
+               == {"type": "object", "additionalProperties": True} for key in FREE_FORM)
+    desc = compose_run().compose_descriptor(
+        name="profiles", data_keys={"intensity": {"dtype": "array", "shape": [800], "source": "s"}})
+    good = desc.compose_event(data={"intensity": np.arange(800.0)}, timestamps={"intensity": 1.7e9})
+    events = [good, {**good, "data": [1.0]}, {**good, "timestamps": None}, {**good, "seq_num": "1"},
+              {**good, "extra": 1}, {k: v for k, v in good.items() if k != "time"}]
+    verdicts = []
+    for doc in events:
+        full = schema_validators[DocumentNames.event].is_valid(doc)
+        try:
+            EventNormalizer().emit(DocumentNames.event, doc)
+            ours = True
+        except jsonschema.ValidationError:
+            ours = False
+        verdicts.append((full, ours))
+    assert verdicts == [(True, True)] + [(False, False)] * 5
+
+
+def test_catalog_writer_roundtrip(server):
+    """An analysis run through ResultsPublisher and CatalogWriter (batches of 8 events) reads back
+    from Tiled with every row of every stream: final and provisional fits, 800-bin profiles."""
+    from tiled.queries import Key
+
+    from service.publish.catalog_writer import CatalogWriter
+    from service.publish.results import ResultsPublisher
+
+    rng = np.random.default_rng(5)
+    srv, n, bins = server["srv"], 20, 800
+    writer = CatalogWriter(srv.client(), batch_size=8)
+    pub = ResultsPublisher(None, also=writer.put)
+    pub.start_run("src-cw", {"uid": "src-cw", "time": 1.7e9}, {}, PEAKS)
+    seq, radial = np.arange(1, n + 1), np.linspace(0.1, 5.0, bins)
+    intensity, sigma = rng.random((n, bins)), rng.random((n, bins))
+    for k in range(0, n, 5):
+        s = slice(k, k + 5)
+        pub.publish_profiles("src-cw", seq[s], 1.7e9 + seq[s], radial, "q_nm^-1", intensity[s], sigma[s])
+        pub.publish_rows("src-cw", peak_rows(seq[s], False, rng))
+        pub.publish_rows("src-cw", peak_rows(seq[s], True, rng))
+    pub.stop_run("src-cw")
+    writer.close()
+    assert (writer.written, writer.failed, writer.dropped) == (pub.documents, 0, 0)
+    (run,) = from_uri(srv.uri, api_key=srv.api_key).search(Key("start.source_run_uid") == "src-cw").values()
+    for stream in ("primary", "provisional"):
+        assert np.asarray(run[stream].read()["source_seq_num"]).tolist() == seq.tolist()
+    profiles = run["profiles"].read()
+    assert np.asarray(profiles["source_seq_num"]).tolist() == seq.tolist()
+    np.testing.assert_array_equal(np.asarray(profiles["intensity"]), intensity)
+    np.testing.assert_array_equal(np.asarray(profiles["sigma"]), sigma)
+    np.testing.assert_array_equal(np.asarray(profiles["radial"]), np.tile(radial, (n, 1)))
+    assert run.metadata["stop"]["exit_status"] == "success"
