@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 
@@ -51,6 +52,36 @@ def wait_stopped(service, uid: str, timeout: float = 60):
     """The REST record of run ``uid`` of an in-process Service once it is no longer running."""
     return wait_for(lambda: (r := service.store.get(uid)) is not None and r.status != "running" and r,
                     timeout, f"run {uid[:8]} did not stop")
+
+
+def stream_events(sub, source_uid: str | None, stream: str) -> list[dict]:
+    """The events of ``stream`` that a results-stream subscriber ``sub`` (0MQ SUB, msgpack) holds,
+    of the analysis run of source run ``source_uid`` (None: of any run), once it falls quiet."""
+    import msgpack
+    import msgpack_numpy
+    docs = []
+    while sub.poll(500):
+        _, name, payload = sub.recv().split(b" ", 2)
+        docs.append((name.decode(), msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)))
+    runs = {d["uid"] for n, d in docs if n == "start" and source_uid in (None, d.get("source_run_uid"))}
+    descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor" and d["run_start"] in runs}
+    return [d for n, d in docs if n == "event" and descs.get(d["descriptor"]) == stream]
+
+
+def analysis_table(uri: str, api_key: str, source_uid: str, stream: str, rows: int, timeout: float = 30):
+    """The ``stream`` table of the analysis BlueskyRun of source run ``source_uid`` in Tiled, once
+    it holds ``rows`` rows, sorted by ``source_seq_num`` (a dict of numpy arrays by variable)."""
+    from tiled.client import from_uri
+    from tiled.queries import Key
+    client = from_uri(uri, api_key=api_key)
+
+    def read():
+        (run,) = client.search(Key("start.source_run_uid") == source_uid).values()
+        table = run[stream].read()
+        return table if len(table["source_seq_num"]) == rows else None
+    table = wait_for(read, timeout, f"no {stream} table of {rows} rows in Tiled for {source_uid[:8]}")
+    order = np.argsort(np.asarray(table["source_seq_num"]))
+    return {c: np.asarray(table[c])[order] for c in table.variables}
 
 
 @contextlib.contextmanager

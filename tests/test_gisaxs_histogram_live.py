@@ -31,6 +31,8 @@ from workers.inversion.histogram_map import HistogramMapModel, radius_moments
 from workers.inversion.maps import InversionMap
 from workers.inversion.spec import GisaxsInversionSpec, Substrate
 
+from helpers import analysis_table, stream_events
+
 D = torch.float64
 SI = Substrate(*SI_12KEV)
 BINS = RadiusBins(2.0, 8.0, 16)
@@ -274,35 +276,15 @@ def test_bimodal_particles_inverted_live_as_a_histogram(shared_tiled, tmp_path):
         assert summary["frames"] == N and summary["bad"] == 0 and summary["model"] == MODEL
 
         # the results stream: one inversion event per frame, with the histogram's columns
-        docs = []
-        while sub.poll(500):
-            _, name, payload = sub.recv().split(b" ", 2)
-            docs.append((name.decode(), msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)))
-        analysis = next(d["uid"] for n, d in docs if n == "start" and d.get("source_run_uid") == uid)
-        descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor" and d["run_start"] == analysis}
-        events = [d for n, d in docs if n == "event" and descs.get(d["descriptor"]) == "inversion"]
+        events = stream_events(sub, uid, "inversion")
         assert sorted(e["data"]["source_seq_num"] for e in events) == list(range(1, N + 1))
         by_seq = {e["data"]["source_seq_num"]: e["data"]["radius_fraction_12"] for e in events}
         np.testing.assert_allclose([by_seq[s] for s in range(1, N + 1)], cols["radius_fraction_12"])
 
         # Tiled: the analysis run's inversion table has the new columns
-        from tiled.client import from_uri
-        from tiled.queries import Key
-        client = from_uri(shared_tiled.uri, api_key=shared_tiled.api_key)
-        deadline = time.monotonic() + 30
-        while True:
-            found = client.search(Key("start.source_run_uid") == uid)
-            try:
-                table = next(iter(found.values()))["inversion"].read()
-                if len(table["source_seq_num"]) == N:
-                    break
-            except (StopIteration, KeyError):
-                pass
-            assert time.monotonic() < deadline, "no inversion table in Tiled"
-            time.sleep(0.5)
-        order = np.argsort(np.asarray(table["source_seq_num"]))
-        np.testing.assert_allclose(np.asarray(table["radius_mean"])[order], cols["radius_mean"])
-        np.testing.assert_array_equal(np.asarray(table["n_modes"])[order], cols["n_modes"])
+        table = analysis_table(shared_tiled.uri, shared_tiled.api_key, uid, "inversion", N)
+        np.testing.assert_allclose(table["radius_mean"], cols["radius_mean"])
+        np.testing.assert_array_equal(table["n_modes"], cols["n_modes"])
 
         # the run report from Tiled: the histogram as one map of volume fractions, two modes a frame
         from service.report import write_report_for

@@ -24,7 +24,7 @@ from service.server import Service
 from service.sim.frames import poni_dict
 from service.sim.gisaxs_particles import SI_12KEV, GisaxsParticleSimulator, particle_geometry
 
-from helpers import wait_stopped
+from helpers import analysis_table, stream_events, wait_stopped
 
 pytest.importorskip("bornagain")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -120,31 +120,11 @@ def test_growing_particles_inverted_live_in_the_dwba(gisaxs_service, frames):
     assert flagged["model"] == "spheres_paracrystal" and flagged["bad"] == N
 
     # the results stream: the DWBA run's inversion stream, one event per frame
-    docs = []
-    while sub.poll(500):
-        _, name, payload = sub.recv().split(b" ", 2)
-        docs.append((name.decode(), msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)))
-    analysis = next(d["uid"] for n, d in docs if n == "start" and d.get("source_run_uid") == dwba)
-    descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor" and d["run_start"] == analysis}
-    events = [d for n, d in docs if n == "event" and descs.get(d["descriptor"]) == "inversion"]
+    events = stream_events(sub, dwba, "inversion")
     assert sorted(e["data"]["source_seq_num"] for e in events) == list(range(1, N + 1))
     by_seq = {e["data"]["source_seq_num"]: e["data"]["radius"] for e in events}
     np.testing.assert_allclose([by_seq[s] for s in range(1, N + 1)], cols["radius"])
 
     # Tiled: the analysis run's inversion table
-    from tiled.client import from_uri
-    from tiled.queries import Key
-    client = from_uri(tiled.uri, api_key=tiled.api_key)
-    deadline = time.monotonic() + 30
-    while True:
-        found = client.search(Key("start.source_run_uid") == dwba)
-        try:
-            table = next(iter(found.values()))["inversion"].read()
-            if len(table["source_seq_num"]) == N:
-                break
-        except (StopIteration, KeyError):
-            pass
-        assert time.monotonic() < deadline, "no inversion table in Tiled"
-        time.sleep(0.5)
-    order = np.argsort(np.asarray(table["source_seq_num"]))
-    np.testing.assert_allclose(np.asarray(table["radius"])[order], cols["radius"])
+    table = analysis_table(tiled.uri, tiled.api_key, dwba, "inversion", N)
+    np.testing.assert_allclose(table["radius"], cols["radius"])

@@ -19,6 +19,8 @@ from event_model import compose_run
 from service.config import load_settings
 from service.server import Service
 
+from helpers import stream_events
+
 pytestmark = pytest.mark.slow
 pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
 N = 24
@@ -121,12 +123,7 @@ def test_growing_spheres_inverted_per_frame(inverting_service):
     assert service.metrics.frames_final._value.get() >= N              # no peak fit: reduced = final
 
     # the results stream: an analysis run with an "inversion" stream, one event per frame
-    docs, descs = [], {}
-    while sub.poll(500):
-        _, name, payload = sub.recv().split(b" ", 2)
-        docs.append((name.decode(), msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)))
-    descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
-    events = [d for n, d in docs if n == "event" and descs.get(d["descriptor"]) == "inversion"]
+    events = stream_events(sub, None, "inversion")
     assert sorted(e["data"]["source_seq_num"] for e in events) == list(range(1, N + 1))
     by_seq = {e["data"]["source_seq_num"]: e["data"]["radius"] for e in events}
     np.testing.assert_allclose([by_seq[s] for s in range(1, N + 1)], fitted)
