@@ -43,19 +43,23 @@ def gaussian_population(modes, n_members: int = 41, n_sd: float = 4.0) -> list:
             for m, sd, f in modes for ti, gi in zip(t, g)]
 
 
+def mixture(ba, particles: list):
+    """The one particle of ``particles`` [(particle, weight)], or all of them as a Mixture."""
+    if len(particles) == 1:
+        return particles[0][0]
+    mix = ba.Mixture()
+    for p, w in particles:
+        mix.addParticle(p, w)
+    return mix
+
+
 def simulate(grid, particles: list, structure, substrate=None) -> np.ndarray:
     """BornAgain 25 map (H, W) on a regular ``DetectorGrid`` (SphericalDetector bins): the
     particles (a Mixture when several) in ``structure`` deposited in the vacuum layer on
     ``substrate`` (a ``Substrate`` without film; None: vacuum, the Born approximation)."""
     ba = pytest.importorskip("bornagain")
-    if len(particles) == 1:
-        part = particles[0][0]
-    else:
-        part = ba.Mixture()
-        for p, w in particles:
-            part.addParticle(p, w)
     top = ba.Layer(ba.Vacuum())
-    top.deposit2D(structure(ba, part))
+    top.deposit2D(structure(ba, mixture(ba, particles)))
     sample = ba.Sample()
     sample.addLayer(top)
     sample.addLayer(ba.Layer(ba.Vacuum() if substrate is None else

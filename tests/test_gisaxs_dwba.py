@@ -12,7 +12,7 @@ from workers.inversion.dwba import (cylinders_paracrystal_dwba, dwba_q, fresnel_
 from workers.inversion.gisaxs import DetectorGrid, spheres_paracrystal
 from workers.inversion.spec import Substrate
 
-from bornagain_refs import paracrystal as _paracrystal, particles as _particles, relative_error_map as _rel_err
+from bornagain_refs import mixture, paracrystal as _paracrystal, particles as _particles, relative_error_map as _rel_err
 
 D = torch.float64
 LAM = 0.124                                      # nm, 10 keV
@@ -39,14 +39,9 @@ def _bornagain(substrate, particles, structure, alpha_i=GRID.alpha_i):
     """BornAgain's GISAXS map (H, W) on GRID at alpha_i (rad): the Gauss-Hermite size nodes as a
     Mixture in ``structure``."""
     ba = pytest.importorskip("bornagain")
-    if len(particles) == 1:
-        part = particles[0][0]
-    else:
-        part = ba.Mixture()
-        for p, w in particles:
-            part.addParticle(p, w)
     det = ba.SphericalDetector(U[2], U[0], U[1], V[2], V[0], V[1])
-    sim = ba.ScatteringSimulation(ba.Beam(1.0, LAM, alpha_i), _sample(ba, substrate, structure(ba, part)), det)
+    sim = ba.ScatteringSimulation(ba.Beam(1.0, LAM, alpha_i), _sample(ba, substrate, structure(ba, mixture(ba, particles))),
+                                  det)
     return np.asarray(sim.simulate().flatVector()).reshape(GRID.shape)
 
 

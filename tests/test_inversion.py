@@ -12,7 +12,7 @@ from workers.inversion.gisaxs import DetectorGrid, cylinders_paracrystal, sphere
 from workers.inversion.refine import AmplitudeModel, SaxsInverter, inversion_rows, linear_amplitudes, refine
 from workers.inversion.saxs import guinier, porod, sphere_hs, sphere_schulz_form, sphere_schulz_form_reference
 
-from bornagain_refs import paracrystal as _paracrystal, particles as _particles, relative_error_map
+from bornagain_refs import mixture, paracrystal as _paracrystal, particles as _particles, relative_error_map
 
 D = torch.float64
 MODELS = Path(__file__).resolve().parents[1] / "service" / "models"
@@ -103,14 +103,8 @@ GRID = DetectorGrid.regular(0.1, math.radians(0.2), (0.0, 0.02), 32, (0.0, 0.04)
 def _bornagain(particles, structure):
     ba = pytest.importorskip("bornagain")
     vac = ba.Vacuum()
-    if len(particles) == 1:
-        part = particles[0][0]
-    else:
-        part = ba.Mixture()
-        for p, w in particles:
-            part.addParticle(p, w)
     top = ba.Layer(vac)
-    top.deposit2D(structure(ba, part))
+    top.deposit2D(structure(ba, mixture(ba, particles)))
     s = ba.Sample()
     s.addLayer(top)
     s.addLayer(ba.Layer(vac))
