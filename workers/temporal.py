@@ -38,9 +38,10 @@ at least ``lag`` frames of lookahead, more when a batch brings many frames at on
 around it (context before, lag after its stride group) at the span's solution, so errors do not
 depend on the batch size. Final values move with the lookahead by a fraction of a standard
 error (benchmark series: 0.36 se at most, median 0.03, between 1-frame batches, where every span
-is one window of W frames, and 64-frame batches; benchmarks/RESULTS.md). ``finish`` flushes the rest with the lookahead available. Each frame
-carries its latest estimate and its chi2's expansion (per-frame fit, then the last span), so a
-span starts where the frames are and evaluates the model only for frames that move far.
+is one window of W frames, and 64-frame batches; benchmarks/RESULTS.md). ``finish`` flushes the
+rest with the lookahead available. Each frame carries its latest estimate and its chi2's
+expansion (per-frame fit, then the last span), so a span starts where the frames are and
+evaluates the model only for frames that move far.
 """
 from __future__ import annotations
 
@@ -139,10 +140,11 @@ class TrajectoryFitter:
     def update(self, radial, intensity, sigma, seq_num, time, inflation=None) -> dict[str, np.ndarray]:
         """radial (N,) 1/nm; intensity, sigma (B, N); seq_num (B,) int; time (B,) s; inflation
         (N,) the bins' variance inflation F from shared pixels (``workers.integrate.
-        bin_correlation``; NaN: empty bin), None: independent bins (module docstring).
+        bin_correlation``; NaN: empty bin), None: independent bins (module docstring); the first
+        batch's F holds for the run, as its grid does.
         Returns PeakRows: provisional rows for the B frames plus final rows that left the window."""
         y, sg = self._prepare(radial, intensity, sigma)
-        if inflation is not None:
+        if inflation is not None and self._inflation is None:      # one grid per run: one F
             self._set_inflation(inflation)
         B = y.shape[0]
         seq = np.asarray(seq_num, dtype=np.int64).reshape(-1)
@@ -357,9 +359,8 @@ class TrajectoryFitter:
         s0 = groups[0][0]
         r0, r1 = min(lo - s for s, _, lo, _ in groups), max(hi - s for s, _, _, hi in groups)
         windows = torch.tensor([list(range(s - s0, e - s0)) for s, e, _, _ in groups], device=self.device)
-        span = [(s0, len(buf))]
-        jr = self._fit(span, report=slice(r0, r1), windows=windows)
-        self._store(span, jr)
+        jr = self._fit(s0, len(buf), report=slice(r0, r1), windows=windows)
+        self._store(s0, jr)
         # the frames each window finalises, (window, frame in window) pairs, in buffer order
         k = torch.tensor([i for i, (s, e, lo, hi) in enumerate(groups) for _ in range(lo, hi)], device=self.device)
         j = torch.tensor([f - s for s, e, lo, hi in groups for f in range(lo, hi)], device=self.device)
@@ -372,15 +373,14 @@ class TrajectoryFitter:
                           jr.identified[k, j], np.array([fr.change_point for fr in fin]),
                           np.array([fr.seq for fr in fin]), np.array([fr.time for fr in fin]), final=True)
 
-    def _stack(self, spans):
-        """Windows [(start, end), ...] of the buffer, equal lengths, stacked: y, sigma, estimates p
-        (Bw, W, ...), scale (Bw, W-1, K) of the differences, links (Bw, W-1) and the expansions."""
+    def _stack(self, start: int, end: int):
+        """Frames start..end of the buffer as one window: y, sigma, estimates p (1, W, ...),
+        scale (1, W-1, K) of the differences, links (1, W-1) and the expansions."""
         R = self._reg_idx
-        lo, hi = spans[0][0], spans[-1][1]
-        idx = torch.tensor([list(range(s - lo, e - lo)) for s, e in spans], device=self.device)
+        frames = self._buf[start:end]
 
-        def stacked(get):          # (Bw, W, ...) of the windows from one stack of the buffer's range
-            return torch.stack([get(fr) for fr in self._buf[lo:hi]])[idx]
+        def stacked(get):
+            return torch.stack([get(fr) for fr in frames])[None]
         y, sg, p0 = stacked(lambda fr: fr.y), stacked(lambda fr: fr.sigma), stacked(lambda fr: fr.p_cur)
         se = stacked(lambda fr: fr.se_pf)[..., R]
         fill = self._last_good if self._last_good is not None else self._bound.guess(y[0, :1])[0]
@@ -390,28 +390,23 @@ class TrajectoryFitter:
         med = torch.where(torch.isfinite(med), med, torch.ones_like(med))
         se = torch.where(torch.isfinite(se), se, med)
         scale = torch.sqrt(0.5 * (se[:, 1:] ** 2 + se[:, :-1] ** 2))
-        links = torch.tensor([[not fr.cut for fr in self._buf[s + 1:e]] for s, e in spans], device=self.device)
+        links = torch.tensor([[not fr.cut for fr in frames[1:]]], device=self.device)
         ex = Expansion(*(stacked(lambda fr: getattr(fr.ex, f.name)) for f in fields(Expansion)))
         return y, sg, p0, scale, links, ex
 
-    def _fit(self, spans, **kw):
-        """joint_fit of the windows spans [(start, end), ...] of the buffer, equal lengths."""
-        y, sg, p0, scale, links, ex = self._stack(spans)
+    def _fit(self, start: int, end: int, **kw):
+        """joint_fit of frames start..end of the buffer."""
+        y, sg, p0, scale, links, ex = self._stack(start, end)
         jr = joint_fit(self._bound, y, sg, p0, scale, links, strength=self.reg.strength, expansion=ex,
                        penalty=self.reg.penalty, huber_delta=self.huber_delta, tv_eps=self.tv_eps, **kw)
         self.window_evaluations += int(jr.n_eval.sum())
         return jr
 
-    def _store(self, spans, jr) -> None:
-        """Each frame's latest estimate and expansion (of the last span holding it): where the
-        next joint fit starts, final frames too."""
-        last = {s + j: (k, j) for k, (s, e) in enumerate(spans) for j in range(e - s)}
-        k = torch.tensor(list(last.values()), device=self.device)
-        ex = jr.expansion
-        p = jr.params[k[:, 0], k[:, 1]].unbind(0)
-        values = [getattr(ex, f.name)[k[:, 0], k[:, 1]].unbind(0) for f in fields(Expansion)]
-        for i, f in enumerate(last):
-            fr = self._buf[f]
+    def _store(self, start: int, jr) -> None:
+        """Each fitted frame's latest estimate and expansion: where the next joint fit starts."""
+        p = jr.params[0].unbind(0)
+        values = [getattr(jr.expansion, f.name)[0].unbind(0) for f in fields(Expansion)]
+        for i, fr in enumerate(self._buf[start:start + len(p)]):
             fr.p_cur = p[i]
             fr.ex = Expansion(*(v[i] for v in values))
 

@@ -355,11 +355,11 @@ def _sandwich(win: _Window, p, a_ext, chi2_red, report: slice, windows: torch.Te
     off[:, :, R] = -c * kr[:, :-1] * kr[:, 1:]
     eye = torch.eye(W * P, dtype=p.dtype, device=p.device).reshape(W, P, W * P)[..., report.start * P:report.stop * P]
     X, ok = block_tridiag.solve(A + torch.diag_embed(dg + 1.0 - keep), off, eye.expand(Bw, -1, -1, -1))
-    # C = X^T M X, X (Bw, W P, n P) the columns of H^-1 of the reported frames; its diagonal blocks
-    MX = ((A * chi2_red[..., None, None]) @ X).reshape(Bw, W * P, -1)
+    # C_t = X_t^T M X_t per reported frame t, X_t (W P, P) its columns of H^-1
     n = report.stop - report.start
-    C = (X.reshape(Bw, W * P, -1).transpose(1, 2) @ MX).reshape(Bw, n, P, n, P)
-    C = torch.diagonal(C, dim1=1, dim2=3).permute(0, 3, 1, 2)
+    MX = (A * chi2_red[..., None, None]) @ X
+    X, MX = (v.reshape(Bw, W * P, n, P).permute(0, 2, 1, 3) for v in (X, MX))
+    C = X.transpose(-1, -2) @ MX                      # (Bw, n, P, P)
     C = torch.where(ok[:, None, None, None], C * mask[:, report], torch.full_like(C, math.nan))
     lost = 1.0 - ident[:, report].to(p.dtype)
     C = torch.where((lost[..., :, None] + lost[..., None, :]) > 0, torch.full_like(C, math.nan), C)
