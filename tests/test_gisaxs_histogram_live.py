@@ -11,9 +11,7 @@ BornAgain DWBA frames (Si) of a BIMODAL population (service/sim/gisaxs_particles
 a growing mode 3.0 -> 3.5 nm and a fixed one at 6 nm holding half the volume, pd 0.06 each, on a
 radial paracrystal, D 20 nm), 2-20 counts a pixel: per frame two modes at the truth's radii and
 volume shares, the distance, the new columns in REST, the stream and Tiled."""
-import functools
 import math
-import socket
 import time
 
 import numpy as np
@@ -32,6 +30,7 @@ from workers.inversion.maps import InversionMap
 from workers.inversion.spec import GisaxsInversionSpec, Substrate
 
 from helpers import analysis_table, stream_events
+from test_gisaxs_live import N, TIMES, gisaxs_service, send_run  # noqa: F401  (its service fixture)
 
 D = torch.float64
 SI = Substrate(*SI_12KEV)
@@ -173,134 +172,88 @@ def test_cli_trains_the_histogram_encoder():
 
 # ---------------------------------------------------------------------------------------------
 # live, through the service
-N = 8
-TIMES = np.linspace(0.0, 10.0, N)            # s; small mode 3.0 -> 3.5 nm, large fixed at 6 nm
-SECOND = (6.0, 0.5)                          # radius nm, volume share
+SECOND = (6.0, 0.5)       # radius nm, volume share (over TIMES the small mode grows 3.0 -> 3.5 nm)
 RADIUS_TOL, SHARE_TOL, DIST_TOL = 0.03, 0.05, 0.01
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_bimodal_particles_inverted_live_as_a_histogram(shared_tiled, tmp_path):
+def test_bimodal_particles_inverted_live_as_a_histogram(gisaxs_service, tmp_path):
     pytest.importorskip("bornagain")
     import httpx
-    import msgpack
-    import msgpack_numpy
-    import zmq
-    from event_model import compose_run
-
-    from service.server import Service
 
     from helpers import wait_stopped
 
+    service, pub, sub, shared_tiled = gisaxs_service
     sim = GisaxsParticleSimulator(particle_geometry(shape=(64, 64), pixel=5.6e-4), SI_12KEV, radius=(3.0, 3.5),
                                   pd=0.06, duration=TIMES[-1], peak_counts=2e3, background=1e-3, seed=7, second=SECOND)
     images = [sim.frame(t) for t in TIMES]
-    port, results = _port(), f"tcp://127.0.0.1:{_port()}"
-    pub = zmq.Context.instance().socket(zmq.PUB)
-    pub.bind(f"tcp://127.0.0.1:{port}")
-    settings = load_settings(None, ingest={"address": f"tcp://127.0.0.1:{port}"}, api={"port": _port()},
-                             tiled={"uri": shared_tiled.uri, "api_key": shared_tiled.api_key, "flush_seconds": 0.5},
-                             results={"address": results}, fit={"peaks": []}, phases={"enabled": False})
-    service = Service(settings).start()
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.connect(results)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    pack = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
-    try:
-        time.sleep(1.0)                               # 0MQ slow joiner, both sockets
-        hints = {"modality": "gisaxs", "incident_angle": sim.grazing.incident_angle, "critical_angle": 2.5e-3,
-                 "reduction": {"rod_q_xy_band": [0.2, 0.4], "qmap_npt": [64, 64]},
-                 "inversion": {"enabled": True, "gisaxs": {"model": MODEL}}}      # Si: the checkpoint's substrate
-        bundle = compose_run(metadata={"plan_name": "particle_growth", "scatterflow": hints,
-                                       "geometry": poni_dict(sim.grazing.geometry.to_pyfai())})
-        keys = {"image": {"source": "sim", "dtype": "array", "shape": list(sim.shape), "dtype_numpy": "<i4"},
-                "t": {"source": "sim", "dtype": "number", "shape": []}}
-        desc = bundle.compose_descriptor(name="primary", data_keys=keys)
-        send = lambda name, doc: pub.send(b" " + name.encode() + b" " + pack(doc))   # noqa: E731
-        send("start", bundle.start_doc)
-        send("descriptor", desc.descriptor_doc)
-        for i, (t, image) in enumerate(zip(TIMES, images)):
-            send("event", desc.compose_event(data={"image": image, "t": float(t)},
-                                             timestamps={"image": 0.0, "t": 0.0}, seq_num=i + 1))
-            time.sleep(0.01)
-        send("stop", bundle.compose_stop())
-        uid = bundle.start_doc["uid"]
-        t0 = time.monotonic()
-        run = wait_stopped(service, uid, timeout=120)
-        elapsed = time.monotonic() - t0
-        assert run.status == "complete" and run.frames_received == N and not run.failed
+    uid = send_run(pub, sim, images, {"enabled": True, "gisaxs": {"model": MODEL}})   # Si: the checkpoint's substrate
+    t0 = time.monotonic()
+    run = wait_stopped(service, uid, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert run.status == "complete" and run.frames_received == N and not run.failed
 
-        api = f"http://127.0.0.1:{service.api_port}/api/v1/runs"
-        cols = httpx.get(f"{api}/{uid}/inversion").json()["columns"]
-        assert cols["seq_num"] == list(range(1, N + 1))                  # each frame once
-        assert set(cols["model"]) == {MODEL} and set(cols["warm_start"]) == {"encoder"}
-        for c in ("distance", "distance_err", "radius_mean", "radius_mean_err", "radius_width", "radius_width_err",
-                  "n_modes", "radius_fraction_00", "radius_fraction_15", "radius_fraction_07_err", "chi2",
-                  "fit_quality"):
-            assert c in cols, c
-        vol = np.array([cols[f"radius_fraction_{k:02d}"] for k in range(16)]).T          # (N, K)
-        np.testing.assert_allclose(vol.sum(1), 1.0, rtol=1e-9)
-        assert cols["n_modes"] == [2] * N
-        errs = []
-        for i, t in enumerate(TIMES):
-            (r1, _), (r2, _) = modes = find_modes(BINS, vol[i])
-            truth = (float(sim.truth(t)["radius"]), SECOND[0])
-            errs.append((r1 / truth[0] - 1, r2 / truth[1] - 1, modes[1][1] - SECOND[1]))
-        errs = np.array(errs)
-        dist = np.array(cols["distance"])
-        print(f"{N} frames in {elapsed:.1f} s; mode radius errors (small, large) {np.round(errs[:, :2], 3)}; "
-              f"large-mode volume share - truth {np.round(errs[:, 2], 3)}; distance {np.round(dist, 3)}; "
-              f"chi2 {np.round(cols['chi2'], 3)}; radius_mean {np.round(cols['radius_mean'], 3)} "
-              f"+- {np.round(cols['radius_mean_err'], 3)}")
-        # measured (seed 7): mode radii within 1.9 % (mostly 0.5-1 %, biased +: the bins' within-bin
-        # spread), volume shares within 0.012, distance within 0.16 %, chi2_red 0.96-1.02
-        assert np.all(np.abs(errs[:, :2]) < RADIUS_TOL) and np.all(np.abs(errs[:, 2]) < SHARE_TOL), errs
-        assert np.all(np.abs(dist / 20.0 - 1) < DIST_TOL), dist
-        for c in ("distance_err", "radius_mean_err", "radius_width_err"):
-            assert np.all(np.isfinite(cols[c]) & (np.array(cols[c]) > 0)), c
-        pulls = (dist - 20.0) / np.array(cols["distance_err"])
-        mean_truth = np.array([sum(r * n for r, n in sim.species(t)) for t in TIMES])     # number-weighted
-        mean_off = np.array(cols["radius_mean"]) / mean_truth - 1
-        print(f"distance pulls {np.round(pulls, 2)}; radius_mean / truth - 1 {np.round(mean_off, 4)}")
-        # measured: distance pulls within 2.1, radius_mean within 0.8 % of the truth
-        assert np.all(np.abs(pulls) < 4) and np.all(np.abs(mean_off) < 0.02), (pulls, mean_off)
-        assert set(cols["fit_quality"]) <= {"good", "poor"} and max(cols["chi2"]) < 1.3
-        summary = httpx.get(f"{api}/{uid}").json()["inversion"]
-        assert summary["frames"] == N and summary["bad"] == 0 and summary["model"] == MODEL
+    api = f"http://127.0.0.1:{service.api_port}/api/v1/runs"
+    cols = httpx.get(f"{api}/{uid}/inversion").json()["columns"]
+    assert cols["seq_num"] == list(range(1, N + 1))                  # each frame once
+    assert set(cols["model"]) == {MODEL} and set(cols["warm_start"]) == {"encoder"}
+    for c in ("distance", "distance_err", "radius_mean", "radius_mean_err", "radius_width", "radius_width_err",
+              "n_modes", "radius_fraction_00", "radius_fraction_15", "radius_fraction_07_err", "chi2",
+              "fit_quality"):
+        assert c in cols, c
+    vol = np.array([cols[f"radius_fraction_{k:02d}"] for k in range(16)]).T          # (N, K)
+    np.testing.assert_allclose(vol.sum(1), 1.0, rtol=1e-9)
+    assert cols["n_modes"] == [2] * N
+    errs = []
+    for i, t in enumerate(TIMES):
+        (r1, _), (r2, _) = modes = find_modes(BINS, vol[i])
+        truth = (float(sim.truth(t)["radius"]), SECOND[0])
+        errs.append((r1 / truth[0] - 1, r2 / truth[1] - 1, modes[1][1] - SECOND[1]))
+    errs = np.array(errs)
+    dist = np.array(cols["distance"])
+    print(f"{N} frames in {elapsed:.1f} s; mode radius errors (small, large) {np.round(errs[:, :2], 3)}; "
+          f"large-mode volume share - truth {np.round(errs[:, 2], 3)}; distance {np.round(dist, 3)}; "
+          f"chi2 {np.round(cols['chi2'], 3)}; radius_mean {np.round(cols['radius_mean'], 3)} "
+          f"+- {np.round(cols['radius_mean_err'], 3)}")
+    # measured (seed 7): mode radii within 1.9 % (mostly 0.5-1 %, biased +: the bins' within-bin
+    # spread), volume shares within 0.012, distance within 0.16 %, chi2_red 0.96-1.02
+    assert np.all(np.abs(errs[:, :2]) < RADIUS_TOL) and np.all(np.abs(errs[:, 2]) < SHARE_TOL), errs
+    assert np.all(np.abs(dist / 20.0 - 1) < DIST_TOL), dist
+    for c in ("distance_err", "radius_mean_err", "radius_width_err"):
+        assert np.all(np.isfinite(cols[c]) & (np.array(cols[c]) > 0)), c
+    pulls = (dist - 20.0) / np.array(cols["distance_err"])
+    mean_truth = np.array([sum(r * n for r, n in sim.species(t)) for t in TIMES])     # number-weighted
+    mean_off = np.array(cols["radius_mean"]) / mean_truth - 1
+    print(f"distance pulls {np.round(pulls, 2)}; radius_mean / truth - 1 {np.round(mean_off, 4)}")
+    # measured: distance pulls within 2.1, radius_mean within 0.8 % of the truth
+    assert np.all(np.abs(pulls) < 4) and np.all(np.abs(mean_off) < 0.02), (pulls, mean_off)
+    assert set(cols["fit_quality"]) <= {"good", "poor"} and max(cols["chi2"]) < 1.3
+    summary = httpx.get(f"{api}/{uid}").json()["inversion"]
+    assert summary["frames"] == N and summary["bad"] == 0 and summary["model"] == MODEL
 
-        # the results stream: one inversion event per frame, with the histogram's columns
-        events = stream_events(sub, uid, "inversion")
-        assert sorted(e["data"]["source_seq_num"] for e in events) == list(range(1, N + 1))
-        by_seq = {e["data"]["source_seq_num"]: e["data"]["radius_fraction_12"] for e in events}
-        np.testing.assert_allclose([by_seq[s] for s in range(1, N + 1)], cols["radius_fraction_12"])
+    # the results stream: one inversion event per frame, with the histogram's columns
+    events = stream_events(sub, uid, "inversion")
+    assert sorted(e["data"]["source_seq_num"] for e in events) == list(range(1, N + 1))
+    by_seq = {e["data"]["source_seq_num"]: e["data"]["radius_fraction_12"] for e in events}
+    np.testing.assert_allclose([by_seq[s] for s in range(1, N + 1)], cols["radius_fraction_12"])
 
-        # Tiled: the analysis run's inversion table has the new columns
-        table = analysis_table(shared_tiled.uri, shared_tiled.api_key, uid, "inversion", N)
-        np.testing.assert_allclose(table["radius_mean"], cols["radius_mean"])
-        np.testing.assert_array_equal(table["n_modes"], cols["n_modes"])
+    # Tiled: the analysis run's inversion table has the new columns
+    table = analysis_table(shared_tiled.uri, shared_tiled.api_key, uid, "inversion", N)
+    np.testing.assert_allclose(table["radius_mean"], cols["radius_mean"])
+    np.testing.assert_array_equal(table["n_modes"], cols["n_modes"])
 
-        # the run report from Tiled: the histogram as one map of volume fractions, two modes a frame
-        from service.report import write_report_for
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                html = write_report_for(shared_tiled.uri, shared_tiled.api_key, uid, tmp_path / "report").read_text()
-                if "radius histogram" in html:
-                    break
-            except Exception:          # the run's containers may still be filling
-                pass
-            assert time.monotonic() < deadline, "no report with the radius histogram"
-            time.sleep(0.5)
-        assert "16 bins of volume fraction (figure), modes per frame: median 2" in html
-        assert "radius_fraction_00: median" not in html and "radius_mean: median" in html
-    finally:
-        service.close()
-        pub.close(linger=0)
-        sub.close(linger=0)
+    # the run report from Tiled: the histogram as one map of volume fractions, two modes a frame
+    from service.report import write_report_for
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            html = write_report_for(shared_tiled.uri, shared_tiled.api_key, uid, tmp_path / "report").read_text()
+            if "radius histogram" in html:
+                break
+        except Exception:          # the run's containers may still be filling
+            pass
+        assert time.monotonic() < deadline, "no report with the radius histogram"
+        time.sleep(0.5)
+    assert "16 bins of volume fraction (figure), modes per frame: median 2" in html
+    assert "radius_fraction_00: median" not in html and "radius_mean: median" in html
