@@ -23,9 +23,10 @@ from service.run_spec import RunSpecBuilder
 from service.sim.frames import poni_dict
 from service.sim.gisaxs_particles import SI_12KEV, GisaxsParticleSimulator, particle_geometry
 from workers.grazing import horizon_mask
-from workers.inversion.distribution import RadiusBins, bin_masses, find_modes, gaussian_cdf, moments
+from workers.inversion.distribution import (RadiusBins, bin_masses, find_modes, gaussian_cdf, moments,
+                                            radius_moments)
 from workers.inversion.dwba import dwba_points, spheres_histogram_paracrystal_dwba
-from workers.inversion.histogram_map import HistogramMapModel, radius_moments
+from workers.inversion.histogram_map import HistogramMapModel
 from workers.inversion.maps import InversionMap
 from workers.inversion.spec import GisaxsInversionSpec, Substrate
 

@@ -107,14 +107,21 @@ def bin_masses(bins: RadiusBins, cdf) -> np.ndarray:
     return m / m.sum(-1, keepdims=True)
 
 
+def radius_moments(bins: RadiusBins, number: torch.Tensor) -> torch.Tensor:
+    """(B, 2): number-weighted mean radius (nm) and relative width (std / mean) of number
+    histograms (B, K); differentiable."""
+    r, wn = bins.nodes(number)
+    s = wn.sum(-1)
+    mean = (wn * r).sum(-1) / s
+    var = (wn * (r - mean[:, None]) ** 2).sum(-1) / s
+    return torch.stack([mean, var.clamp_min(0).sqrt() / mean], -1)
+
+
 def moments(bins: RadiusBins, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Number-weighted mean radius (B,) nm and relative width std / mean (B,) of histograms (B, K)."""
-    w = torch.as_tensor(np.asarray(weights, np.float64))
-    r, wn = bins.nodes(w)
-    r, wn = r.numpy(), wn.numpy()
-    mean = (wn * r).sum(-1) / wn.sum(-1)
-    var = (wn * (r - mean[:, None]) ** 2).sum(-1) / wn.sum(-1)
-    return mean, np.sqrt(var) / mean
+    """Number-weighted mean radius (B,) nm and relative width std / mean (B,) of histograms
+    (B, K), in numpy (``radius_moments``)."""
+    m = radius_moments(bins, torch.as_tensor(np.asarray(weights, np.float64))).numpy()
+    return m[:, 0], m[:, 1]
 
 
 def find_modes(bins: RadiusBins, weights: np.ndarray, dip: float = 0.7, min_mass: float = 0.05) -> list:

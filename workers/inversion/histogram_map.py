@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from workers.fit import spd_inverse
-from workers.inversion.distribution import RadiusBins, find_modes, number_fractions
+from workers.inversion.distribution import RadiusBins, find_modes, number_fractions, radius_moments
 from workers.inversion.dwba import dwba_amplitudes
 from workers.inversion.encoder import ParamBounds
 from workers.inversion.gisaxs import HISTOGRAM_PARACRYSTAL_PARAMS, paracrystal_s, sphere_amplitudes
@@ -88,16 +88,6 @@ class RadiusDistribution:
         for k in range(self.volume.shape[1]):
             out[f"radius_fraction_{k:02d}_err"] = self.volume_err[:, k]
         return out
-
-
-def radius_moments(bins: RadiusBins, number: torch.Tensor) -> torch.Tensor:
-    """(B, 2): number-weighted mean radius (nm) and relative width (std / mean) of number
-    histograms (B, K); differentiable (``distribution.moments`` in torch)."""
-    r, wn = bins.nodes(number)
-    s = wn.sum(-1)
-    mean = (wn * r).sum(-1) / s
-    var = (wn * (r - mean[:, None]) ** 2).sum(-1) / s
-    return torch.stack([mean, var.clamp_min(0).sqrt() / mean], -1)
 
 
 class HistogramMapModel(BasisModel):
